@@ -1,0 +1,1 @@
+"""Hardware abstraction: cameras, sensors, accelerators and system facts."""

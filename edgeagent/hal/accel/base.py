@@ -1,0 +1,39 @@
+"""The accelerator protocol: what the inference engine asks of the Edge TPU, GPU and CPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+
+class ProbeState(StrEnum):
+    PRESENT = "present"  # found and loads
+    ABSENT = "absent"  # not installed or not plugged in: nothing is wrong
+    BROKEN = "broken"  # found but fails to load: something is wrong, see reason
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    name: str
+    state: ProbeState
+    reason: str  # one sentence: why absent/broken, or what was found
+    details: dict[str, str] = field(default_factory=dict)  # library path, version, USB speed
+
+
+class Accelerator(Protocol):
+    """One way to run a model. `delegates()` returns what the LiteRT Interpreter takes as
+    `experimental_delegates` (an empty list means the built-in CPU/XNNPACK kernels)."""
+
+    name: str
+
+    def probe(self) -> Probe: ...
+
+    def delegates(self) -> list[Any]:
+        """Raises AcceleratorError (with the reason) when the delegate cannot be loaded."""
+        ...
+
+    def can_run(self, operator_names: frozenset[str]) -> str | None:
+        """None when this accelerator can run a model with these operators, otherwise the
+        reason it cannot (e.g. the Edge TPU needs a model compiled by edgetpu_compiler)."""
+        ...
