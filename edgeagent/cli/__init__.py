@@ -1,0 +1,1 @@
+"""The `edgeagent` command line."""

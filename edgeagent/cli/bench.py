@@ -1,0 +1,141 @@
+"""`edgeagent bench`: how fast a model runs on this device, per accelerator and threads."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from typing import Any, TextIO
+
+import numpy as np
+
+from edgeagent.errors import AcceleratorError, EdgeAgentError
+from edgeagent.hal.accel import AUTO_ORDER, probe_accelerators
+from edgeagent.hal.accel.base import ProbeState
+from edgeagent.inference import Engine, TensorInfo
+from edgeagent.models.catalog import describe_model
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "bench",
+        help="measure load time and invoke latency of a model on this device",
+        description="Load MODEL on each available accelerator with each thread count, and "
+        "measure load time and invoke latency (median, p95) on random inputs.",
+    )
+    parser.add_argument("model", help="bundled model name or path to a .tflite file")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--runs", type=int, default=50, help="timed invokes per setting")
+    parser.add_argument(
+        "--threads", default="1,2,4", help="comma-separated thread counts (default 1,2,4)"
+    )
+    parser.add_argument(
+        "--accelerator",
+        default="all",
+        choices=["all", *AUTO_ORDER],
+        help="one accelerator, or every one present (default)",
+    )
+    parser.set_defaults(handler=execute)
+
+
+def random_input(tensor: TensorInfo, rng: np.random.Generator) -> np.ndarray:
+    dtype = np.dtype(tensor.dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=tensor.shape, endpoint=True, dtype=dtype)
+    return rng.random(size=tensor.shape, dtype=np.float32).astype(dtype)
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal; silent when stderr is not one."""
+
+    def __init__(self, total: int, label: str, stream: TextIO = sys.stderr) -> None:
+        self.total, self.label, self.stream = total, label, stream
+        self.enabled = stream.isatty()
+
+    def update(self, done: int) -> None:
+        if self.enabled:
+            filled = int(30 * done / self.total)
+            bar = "#" * filled + "." * (30 - filled)
+            self.stream.write(f"\r{self.label:<16} [{bar}] {done}/{self.total}")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\r" + " " * 60 + "\r")
+            self.stream.flush()
+
+
+def measure(model: str, accelerator: str, threads: int, runs: int) -> dict[str, Any]:
+    path = describe_model(model).path
+    started = time.perf_counter()
+    engine = Engine.load(path, accelerator=accelerator, threads=threads)
+    load_ms = (time.perf_counter() - started) * 1000
+    try:
+        rng = np.random.default_rng(0)
+        inputs = [random_input(t, rng) for t in engine.inputs]
+        engine.warm_up()
+        bar = ProgressBar(runs, f"{accelerator} x{threads}")
+        latencies = []
+        for i in range(runs):
+            t0 = time.perf_counter()
+            engine.invoke(inputs)
+            latencies.append((time.perf_counter() - t0) * 1000)
+            bar.update(i + 1)
+        bar.close()
+    finally:
+        engine.close()
+    latencies.sort()
+    return {
+        "accelerator": accelerator,
+        "threads": threads,
+        "load_ms": round(load_ms, 3),
+        "invoke_ms": {
+            "median": round(statistics.median(latencies), 3),
+            "p95": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3),
+            "min": round(latencies[0], 3),
+        },
+        "runs": runs,
+    }
+
+
+def execute(args: argparse.Namespace) -> int:
+    try:
+        threads = [int(t) for t in args.threads.split(",") if t.strip()]
+    except ValueError:
+        raise EdgeAgentError(f"--threads takes numbers like 1,2,4, not {args.threads!r}") from None
+    if args.runs < 1 or not threads or min(threads) < 1:
+        raise EdgeAgentError("--runs and every --threads value must be at least 1")
+    probes = {p.name: p for p in probe_accelerators()}
+    names = AUTO_ORDER if args.accelerator == "all" else (args.accelerator,)
+    results, skipped = [], []
+    for name in names:
+        if args.accelerator == "all" and probes[name].state is not ProbeState.PRESENT:
+            skipped.append({"accelerator": name, "state": str(probes[name].state), "reason": probes[name].reason})
+            continue
+        for count in threads:
+            try:
+                results.append(measure(args.model, name, count, args.runs))
+            except AcceleratorError as exc:
+                skipped.append({"accelerator": name, "state": "failed", "reason": str(exc)})
+                break
+    report = {
+        "model": args.model,
+        "machine": platform.machine(),
+        "results": results,
+        "skipped": skipped,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.model} on {platform.machine()}")
+    print(f"{'accelerator':<12}{'threads':>8}{'load ms':>10}{'median ms':>11}{'p95 ms':>9}")
+    for r in results:
+        inv = r["invoke_ms"]
+        print(f"{r['accelerator']:<12}{r['threads']:>8}{r['load_ms']:>10.1f}{inv['median']:>11.3f}{inv['p95']:>9.3f}")
+    for s in skipped:
+        print(f"{s['accelerator']:<12} skipped: {s['state']}: {s['reason']}")
+    return 0
