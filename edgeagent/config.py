@@ -182,7 +182,14 @@ class MqttConfig(_Model):
 class DeviceConfig(_Model):
     id: str = Field(default_factory=socket.gethostname)
 
-    _id = field_validator("id")(_topic_safe)
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        from edgeagent.mqtt.topics import Topics  # the topic rules live there; lazy: no cycle
+
+        _topic_safe(value)
+        Topics("edgeagent", value)  # raises ValueError for reserved ids
+        return value
 
 
 class AgentConfig(_Model):

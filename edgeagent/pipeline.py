@@ -199,7 +199,9 @@ class Pipeline:
             except SourceError as exc:
                 self.stats.source_errors += 1
                 self.stats.last_error = str(exc)
-                log.error("pipeline %s: source failed: %s; retrying in %.0f s", self.name, exc, backoff)
+                log.error(
+                    "pipeline %s: source failed: %s; retrying in %.0f s", self.name, exc, backoff
+                )
                 if self._stopping.wait(backoff):
                     return
                 backoff = min(backoff * 2, _SOURCE_BACKOFF_MAX_S)
@@ -252,7 +254,8 @@ class Pipeline:
             self._results.put(None)  # tells the decode thread that nothing more comes
 
     def _decode_loop(self) -> None:
-        assert self.model is not None and self.engine is not None
+        assert self.model is not None
+        assert self.engine is not None
         model = {"name": self.model.name, "version": self.model.version}
         while True:
             inferred = self._results.get()

@@ -14,9 +14,9 @@ from edgeagent.config import AgentConfig
 from edgeagent.errors import EdgeAgentError
 from edgeagent.hal.accel import probe_accelerators
 from edgeagent.hal.accel.base import Accelerator
+from edgeagent.hal.sources import open_source
 from edgeagent.mqtt import MqttLink, Topics
 from edgeagent.pipeline import Pipeline, SourceFactory
-from edgeagent.hal.sources import open_source
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,9 @@ class Agent:
         self.topics = Topics(config.mqtt.prefix, self.device_id)
         self.started_at = time.time()
         self.pipelines: list[Pipeline] = [
-            Pipeline(p, self._publish_result, source_factory=source_factory, accelerators=accelerators)
+            Pipeline(
+                p, self._publish_result, source_factory=source_factory, accelerators=accelerators
+            )
             for p in config.pipelines
             if p.enabled
         ]
@@ -79,7 +81,9 @@ class Agent:
         for pipeline in self.running:
             pipeline.stop()
         if not self._link.wait_acked(timeout=5.0):
-            log.warning("stopping with %d result(s) not acknowledged by the broker", self._link.outstanding)
+            log.warning(
+                "stopping with %d result(s) not acknowledged by the broker", self._link.outstanding
+            )
         self._link.stop(publish_offline=_json(self._status("offline")))
 
     def _on_connected(self) -> None:
@@ -89,15 +93,19 @@ class Agent:
 
     def _publish_status(self) -> None:
         if not self._stopped.is_set():
-            self._link.publish(self.topics.status, _json(self._status("online")), qos=1, retain=True)
+            self._link.publish(
+                self.topics.status, _json(self._status("online")), qos=1, retain=True
+            )
 
     def _publish_result(self, pipeline: str, result: dict[str, Any]) -> None:
-        self._link.publish(
-            self.topics.results(pipeline), _json(result), qos=self.config.mqtt.qos
-        )
+        self._link.publish(self.topics.results(pipeline), _json(result), qos=self.config.mqtt.qos)
 
     def _status(self, state: str) -> dict[str, Any]:
-        status: dict[str, Any] = {"state": state, "device": self.device_id, "ts": round(time.time(), 3)}
+        status: dict[str, Any] = {
+            "state": state,
+            "device": self.device_id,
+            "ts": round(time.time(), 3),
+        }
         if state == "online":
             status.update(
                 version=__version__,

@@ -63,7 +63,10 @@ def test_defaults_need_no_file_content() -> None:
     ("text", "expected"),
     [
         ("mqtt:\n  hots: x\n", "<config>:2: mqtt.hots: unknown key"),
-        ("mqtt:\n  port: 70000\n", "<config>:2: mqtt.port: Input should be less than or equal to 65535"),
+        (
+            "mqtt:\n  port: 70000\n",
+            "<config>:2: mqtt.port: Input should be less than or equal to 65535",
+        ),
         (
             "pipelines:\n  - name: a\n    model: m\n    source:\n      type: webcam\n",
             "<config>:4: pipelines.0.source: unknown type 'webcam'",
@@ -72,10 +75,17 @@ def test_defaults_need_no_file_content() -> None:
             "pipelines:\n  - name: a\n    source: {type: synthetic, fps: -1}\n    model: m\n",
             "<config>:3: pipelines.0.source.fps: Input should be greater than or equal to 0",
         ),
-        ("pipelines:\n  - name: a\n    source: {type: synthetic}\n", "<config>:2: pipelines.0.model: required key is missing"),
-        ("pipelines:\n  - name: a\n    model: m\n    source: {fps: 1}\n", "pipelines.0.source: needs a 'type:' key"),
+        (
+            "pipelines:\n  - name: a\n    source: {type: synthetic}\n",
+            "<config>:2: pipelines.0.model: required key is missing",
+        ),
+        (
+            "pipelines:\n  - name: a\n    model: m\n    source: {fps: 1}\n",
+            "pipelines.0.source: needs a 'type:' key",
+        ),
         ("device:\n  id: a/b\n", "<config>:2: device.id: Value error, must be 1-64 characters"),
         ("mqtt:\n  prefix: 'a/#'\n", "mqtt.prefix: Value error"),
+        ("device:\n  id: models\n", "<config>:2: device.id: Value error, device id 'models' is reserved"),
         ("- a\n- b\n", "the top level must be a mapping"),
         ("mqtt: [\n", "not valid YAML"),
     ],
@@ -109,7 +119,7 @@ def test_duplicate_pipeline_names_are_rejected() -> None:
 def test_protocol_accepts_both_spellings() -> None:
     assert parse_config("mqtt: {protocol: 3.1.1}").mqtt.protocol == "3.1.1"
     assert parse_config("mqtt: {protocol: 5}").mqtt.protocol == "5"
-    with pytest.raises(ConfigError, match="mqtt.protocol"):
+    with pytest.raises(ConfigError, match=r"mqtt\.protocol"):
         parse_config("mqtt: {protocol: 4}")
 
 

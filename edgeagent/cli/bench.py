@@ -114,7 +114,13 @@ def execute(args: argparse.Namespace) -> int:
     results, skipped = [], []
     for name in names:
         if args.accelerator == "all" and probes[name].state is not ProbeState.PRESENT:
-            skipped.append({"accelerator": name, "state": str(probes[name].state), "reason": probes[name].reason})
+            skipped.append(
+                {
+                    "accelerator": name,
+                    "state": str(probes[name].state),
+                    "reason": probes[name].reason,
+                }
+            )
             continue
         for count in threads:
             try:
@@ -135,7 +141,9 @@ def execute(args: argparse.Namespace) -> int:
     print(f"{'accelerator':<12}{'threads':>8}{'load ms':>10}{'median ms':>11}{'p95 ms':>9}")
     for r in results:
         inv = r["invoke_ms"]
-        print(f"{r['accelerator']:<12}{r['threads']:>8}{r['load_ms']:>10.1f}{inv['median']:>11.3f}{inv['p95']:>9.3f}")
+        print(
+            f"{r['accelerator']:<12}{r['threads']:>8}{r['load_ms']:>10.1f}{inv['median']:>11.3f}{inv['p95']:>9.3f}"
+        )
     for s in skipped:
         print(f"{s['accelerator']:<12} skipped: {s['state']}: {s['reason']}")
     return 0

@@ -53,7 +53,9 @@ def register(commands: Any) -> None:
         "synthetic vibration sensor on the bundled models, and a live console view of "
         "what a dashboard subscribed to the device receives. Ctrl-C stops everything.",
     )
-    parser.add_argument("--duration", type=float, default=0, help="stop after SECONDS (0: run until Ctrl-C)")
+    parser.add_argument(
+        "--duration", type=float, default=0, help="stop after SECONDS (0: run until Ctrl-C)"
+    )
     parser.add_argument("--port", type=int, default=0, help="broker port (default: a free one)")
     parser.set_defaults(handler=execute)
 
@@ -122,24 +124,31 @@ class DashboardView:
             status = dict(self.status)
             views = {name: (v.count, v.rate(), dict(v.last)) for name, v in self.pipelines.items()}
         lines = [
-            f"edgeagent demo - device {status.get('device', '?')} is {status.get('state', 'unknown')}"
-            f" (agent {status.get('version', '?')})",
+            f"edgeagent demo - device {status.get('device', '?')} is "
+            f"{status.get('state', 'unknown')} (agent {status.get('version', '?')})",
             f"watch it yourself: mosquitto_sub -h {LOOPBACK} -p {self.port} -t '{self.root}/#' -v",
             "",
         ]
-        accelerators = ", ".join(f"{a['name']}: {a['state']}" for a in status.get("accelerators", []))
+        accelerators = ", ".join(
+            f"{a['name']}: {a['state']}" for a in status.get("accelerators", [])
+        )
         if accelerators:
             lines += [f"accelerators: {accelerators}", ""]
         for info in status.get("pipelines", []):
             name = info["name"]
             count, rate, last = views.get(name, (0, 0.0, {}))
             model = info.get("model", {})
-            head = f"[{name}] {model.get('name', '?')} {model.get('version', '')} on {info.get('accelerator', '-')}"
+            head = (
+                f"[{name}] {model.get('name', '?')} {model.get('version', '')} "
+                f"on {info.get('accelerator', '-')}"
+            )
             if info.get("state") == "failed":
                 lines += [head, f"    FAILED: {info.get('error')}", ""]
                 continue
             lat = last.get("latency_ms", {})
-            lines.append(f"{head}: {count} results, {rate:5.1f}/s, invoke {lat.get('invoke', 0):.2f} ms")
+            lines.append(
+                f"{head}: {count} results, {rate:5.1f}/s, invoke {lat.get('invoke', 0):.2f} ms"
+            )
             lines.append("    " + summarise(last.get("result", {}), last.get("truth")))
             lines.append("")
         return "\n".join(lines)
@@ -149,7 +158,8 @@ def summarise(result: dict[str, Any], truth: dict[str, Any] | None = None) -> st
     """One line that says what a result found."""
     if "detections" in result:
         found = ", ".join(
-            f"{d['label']} {d['score']:.2f} @({d['box'][0]:.2f},{d['box'][1]:.2f})" for d in result["detections"]
+            f"{d['label']} {d['score']:.2f} @({d['box'][0]:.2f},{d['box'][1]:.2f})"
+            for d in result["detections"]
         )
         line = f"detections: {found or 'none'}"
         if truth and "boxes" in truth:

@@ -86,7 +86,11 @@ def execute(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     report = {
-        "model": {"name": description.name, "version": description.version, "path": str(description.path)},
+        "model": {
+            "name": description.name,
+            "version": description.version,
+            "path": str(description.path),
+        },
         "input": str(args.input),
         "accelerator": engine.accelerator,
         "fallbacks": list(engine.fallbacks),
@@ -129,5 +133,3 @@ def _human(report: dict[str, Any]) -> str:
         for out in result.get("outputs", []):
             lines.append(f"  {out['name']} {out['shape']}: {json.dumps(out['values'])[:200]}")
     return "\n".join(lines)
-
-

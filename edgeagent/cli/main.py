@@ -43,7 +43,9 @@ def configure_logging(level: str = "info") -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    configure_logging("debug" if args.verbose else "warning" if args.command in ("infer", "bench") else "info")
+    configure_logging(
+        "debug" if args.verbose else "warning" if args.command in ("infer", "bench") else "info"
+    )
     try:
         return int(args.handler(args))
     except ConfigError as exc:

@@ -4,8 +4,8 @@ otherwise amqtt running in-process (MQTT 3.1.1 only)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -96,7 +96,9 @@ class LocalBroker:
             ) from exc
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{LOOPBACK}:{self.port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
         }
         self._loop = asyncio.new_event_loop()
         started = threading.Event()

@@ -1,0 +1,6 @@
+"""MQTT: the broker connection, the topic layout, and (later) outbox, commands, telemetry."""
+
+from edgeagent.mqtt.client import INBOX_SIZE, MqttLink, OnConnected, OnMessage, PublishTicket
+from edgeagent.mqtt.topics import Topics
+
+__all__ = ["INBOX_SIZE", "MqttLink", "OnConnected", "OnMessage", "PublishTicket", "Topics"]

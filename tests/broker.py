@@ -1,0 +1,444 @@
+"""A real mosquitto on loopback for tests and bench scripts, and a subscriber that collects.
+
+`Mosquitto` runs one broker process with a generated config (anonymous, password file or
+TLS listener) and can be stopped and started again on the same port for outage tests.
+`MqttReader` subscribes with its own paho client and lets a test wait for messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgeagent.config import MqttConfig, TlsConfig
+
+LOOPBACK = "127.0.0.1"
+_SEARCH = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
+def find_mosquitto() -> str | None:
+    """The mosquitto binary's path, or None when it is not installed."""
+    return shutil.which("mosquitto") or next((p for p in _SEARCH if Path(p).exists()), None)
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (another process may still take it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# --- TLS material ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throw-away CA and a server certificate for 127.0.0.1 and localhost, as PEM files."""
+
+    ca_file: Path
+    server_cert: Path
+    server_key: Path
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    """Generates a CA and a server certificate it signed, valid for a day, into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgeagent test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(LOOPBACK))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = TlsFiles(
+        ca_file=directory / "ca.pem",
+        server_cert=directory / "server.pem",
+        server_key=directory / "server.key",
+    )
+    files.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(files.server_key, server_key)
+    return files
+
+
+# --- the broker ------------------------------------------------------------------------
+
+
+class BrokerError(RuntimeError):
+    """mosquitto did not start; the message carries its log."""
+
+
+class Mosquitto:
+    """One mosquitto process on 127.0.0.1. `start()` picks a free port the first time and
+    reuses it on every restart; `stop()` ends the process (clients see the connection drop).
+    """
+
+    host = LOOPBACK
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        binary: str,
+        port: int | None = None,
+        users: Mapping[str, str] | None = None,
+        tls: bool = False,
+    ) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.binary = binary
+        self.port = port or 0
+        self._fixed_port = port is not None
+        self.users = dict(users or {})
+        self.tls = make_tls_files(workdir / "tls") if tls else None
+        self.log_file = workdir / "mosquitto.log"
+        self._stderr_file = workdir / "mosquitto.stderr"
+        self._proc: subprocess.Popen[bytes] | None = None
+        if self.users:
+            self._write_password_file()
+
+    def __repr__(self) -> str:
+        return f"Mosquitto({self.host}:{self.port}, running={self.running})"
+
+    def __enter__(self) -> Mosquitto:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _write_password_file(self) -> None:
+        passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+        path = self.workdir / "passwd"
+        for i, (user, password) in enumerate(self.users.items()):
+            create = ["-c"] if i == 0 else []
+            subprocess.run(
+                [passwd, *create, "-b", str(path), user, password],
+                check=True,
+                capture_output=True,
+                timeout=10,
+            )
+
+    def _config_text(self) -> str:
+        lines = [
+            "persistence false",
+            f"log_dest file {self.log_file}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "connection_messages true",
+            # The defaults (1000 queued, 20 in flight) drop messages to slow subscribers.
+            "max_queued_messages 100000",
+            "max_inflight_messages 0",
+        ]
+        if os.geteuid() == 0:
+            lines.append("user root")  # otherwise it drops to 'mosquitto' and cannot log
+        if self.users:
+            lines += ["allow_anonymous false", f"password_file {self.workdir / 'passwd'}"]
+        else:
+            lines.append("allow_anonymous true")
+        lines.append(f"listener {self.port} {LOOPBACK}")
+        if self.tls is not None:
+            lines += [
+                f"cafile {self.tls.ca_file}",
+                f"certfile {self.tls.server_cert}",
+                f"keyfile {self.tls.server_key}",
+            ]
+        return "\n".join(lines) + "\n"
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Starts the broker and waits until it accepts TCP connections."""
+        if self.running:
+            return
+        attempts = 1 if self._fixed_port or self.port else 5
+        for attempt in range(attempts):
+            if not self._fixed_port and not self.port:
+                self.port = free_port()
+            if self._spawn(timeout):
+                return
+            if attempt + 1 < attempts and "in use" in self.log_text():
+                self.port = 0  # someone took the port between bind and start: pick another
+                continue
+            break
+        raise BrokerError(f"mosquitto did not start on {self.host}:{self.port}:\n{self.log_text()}")
+
+    def _spawn(self, timeout: float) -> bool:
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(self._config_text(), encoding="utf-8")
+        with self._stderr_file.open("ab") as stderr:
+            self._proc = subprocess.Popen(
+                [self.binary, "-c", str(conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                self._proc = None
+                return False
+            with contextlib.suppress(OSError):
+                socket.create_connection((self.host, self.port), timeout=0.5).close()
+                return True
+            time.sleep(0.02)
+        self.stop()
+        return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ends the broker (SIGTERM, then SIGKILL) and reaps it; a no-op when stopped."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+
+    def log_text(self) -> str:
+        """The broker's log file and anything it wrote to stderr."""
+        parts = [
+            p.read_text(errors="replace") for p in (self.log_file, self._stderr_file) if p.exists()
+        ]
+        return "".join(parts)
+
+    def mqtt_config(
+        self, *, username: str | None = None, password: str | None = None, **overrides: Any
+    ) -> MqttConfig:
+        """An `MqttConfig` for this broker with fast reconnects (0.1-0.5 s). With `username`,
+        its password (from `users` unless given) is written to a password file with a
+        trailing newline, as an editor would leave it."""
+        values: dict[str, Any] = {
+            "host": self.host,
+            "port": self.port,
+            "reconnect_min_s": 0.1,
+            "reconnect_max_s": 0.5,
+            "keepalive": 5,
+        }
+        if self.tls is not None:
+            values["tls"] = TlsConfig(ca_file=self.tls.ca_file)
+        if username is not None:
+            secret = password if password is not None else self.users[username]
+            path = self.workdir / f"{username}-{len(list(self.workdir.glob('*.secret')))}.secret"
+            path.write_text(secret + "\n", encoding="utf-8")
+            values.update(username=username, password_file=path)
+        values.update(overrides)
+        return MqttConfig(**values)
+
+
+# --- a subscriber that collects --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Received:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    properties: dict[str, Any] = field(default_factory=dict)
+
+    def text(self) -> str:
+        return self.payload.decode("utf-8", errors="replace")
+
+
+class MqttReader:
+    """A paho client subscribed to `topic_filter` that keeps every message it receives.
+    Construction returns once the broker has acknowledged the subscription."""
+
+    def __init__(
+        self,
+        broker: Mosquitto,
+        topic_filter: str,
+        *,
+        protocol: str = "5",
+        qos: int = 1,
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self._lock = threading.Condition()
+        self._messages: list[Received] = []
+        self._subscribed = threading.Event()
+        self._client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"test-reader-{id(self):x}",
+            protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311,
+        )
+        if username is not None:
+            self._client.username_pw_set(username, password)
+        if broker.tls is not None:
+            self._client.tls_set(ca_certs=str(broker.tls.ca_file))
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = lambda *_args: self._subscribed.set()
+        self._client.on_connect = lambda client, *_args: client.subscribe(topic_filter, qos)
+        self._client.connect(broker.host, broker.port, keepalive=10)
+        self._client.loop_start()
+        if not self._subscribed.wait(timeout):
+            self.close()
+            raise TimeoutError(f"reader could not subscribe to {topic_filter} on {broker}")
+
+    def _on_message(self, _client: Any, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        props: dict[str, Any] = {}
+        paho_props = getattr(msg, "properties", None)
+        for name in ("ResponseTopic", "CorrelationData", "MessageExpiryInterval", "UserProperty"):
+            if paho_props is not None and hasattr(paho_props, name):
+                props[name] = getattr(paho_props, name)
+        received = Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), props)
+        with self._lock:
+            self._messages.append(received)
+            self._lock.notify_all()
+
+    @property
+    def messages(self) -> list[Received]:
+        """A snapshot of every message received so far, in arrival order."""
+        with self._lock:
+            return list(self._messages)
+
+    def wait_for(
+        self, predicate: Callable[[Received], bool] = lambda _m: True, timeout: float = 10.0
+    ) -> Received:
+        """The first message matching `predicate`; AssertionError listing what did arrive if
+        none does within `timeout` seconds."""
+        return self.wait_for_count(1, predicate, timeout)[0]
+
+    def wait_for_count(
+        self,
+        count: int,
+        predicate: Callable[[Received], bool] = lambda _m: True,
+        timeout: float = 10.0,
+    ) -> list[Received]:
+        """The first `count` messages matching `predicate`, waiting up to `timeout` seconds."""
+        with self._lock:
+            ok = self._lock.wait_for(
+                lambda: sum(1 for m in self._messages if predicate(m)) >= count, timeout
+            )
+            matching = [m for m in self._messages if predicate(m)]
+            if not ok:
+                seen = "\n  ".join(f"{m.topic} {m.payload[:80]!r}" for m in self._messages[-20:])
+                raise AssertionError(
+                    f"{len(matching)} of {count} expected messages within {timeout} s; "
+                    f"{len(self._messages)} received, the last:\n  {seen}"
+                )
+            return matching[:count]
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+def publish_once(
+    broker: Mosquitto,
+    topic: str,
+    payload: bytes,
+    *,
+    qos: int = 1,
+    retain: bool = False,
+    properties: Mapping[str, Any] | None = None,
+    timeout: float = 10.0,
+) -> None:
+    """Publishes one message from a fresh MQTT 5 client and returns once it was sent and
+    (QoS 1) acknowledged. `properties` uses paho's names (ResponseTopic, CorrelationData...)."""
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=f"test-publisher-{time.monotonic_ns():x}",
+        protocol=mqtt.MQTTv5,
+    )
+    if broker.tls is not None:
+        client.tls_set(ca_certs=str(broker.tls.ca_file))
+    props = None
+    if properties:
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        for name, value in properties.items():
+            setattr(props, name, value)
+    client.connect(broker.host, broker.port, keepalive=10)
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        info.wait_for_publish(timeout)
+        if not info.is_published():
+            raise TimeoutError(f"publish to {topic} on {broker} was not acknowledged")
+    finally:
+        client.disconnect()
+        client.loop_stop()
