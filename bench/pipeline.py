@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from PIL import Image
 
 from edgeagent.config import SyntheticCamera as SyntheticCameraConfig
@@ -47,7 +48,7 @@ class Counter:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
         self.client.connect(LOOPBACK, self.port)
         self.client.subscribe(self.topic, qos=1)
@@ -140,7 +141,7 @@ def naive_loop(model: str, threads: int, seconds: float, port: int) -> float:
     camera = SyntheticCamera(SyntheticCameraConfig(type="synthetic", width=640, height=480, fps=0))
     camera.open()
     counter = Counter(port, "bench/naive/results/p")
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     client.connect(LOOPBACK, port)
     client.loop_start()
     _, height, width, _ = tensor.shape

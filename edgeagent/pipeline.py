@@ -27,7 +27,7 @@ import numpy as np
 from edgeagent.config import PipelineConfig
 from edgeagent.errors import EdgeAgentError, ModelError, SourceError
 from edgeagent.hal.accel.base import Accelerator
-from edgeagent.hal.source import Sample, Source
+from edgeagent.hal.source import Sample, SampleKind, Source
 from edgeagent.hal.sources import open_source
 from edgeagent.inference import Engine, Prepared, make_decoder, make_preprocessor
 from edgeagent.models.catalog import ModelDescription, describe_model
@@ -136,14 +136,23 @@ class Pipeline:
             threads=cfg.threads,
             accelerators=self._accelerators,
         )
-        kind = "window" if cfg.source.type in _WINDOW_SOURCES else "image"
+        kind: SampleKind = "window" if cfg.source.type in _WINDOW_SOURCES else "image"
         if len(self.engine.inputs) != 1:
             raise ModelError(
                 f"pipeline {self.name}: model {self.model.path} has {len(self.engine.inputs)} "
                 "inputs; a pipeline feeds exactly one (a frame or a sensor window)"
             )
-        self._preprocess = make_preprocessor(self.model.preprocess, self.engine.inputs[0], kind)
-        self._decode = make_decoder(self.model.task, self.engine.outputs, self.model.labels)
+        spec = self.model.preprocess
+        if spec is not None and spec.type != kind:
+            raise ModelError(
+                f"pipeline {self.name}: model {self.model.name} takes {spec.type}s (input "
+                f"{list(self.engine.inputs[0].shape)}) but source {cfg.source.type!r} delivers "
+                f"{kind}s; choose a model made for this source"
+            )
+        self._preprocess = make_preprocessor(spec, self.engine.inputs[0], kind)
+        self._decode = make_decoder(
+            self.model.task, self.engine.outputs, self.model.labels, inputs=self.engine.inputs
+        )
         self.engine.warm_up()
         self._source = self._source_factory(cfg.source)
         self._threads = [

@@ -85,7 +85,10 @@ def test_defaults_need_no_file_content() -> None:
         ),
         ("device:\n  id: a/b\n", "<config>:2: device.id: Value error, must be 1-64 characters"),
         ("mqtt:\n  prefix: 'a/#'\n", "mqtt.prefix: Value error"),
-        ("device:\n  id: models\n", "<config>:2: device.id: Value error, device id 'models' is reserved"),
+        (
+            "device:\n  id: models\n",
+            "<config>:2: device.id: Value error, device id 'models' is reserved",
+        ),
         ("- a\n- b\n", "the top level must be a mapping"),
         ("mqtt: [\n", "not valid YAML"),
     ],

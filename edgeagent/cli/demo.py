@@ -19,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeagent.config import AgentConfig, parse_config
 from edgeagent.models.catalog import samples_dir
@@ -89,7 +90,7 @@ class DashboardView:
         self._lock = threading.Lock()
         version = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
         self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id="edgeagent-demo-view", protocol=version
+            CallbackAPIVersion.VERSION2, client_id="edgeagent-demo-view", protocol=version
         )
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
@@ -112,7 +113,8 @@ class DashboardView:
             return
         with self._lock:
             if message.topic == f"{self.root}/status":
-                self.status = payload
+                # `offline` carries no pipelines: keep showing the last ones we knew.
+                self.status = {**self.status, **payload}
             elif message.topic.startswith(f"{self.root}/results/"):
                 view = self.pipelines.setdefault(message.topic.rsplit("/", 1)[1], _PipelineView())
                 view.count += 1

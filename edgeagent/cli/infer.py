@@ -14,6 +14,7 @@ import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
 from edgeagent.errors import SourceError
+from edgeagent.hal.source import SampleKind
 from edgeagent.inference import Engine, make_decoder, make_preprocessor
 from edgeagent.models.catalog import describe_model
 
@@ -72,7 +73,7 @@ def execute(args: argparse.Namespace) -> int:
     description = describe_model(args.model)
     engine = Engine.load(description.path, accelerator=args.accelerator, threads=args.threads)
     try:
-        kind = "window" if args.input.suffix.lower() in (".csv", ".txt") else "image"
+        kind: SampleKind = "window" if args.input.suffix.lower() in (".csv", ".txt") else "image"
         data = read_csv_window(args.input) if kind == "window" else read_image(args.input)
         preprocess = make_preprocessor(description.preprocess, engine.inputs[0], kind)
         decode = make_decoder(description.task, engine.outputs, description.labels)

@@ -40,7 +40,9 @@ def bundled_dir() -> Path:
 
 def samples_dir() -> Path:
     """Sample inputs for the bundled models (digit images), shipped beside them."""
-    return bundled_dir().parent / ("bundled_samples" if bundled_dir().name == "bundled_models" else "samples")
+    return bundled_dir().parent / (
+        "bundled_samples" if bundled_dir().name == "bundled_models" else "samples"
+    )
 
 
 def bundled_models() -> list[str]:
@@ -84,6 +86,10 @@ def describe_model(
         path=path,
         task=task,
         labels=labels,
-        preprocess=preprocess if preprocess is not None else (manifest and manifest.preprocess),
+        preprocess=preprocess
+        if preprocess is not None
+        else manifest.preprocess
+        if manifest
+        else None,
         manifest=manifest,
     )

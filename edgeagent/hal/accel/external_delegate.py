@@ -1,0 +1,84 @@
+"""Finding and loading LiteRT external delegate libraries (Edge TPU, GPU) without noise.
+
+`load_delegate` leaves a half-built `Delegate` behind when the library cannot be opened or
+lacks the plugin entry points, and its `__del__` then prints an AttributeError on stderr.
+Checking the library with ctypes first turns those cases into one clear message instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from edgeagent.errors import AcceleratorError
+
+logger = logging.getLogger(__name__)
+
+_ENTRY_POINTS = ("tflite_plugin_create_delegate", "tflite_plugin_destroy_delegate")
+
+LIBRARY_DIRS = (
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib/arm-linux-gnueabihf",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/local/lib",
+    "/usr/lib",
+)
+SEARCHED = f"{', '.join(LIBRARY_DIRS)} or the linker cache"
+
+
+def find_library(env_var: str, filename: str, link_name: str) -> tuple[str | None, str]:
+    """The library to load and how it was found.
+
+    Returns (path or None, explanation). `env_var` overrides the search; when it is set to a
+    path that does not exist the result is None and the explanation says so.
+    """
+    override = os.environ.get(env_var)
+    if override:
+        if Path(override).is_file():
+            return override, f"{env_var}={override}"
+        return None, f"{env_var} is set to {override}, which does not exist"
+    for directory in LIBRARY_DIRS:
+        candidate = Path(directory) / filename
+        if candidate.is_file():
+            return str(candidate), f"found at {candidate}"
+    # ldconfig's cache covers directories that LIBRARY_DIRS misses.
+    found = ctypes.util.find_library(link_name)
+    if found:
+        return found, f"found by the dynamic linker as {found}"
+    return None, f"{filename} not found in {SEARCHED}"
+
+
+def load_external_delegate(library: str, options: dict[str, str] | None, what: str) -> Any:
+    """Loads `library` through LiteRT's `load_delegate`; AcceleratorError says why it failed."""
+    check_delegate_library(library, what)
+    from ai_edge_litert.interpreter import load_delegate
+
+    try:
+        return load_delegate(library, options)
+    except (OSError, ValueError, RuntimeError) as exc:
+        detail = _one_line(str(exc)) or type(exc).__name__
+        raise AcceleratorError(f"{what} is present but broken: {detail}") from exc
+
+
+def check_delegate_library(library: str, what: str) -> None:
+    """Raises AcceleratorError unless `library` opens and exports the external delegate API."""
+    try:
+        handle = ctypes.CDLL(library)
+    except OSError as exc:
+        raise AcceleratorError(
+            f"{what} is present but broken: cannot load {library}: {_one_line(str(exc))}"
+        ) from exc
+    missing = [name for name in _ENTRY_POINTS if not hasattr(handle, name)]
+    if missing:
+        raise AcceleratorError(
+            f"{what} is present but broken: {library} is not a LiteRT external delegate "
+            f"(it does not export {', '.join(missing)})"
+        )
+
+
+def _one_line(text: str) -> str:
+    return ": ".join(part.strip() for part in text.splitlines() if part.strip())

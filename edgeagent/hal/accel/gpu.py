@@ -1,0 +1,91 @@
+"""The GPU through LiteRT's GPU delegate library (OpenGL ES / OpenCL), when one is installed."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgeagent.errors import AcceleratorError
+from edgeagent.hal.accel.base import Probe, ProbeState
+from edgeagent.hal.accel.external_delegate import find_library, load_external_delegate
+
+logger = logging.getLogger(__name__)
+
+LIBRARY_ENV = "EDGEAGENT_GPU_DELEGATE_LIB"
+LIBRARY = "libtensorflowlite_gpu_delegate.so"
+INSTALL_HINT = (
+    "the ai-edge-litert wheel does not ship the GPU delegate; build "
+    "libtensorflowlite_gpu_delegate.so from the LiteRT sources (bazel) and install it in "
+    f"/usr/local/lib, or point {LIBRARY_ENV} at it"
+)
+
+
+class GpuAccelerator:
+    """Runs models on the GPU via the LiteRT GPU delegate; unsupported ops fall back to CPU."""
+
+    name = "gpu"
+
+    def __init__(
+        self,
+        *,
+        root: Path = Path("/"),
+        cache_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._root = root
+        self._cache_s = cache_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cached: tuple[float, Probe] | None = None
+
+    def probe(self, *, fresh: bool = False) -> Probe:
+        """Whether the delegate library loads; kept for `cache_s` seconds unless `fresh`."""
+        with self._lock:
+            now = self._clock()
+            if not fresh and self._cached and now - self._cached[0] < self._cache_s:
+                return self._cached[1]
+            result = self._probe(load=True)
+            self._cached = (now, result)
+        logger.debug("gpu probe: %s: %s", result.state, result.reason)
+        return result
+
+    def delegates(self) -> list[Any]:
+        found = self._probe(load=False)
+        if found.state is ProbeState.ABSENT:
+            raise AcceleratorError(f"GPU delegate is absent: {found.reason}")
+        return [load_external_delegate(found.details["library"], None, "GPU delegate")]
+
+    def can_run(self, operator_names: frozenset[str]) -> str | None:
+        # The GPU delegate takes the operators it supports and leaves the rest to the CPU.
+        return None
+
+    def render_nodes(self) -> list[str]:
+        return [f"/dev/dri/{p.name}" for p in sorted((self._root / "dev/dri").glob("renderD*"))]
+
+    def _probe(self, *, load: bool) -> Probe:
+        nodes = self.render_nodes()
+        details = {"render_nodes": ", ".join(nodes) or "none"}
+        library, how = find_library(LIBRARY_ENV, LIBRARY, "tensorflowlite_gpu_delegate")
+        if library is None:
+            return Probe(
+                self.name,
+                ProbeState.ABSENT,
+                f"GPU delegate library not installed: {how}; {INSTALL_HINT}",
+                details,
+            )
+        details["library"] = library
+        if load:
+            try:
+                load_external_delegate(library, None, "GPU delegate")
+            except AcceleratorError as exc:
+                return Probe(self.name, ProbeState.BROKEN, str(exc), details)
+        # The delegate touches the GPU only when a model is prepared, so loading proves the
+        # library, not the GPU; say when there is no render node for it to use.
+        gpu = nodes[0] if nodes else "no /dev/dri/renderD* node (it may fail on first model)"
+        return Probe(
+            self.name, ProbeState.PRESENT, f"GPU delegate {library} loads; GPU: {gpu}", details
+        )

@@ -1,0 +1,1 @@
+"""Camera backends: each one file implementing the `Source` protocol for images."""

@@ -1,0 +1,1 @@
+"""Sensor backends: each one file implementing the `Source` protocol for windows."""

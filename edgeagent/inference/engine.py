@@ -1,0 +1,342 @@
+"""Loads a .tflite model into a LiteRT Interpreter on the best accelerator that can run it.
+
+`Engine.load(path)` with `accelerator="auto"` tries the accelerators of AUTO_ORDER in turn
+and records, for each one it skips, one sentence saying why. Naming an accelerator makes it
+that one or an AcceleratorError: a device someone asked for never silently becomes the CPU.
+
+An Engine is used by one inference thread at a time; `invoke()` holds a lock only so that
+`close()` from another thread cannot pull the interpreter from under a running inference.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from ai_edge_litert.interpreter import Interpreter
+
+from edgeagent.errors import AcceleratorError, EdgeAgentError, ModelError
+from edgeagent.hal import accel as registry
+from edgeagent.hal.accel.base import Accelerator, ProbeState
+from edgeagent.models.tflite import ModelFile, read_model
+
+_log = logging.getLogger(__name__)
+
+# What LiteRT says when a model needs an operator this build lacks.
+_UNRESOLVED_CUSTOM = re.compile(r"unresolved custom op: ([^\s.]+)")
+_MISSING_BUILTIN = re.compile(r"Didn't find op for builtin opcode '(\w+)' version '(\d+)'")
+# What the Interpreter raises while reading a model or applying a delegate.
+_LOAD_ERRORS = (ValueError, RuntimeError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """An allocated input or output tensor and its quantisation (scale 0.0: not quantised)."""
+
+    name: str
+    index: int
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name
+    scale: float
+    zero_point: int
+
+    @classmethod
+    def from_details(cls, details: Mapping[str, Any]) -> TensorInfo:
+        """From one entry of Interpreter.get_input_details() / get_output_details()."""
+        scale, zero_point = details.get("quantization", (0.0, 0))
+        return cls(
+            name=str(details["name"]),
+            index=int(details["index"]),
+            shape=tuple(int(d) for d in details["shape"]),
+            dtype=np.dtype(details["dtype"]).name,
+            scale=float(scale),
+            zero_point=int(zero_point),
+        )
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale != 0.0
+
+    def quantize(self, x: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """Float values -> this tensor's dtype: round(x / scale) + zero point, clipped to the
+        dtype's range (halves round to even). Float tensors get a plain cast;
+        unquantised integer tensors get the values rounded and clipped."""
+        dtype = np.dtype(self.dtype)
+        if dtype.kind == "f":
+            return np.asarray(x, dtype=dtype)
+        # In place on one float32 buffer: this runs on every camera frame.
+        values = np.array(x, dtype=np.float32)
+        if self.quantized:
+            values /= np.float32(self.scale)
+        # Halves to even, and the zero point added after rounding: what LiteRT's own
+        # QUANTIZE kernel gives (checked against it in tests/test_engine.py).
+        np.rint(values, out=values)
+        if self.quantized:
+            values += np.float32(self.zero_point)
+        info = np.iinfo(dtype)
+        np.clip(values, info.min, info.max, out=values)
+        result: npt.NDArray[Any] = values.astype(dtype)
+        return result
+
+    def dequantize(self, q: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        """This tensor's raw values -> float32 ((q - zero point) * scale when quantised)."""
+        values = np.asarray(q, dtype=np.float32)
+        if not self.quantized:
+            return values
+        return (values - np.float32(self.zero_point)) * np.float32(self.scale)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "index": self.index,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "scale": self.scale,
+            "zero_point": self.zero_point,
+        }
+
+
+class Engine:
+    """A loaded model, ready to invoke. Build it with `Engine.load`."""
+
+    def __init__(
+        self,
+        *,
+        path: Path,
+        interpreter: Interpreter,
+        model: ModelFile,
+        accelerator: str,
+        fallbacks: tuple[str, ...],
+        threads: int,
+        load_s: float,
+    ) -> None:
+        self.path = path
+        self.model = model
+        self.accelerator = accelerator
+        self.fallbacks = fallbacks
+        self.threads = threads
+        self.load_s = load_s
+        self.operators = model.operator_names
+        self.inputs = tuple(TensorInfo.from_details(d) for d in interpreter.get_input_details())
+        self.outputs = tuple(TensorInfo.from_details(d) for d in interpreter.get_output_details())
+        self._interpreter: Interpreter | None = interpreter
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        *,
+        accelerator: str = "auto",
+        threads: int = 1,
+        accelerators: Mapping[str, Accelerator] | None = None,
+    ) -> Engine:
+        """Loads `path` on `accelerator` ("auto" or a name). `accelerators` replaces the
+        registry (tests, or a service that already holds probed instances).
+
+        Raises ModelError when the file is not a model this runtime can run, and
+        AcceleratorError when the named accelerator (or, for auto, every one) cannot."""
+        if threads < 1:
+            raise ValueError(f"threads must be 1 or more, got {threads}")
+        started = time.perf_counter()
+        model = read_model(path)
+        names = _candidates(accelerator, accelerators)
+        explicit = accelerator != "auto"
+        skipped: list[str] = []  # one sentence per accelerator passed over
+        for name in names:
+            try:
+                acc = _lookup(name, accelerators)
+                interpreter = _open_on(acc, model, path, threads)
+            except _Skip as skip:
+                if explicit:
+                    raise AcceleratorError(
+                        f"cannot run {path.name} on the {name} accelerator, as configured: "
+                        f"{skip.reason}. Fix the accelerator, or set accelerator to 'auto' "
+                        "(or 'cpu') to run it elsewhere"
+                    ) from skip.__cause__
+                skipped.append(f"{name}: {skip.reason}")
+                _log.log(skip.level, "not using %s for %s: %s", name, path.name, skip.reason)
+                continue
+            engine = cls(
+                path=path,
+                interpreter=interpreter,
+                model=model,
+                accelerator=name,
+                fallbacks=tuple(skipped),
+                threads=threads,
+                load_s=time.perf_counter() - started,
+            )
+            _log.info(
+                "loaded %s on %s with %d thread(s) in %.3f s%s",
+                path.name,
+                name,
+                threads,
+                engine.load_s,
+                f" after {len(skipped)} fallback(s)" if skipped else "",
+            )
+            return engine
+        raise AcceleratorError(
+            f"no accelerator can run {path.name}: {'; '.join(skipped)}. "
+            "Include 'cpu' among the accelerators, or fix one of those above"
+        )
+
+    def invoke(self, inputs: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+        """Runs the model on `inputs` (one array per input tensor, in its dtype and shape) and
+        returns copies of the outputs in their raw dtype."""
+        if len(inputs) != len(self.inputs):
+            raise ValueError(
+                f"{self.path.name} takes {len(self.inputs)} input(s), got {len(inputs)}"
+            )
+        with self._lock:
+            interpreter = self._require_open()
+            for info, value in zip(self.inputs, inputs, strict=True):
+                try:
+                    interpreter.set_tensor(info.index, value)
+                except ValueError as exc:
+                    raise ValueError(
+                        f"input {info.name!r} of {self.path.name} takes {list(info.shape)} "
+                        f"{info.dtype}, got {list(np.shape(value))} "
+                        f"{getattr(value, 'dtype', type(value).__name__)}: {exc}"
+                    ) from exc
+            try:
+                interpreter.invoke()
+            except RuntimeError as exc:
+                raise ModelError(
+                    f"inference with {self.path.name} on {self.accelerator} failed: {exc}"
+                ) from exc
+            # get_tensor copies, so the results survive the next invoke().
+            return [interpreter.get_tensor(info.index) for info in self.outputs]
+
+    def warm_up(self, runs: int = 2) -> None:
+        """Invokes on zero inputs so that first-inference costs (allocation, delegate
+        compilation, caches) are not paid by the first real sample."""
+        zeros = [np.zeros(info.shape, dtype=info.dtype) for info in self.inputs]
+        for _ in range(runs):
+            self.invoke(zeros)
+
+    def describe(self) -> dict[str, Any]:
+        """What was loaded, where and how, as JSON-able values."""
+        return {
+            "path": str(self.path),
+            "size": self.model.size,
+            "accelerator": self.accelerator,
+            "fallbacks": list(self.fallbacks),
+            "threads": self.threads,
+            "load_s": round(self.load_s, 4),
+            "inputs": [info.to_json() for info in self.inputs],
+            "outputs": [info.to_json() for info in self.outputs],
+            "operators": dict(sorted(self.model.operators.items())),
+            "labels": len(self.model.labels),
+        }
+
+    def close(self) -> None:
+        """Releases the interpreter (and its delegate); invoke() afterwards is an error."""
+        with self._lock:
+            self._interpreter = None
+
+    def _require_open(self) -> Interpreter:
+        if self._interpreter is None:
+            raise ModelError(f"the engine for {self.path.name} is closed; load the model again")
+        return self._interpreter
+
+
+class _Skip(Exception):  # noqa: N818 - control flow, not an error shown to anyone
+    """This accelerator will not run the model; `reason` is the sentence to record."""
+
+    def __init__(self, reason: str, level: int = logging.INFO) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.level = level
+
+
+def _candidates(accelerator: str, accelerators: Mapping[str, Accelerator] | None) -> list[str]:
+    if accelerator != "auto":
+        return [accelerator]
+    if accelerators is None:
+        return list(registry.AUTO_ORDER)
+    # Injected accelerators run in AUTO_ORDER; names the registry does not know go last.
+    known = [name for name in registry.AUTO_ORDER if name in accelerators]
+    return known + [name for name in accelerators if name not in registry.AUTO_ORDER]
+
+
+def _lookup(name: str, accelerators: Mapping[str, Accelerator] | None) -> Accelerator:
+    if accelerators is None:
+        try:
+            return registry.get_accelerator(name)
+        except EdgeAgentError as exc:
+            raise _Skip(str(exc), logging.WARNING) from exc
+    if name not in accelerators:
+        raise _Skip(
+            f"unknown accelerator {name!r}; known: {', '.join(accelerators)}", logging.WARNING
+        )
+    return accelerators[name]
+
+
+def _open_on(acc: Accelerator, model: ModelFile, path: Path, threads: int) -> Interpreter:
+    """An allocated Interpreter for `model` on `acc`, or _Skip saying why not. ModelError
+    when the model itself cannot load (which no other accelerator would change)."""
+    probe = acc.probe()
+    if probe.state is ProbeState.ABSENT:
+        raise _Skip(f"absent ({probe.reason})")
+    if probe.state is ProbeState.BROKEN:
+        raise _Skip(f"present but broken ({probe.reason})", logging.WARNING)
+    why_not = acc.can_run(model.operator_names)
+    if why_not is not None:
+        raise _Skip(why_not)
+    try:
+        delegates = acc.delegates()
+    except AcceleratorError as exc:
+        raise _Skip(f"present but its delegate failed to load ({exc})", logging.WARNING) from exc
+    try:
+        interpreter = Interpreter(
+            model_path=str(path), num_threads=threads, experimental_delegates=delegates or None
+        )
+        interpreter.allocate_tensors()
+    except (*_LOAD_ERRORS, AcceleratorError) as exc:
+        if not delegates:
+            # The built-in kernels failed: the model is the problem, not the device.
+            raise _model_error(path, model, exc) from exc
+        raise _Skip(
+            f"present but the model did not load with its delegate ({_one_line(exc)})",
+            logging.WARNING,
+        ) from exc
+    return interpreter
+
+
+def _model_error(path: Path, model: ModelFile, exc: Exception) -> ModelError:
+    text = str(exc)
+    custom = _UNRESOLVED_CUSTOM.search(text)
+    builtin = _MISSING_BUILTIN.search(text)
+    if custom is not None:
+        op = custom.group(1)
+        hint = (
+            "it was compiled for the Edge TPU and runs only there: connect a Coral, or deploy "
+            "the model before edgetpu_compiler"
+            if op == "edgetpu-custom-op"
+            else "rebuild the model with builtin operators, or run a LiteRT build that has it"
+        )
+        return ModelError(
+            f"model {path} uses the custom operator {op}, which is not in this runtime: {hint}"
+        )
+    if builtin is not None:
+        return ModelError(
+            f"model {path} uses the operator {builtin.group(1)} (version {builtin.group(2)}), "
+            "which is not in this runtime: upgrade ai-edge-litert, or convert the model with "
+            "an older converter"
+        )
+    return ModelError(
+        f"LiteRT cannot load model {path} ({_one_line(exc)}); operators: "
+        f"{', '.join(sorted(model.operators)) or 'none'}. Rebuild or redeploy the model"
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -1,0 +1,257 @@
+"""Builds tiny, real .tflite models with the schema object API (no TensorFlow needed).
+
+Each builder returns the model's bytes; `save` writes them where a test wants them.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import flatbuffers
+import numpy as np
+from ai_edge_litert import schema_py_generated as s
+
+_TYPES = {
+    "float32": s.TensorType.FLOAT32,
+    "int8": s.TensorType.INT8,
+    "uint8": s.TensorType.UINT8,
+    "int32": s.TensorType.INT32,
+}
+
+
+@dataclass
+class Graph:
+    """A single-subgraph model under construction: tensors, constant data, operators."""
+
+    tensors: list[Any] = field(default_factory=list)
+    buffers: list[Any] = field(default_factory=lambda: [s.BufferT()])  # buffer 0 is empty
+    opcodes: list[tuple[int, str | None]] = field(default_factory=list)
+    operators: list[Any] = field(default_factory=list)
+    metadata: list[tuple[str, bytes]] = field(default_factory=list)
+
+    def tensor(
+        self,
+        name: str,
+        shape: Sequence[int],
+        dtype: str = "float32",
+        *,
+        scale: float = 0.0,
+        zero_point: int = 0,
+        data: np.ndarray | None = None,
+    ) -> int:
+        t = s.TensorT()
+        t.name, t.shape, t.type = name, list(shape), _TYPES[dtype]
+        if scale:
+            t.quantization = s.QuantizationParametersT()
+            t.quantization.scale, t.quantization.zeroPoint = [scale], [zero_point]
+        if data is not None:
+            t.buffer = self._buffer(np.asarray(data, dtype=dtype).tobytes())
+        self.tensors.append(t)
+        return len(self.tensors) - 1
+
+    def _buffer(self, raw: bytes) -> int:
+        b = s.BufferT()
+        b.data = list(raw)
+        self.buffers.append(b)
+        return len(self.buffers) - 1
+
+    def op(
+        self,
+        code: int | str,
+        inputs: Sequence[int],
+        outputs: Sequence[int],
+        options: tuple[int, Any] | None = None,
+    ) -> None:
+        """`code` is a BuiltinOperator value, or a custom op name."""
+        key = (s.BuiltinOperator.CUSTOM, code) if isinstance(code, str) else (code, None)
+        if key not in self.opcodes:
+            self.opcodes.append(key)
+        o = s.OperatorT()
+        o.opcodeIndex, o.inputs, o.outputs = self.opcodes.index(key), list(inputs), list(outputs)
+        if options is not None:
+            o.builtinOptionsType, o.builtinOptions = options
+        self.operators.append(o)
+
+    def build(self, inputs: Sequence[int], outputs: Sequence[int]) -> bytes:
+        graph = s.SubGraphT()
+        graph.tensors, graph.operators = self.tensors, self.operators
+        graph.inputs, graph.outputs, graph.name = list(inputs), list(outputs), "main"
+        model = s.ModelT()
+        model.version, model.description = 3, "edgeagent test model"
+        model.subgraphs, model.buffers = [graph], self.buffers
+        codes = []
+        for builtin, custom in self.opcodes:
+            c = s.OperatorCodeT()
+            c.builtinCode, c.deprecatedBuiltinCode = builtin, min(builtin, 127)
+            c.customCode, c.version = custom, 1
+            codes.append(c)
+        model.operatorCodes = codes
+        entries = []
+        for name, raw in self.metadata:
+            m = s.MetadataT()
+            m.name, m.buffer = name, self._buffer(raw)
+            entries.append(m)
+        model.metadata = entries
+        builder = flatbuffers.Builder(1024)
+        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+        return bytes(builder.Output())
+
+
+def save(path: Path, model: bytes) -> Path:
+    path.write_bytes(model)
+    return path
+
+
+def float_fc(weights: np.ndarray, bias: np.ndarray) -> bytes:
+    """y = x @ weights.T + bias, float32: input [1, in], output [1, out]."""
+    g = Graph()
+    n_out, n_in = weights.shape
+    x = g.tensor("input", [1, n_in])
+    w = g.tensor("weights", [n_out, n_in], data=weights)
+    b = g.tensor("bias", [n_out], data=bias)
+    y = g.tensor("output", [1, n_out])
+    g.op(s.BuiltinOperator.FULLY_CONNECTED, [x, w, b], [y], _fc_options())
+    return g.build([x], [y])
+
+
+def int8_add(
+    constant: np.ndarray, in_q: tuple[float, int], out_q: tuple[float, int], shape: Sequence[int]
+) -> bytes:
+    """y = x + constant on int8 tensors quantised with (scale, zero point) pairs."""
+    g = Graph()
+    c_scale = max(float(np.abs(constant).max()), 1e-3) / 127
+    c_q = np.clip(np.round(constant / c_scale), -128, 127).astype(np.int8)
+    x = g.tensor("input", shape, "int8", scale=in_q[0], zero_point=in_q[1])
+    c = g.tensor("constant", shape, "int8", scale=c_scale, zero_point=0, data=c_q)
+    y = g.tensor("output", shape, "int8", scale=out_q[0], zero_point=out_q[1])
+    g.op(s.BuiltinOperator.ADD, [x, c], [y], _add_options())
+    return g.build([x], [y])
+
+
+def quantize(size: int, scale: float, zero_point: int, dtype: str = "int8") -> bytes:
+    """LiteRT's own QUANTIZE: float32 [1, size] in, `dtype` [1, size] out."""
+    g = Graph()
+    x = g.tensor("input", [1, size])
+    y = g.tensor("output", [1, size], dtype, scale=scale, zero_point=zero_point)
+    g.op(s.BuiltinOperator.QUANTIZE, [x], [y])
+    return g.build([x], [y])
+
+
+def custom_op(name: str) -> bytes:
+    """A model whose only operator is the custom op `name` (no runtime has it)."""
+    g = Graph()
+    x = g.tensor("input", [1, 4])
+    y = g.tensor("output", [1, 4])
+    g.op(name, [x], [y])
+    return g.build([x], [y])
+
+
+def constant_head(
+    values: np.ndarray,
+    input_shape: Sequence[int] = (1, 8, 8, 3),
+    input_dtype: str = "float32",
+    names: Sequence[str] | None = None,
+) -> bytes:
+    """A model whose outputs are the constants `values` (any input gives them): each output
+    is a zero-weight FULLY_CONNECTED over the flattened input, whose bias is the constant,
+    then a RESHAPE to the constant's shape. A uint8 input is de-quantised first."""
+    g = Graph()
+    arrays = [np.asarray(values, np.float32)] if isinstance(values, np.ndarray) else values
+    n_in = int(np.prod(input_shape))
+    if input_dtype == "uint8":
+        x = g.tensor("image", input_shape, "uint8", scale=1 / 255, zero_point=0)
+        xf = g.tensor("image_float", input_shape)
+        g.op(s.BuiltinOperator.DEQUANTIZE, [x], [xf])
+    else:
+        x = xf = g.tensor("image", input_shape)
+    outputs = []
+    for n, arr in enumerate(arrays):
+        flat = np.asarray(arr, np.float32).reshape(-1)
+        name = names[n] if names else f"output_{n}"
+        w = g.tensor(f"w{n}", [flat.size, n_in], data=np.zeros((flat.size, n_in), np.float32))
+        b = g.tensor(f"b{n}", [flat.size], data=flat)
+        fc = g.tensor(f"fc{n}", [1, flat.size])
+        g.op(s.BuiltinOperator.FULLY_CONNECTED, [xf, w, b], [fc], _fc_options())
+        shape = np.asarray(arr.shape, np.int32)
+        new_shape = g.tensor(f"shape{n}", [len(arr.shape)], "int32", data=shape)
+        y = g.tensor(name, list(arr.shape))
+        g.op(s.BuiltinOperator.RESHAPE, [fc, new_shape], [y])
+        outputs.append(y)
+    return g.build([x], outputs)
+
+
+def with_labels(
+    model: bytes, labels: Sequence[str], *, name: str = "labels.txt", in_metadata: bool = True
+) -> bytes:
+    """Adds labels the way the TFLite Metadata writer does: a TFLITE_METADATA buffer that
+    names the file as the first output's TENSOR_AXIS_LABELS, and a ZIP appended to the model
+    holding the file. With `in_metadata=False` only the ZIP is appended."""
+    if in_metadata:
+        parsed = s.ModelT.InitFromPackedBuf(model, 0)
+        buf = s.BufferT()
+        buf.data = list(metadata_flatbuffer(name))
+        parsed.buffers.append(buf)
+        entry = s.MetadataT()
+        entry.name, entry.buffer = "TFLITE_METADATA", len(parsed.buffers) - 1
+        parsed.metadata = [*(parsed.metadata or []), entry]
+        builder = flatbuffers.Builder(1024)
+        builder.Finish(parsed.Pack(builder), file_identifier=b"TFL3")
+        model = bytes(builder.Output())
+    out = io.BytesIO(model)
+    # Mode "a" on a file that is not a ZIP appends a new archive, as the metadata writer does.
+    with zipfile.ZipFile(out, "a") as archive:
+        archive.writestr(name, "\n".join(labels) + "\n")
+        archive.writestr("README.txt", "not the labels")
+    return out.getvalue()
+
+
+def metadata_flatbuffer(label_file: str) -> bytes:
+    """A ModelMetadata (metadata_schema.fbs) with one subgraph whose first output tensor has
+    `label_file` as TENSOR_AXIS_LABELS, plus a model-level DESCRIPTIONS file."""
+    b = flatbuffers.Builder(256)
+
+    def associated(name: str, kind: int) -> int:
+        n = b.CreateString(name)
+        b.StartObject(4)  # AssociatedFile: name, description, type, locale
+        b.PrependUOffsetTRelativeSlot(0, n, 0)
+        b.PrependInt8Slot(2, kind, 0)
+        return int(b.EndObject())
+
+    def vector(items: list[int]) -> int:
+        b.StartVector(4, len(items), 4)
+        for item in reversed(items):
+            b.PrependUOffsetTRelative(item)
+        return int(b.EndVector())
+
+    labels = vector([associated(label_file, 2)])
+    tensor_name = b.CreateString("probabilities")
+    b.StartObject(7)  # TensorMetadata: ..., associated_files is slot 6
+    b.PrependUOffsetTRelativeSlot(0, tensor_name, 0)
+    b.PrependUOffsetTRelativeSlot(6, labels, 0)
+    tensor = b.EndObject()
+    outputs = vector([tensor])
+    b.StartObject(7)  # SubGraphMetadata: output_tensor_metadata is slot 3
+    b.PrependUOffsetTRelativeSlot(3, outputs, 0)
+    subgraph = b.EndObject()
+    subgraphs = vector([subgraph])
+    readme = vector([associated("README.txt", 1)])
+    model_name = b.CreateString("test model")
+    b.StartObject(8)  # ModelMetadata: subgraph_metadata slot 3, associated_files slot 6
+    b.PrependUOffsetTRelativeSlot(0, model_name, 0)
+    b.PrependUOffsetTRelativeSlot(3, subgraphs, 0)
+    b.PrependUOffsetTRelativeSlot(6, readme, 0)
+    b.Finish(b.EndObject(), file_identifier=b"M001")
+    return bytes(b.Output())
+
+
+def _fc_options() -> tuple[int, Any]:
+    return s.BuiltinOptions.FullyConnectedOptions, s.FullyConnectedOptionsT()
+
+
+def _add_options() -> tuple[int, Any]:
+    return s.BuiltinOptions.AddOptions, s.AddOptionsT()
