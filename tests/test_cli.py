@@ -133,3 +133,37 @@ def test_bench_reports_latency_per_setting() -> None:
     for row in report["results"]:
         assert 0 < row["invoke_ms"]["median"] <= row["invoke_ms"]["p95"]
     assert {s["accelerator"] for s in report["skipped"]} == {"edgetpu", "gpu"}
+
+
+@pytest.mark.parametrize("model", ["shapes-detector", "shapes-detector-ssd"])
+def test_infer_detects_the_shapes_of_a_synthetic_scene(tmp_path: Path, model: str) -> None:
+    """Both detection layouts (raw head + agent NMS, TFLite_Detection_PostProcess) find
+    what the scene generator drew, with boxes in source-image coordinates."""
+    from PIL import Image
+
+    from edgeagent.hal.camera.synthetic import ShapeScene
+
+    found = 0
+    expected = 0
+    for t_index in range(0, 40, 8):
+        image, truth = ShapeScene(seed=123).render(t_index)
+        path = tmp_path / f"scene-{t_index}.png"
+        Image.fromarray(image).save(path)
+        result = run("infer", model, str(path), "--json")
+        assert result.returncode == 0, result.stderr
+        detections = json.loads(result.stdout)["result"]["detections"]
+        for box in truth:
+            expected += 1
+            found += any(
+                d["label"] == box["label"] and _iou(d["box"], box["box"]) >= 0.5 for d in detections
+            )
+    assert expected > 0
+    assert found / expected >= 0.7, f"{found} of {expected} drawn shapes detected"
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
