@@ -790,10 +790,12 @@ What each number means:
   threshold maximises recall minus false-alarm rate on a separate validation set.
 - `bench/mobilenet-224-int8`: MobileNetV2 with random weights, for timing only.
 
-Rebuild (workstation with TensorFlow; a few minutes on 2 cores):
+Rebuild (a workstation; TensorFlow is in the `build` extra, never on a device; about
+5 minutes on 2 cores):
 
-    python models/build.py            # everything
-    python models/build.py --only shapes-detector
+    python -m venv .venv-build && .venv-build/bin/pip install -e '.[build]'
+    .venv-build/bin/python models/build.py            # everything
+    .venv-build/bin/python models/build.py --only shapes-detector   # also builds -ssd
 
 Check the bundled models (no TensorFlow needed):
 
