@@ -10,15 +10,22 @@ than the model drops its oldest frames (counted), it never builds latency. The q
 between inference and decoding is bounded and blocks when full: results are never
 dropped. Capture, pre-processing and decoding of neighbouring frames run while
 `invoke()` runs, so the model is never idle waiting for Python.
+
+The model, its engine and its pre/post-processing form one `Runner`. Only the inference
+thread replaces it, between two frames: for a new model version (`swap`) and when the
+accelerator fails (failover to the next one, down to the CPU, and back when it returns).
+A frame prepared for the previous runner is prepared again, so no frame is lost.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,19 +33,86 @@ import numpy as np
 
 from edgeagent.config import PipelineConfig
 from edgeagent.errors import EdgeAgentError, ModelError, SourceError
-from edgeagent.hal.accel.base import Accelerator
+from edgeagent.hal.accel import AUTO_ORDER, get_accelerator
+from edgeagent.hal.accel.base import Accelerator, ProbeState
 from edgeagent.hal.source import Sample, SampleKind, Source
 from edgeagent.hal.sources import open_source
-from edgeagent.inference import Engine, Prepared, make_decoder, make_preprocessor
+from edgeagent.inference import Decoder, Engine, Prepared, make_decoder, make_preprocessor
 from edgeagent.models.catalog import ModelDescription, describe_model
 
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, dict[str, Any]], None]
+Event = Callable[[str, str, dict[str, Any]], None]  # (pipeline, event type, details)
 SourceFactory = Callable[[Any], Source]
 
+STAGES = ("capture", "preprocess", "invoke", "postprocess")
 _RESULT_QUEUE_SIZE = 8
 _SOURCE_BACKOFF_MAX_S = 30.0
+_HEALTH_CHECK_S = 0.5  # how often the active accelerator's probe is consulted
+_LATENCY_WINDOW = 512
+# Fault injection for the watchdog test: the inference thread blocks for good after this
+# many invokes, as a hung delegate does. Unset in production.
+_HANG_AFTER = int(os.environ.get("EDGEAGENT_FAULT_HANG_INVOKE_AFTER", "0") or 0)
+
+_WINDOW_SOURCES = frozenset({"synthetic-vibration", "csv", "mpu6050"})
+
+
+def source_kind(config: PipelineConfig) -> SampleKind:
+    return "window" if config.source.type in _WINDOW_SOURCES else "image"
+
+
+@dataclass(frozen=True, slots=True)
+class Runner:
+    """A loaded model with what turns samples into its input and its output into results."""
+
+    model: ModelDescription
+    engine: Engine
+    preprocess: Callable[[np.ndarray], Prepared]
+    decode: Decoder
+
+
+def build_runner(
+    model: ModelDescription,
+    config: PipelineConfig,
+    *,
+    accelerator: str | None = None,
+    accelerators: Mapping[str, Accelerator] | None = None,
+) -> Runner:
+    """Loads `model` for `config`'s source and warms it up; EdgeAgentError says why not."""
+    engine = Engine.load(
+        model.path,
+        accelerator=accelerator or config.accelerator,
+        threads=config.threads,
+        accelerators=accelerators,
+    )
+    try:
+        kind = _check_fits(model, engine, config)
+        preprocess = make_preprocessor(model.preprocess, engine.inputs[0], kind)
+        decode = make_decoder(model.task, engine.outputs, model.labels, inputs=engine.inputs)
+        engine.warm_up()
+    except BaseException:
+        engine.close()
+        raise
+    return Runner(model, engine, preprocess, decode)
+
+
+def _check_fits(model: ModelDescription, engine: Engine, config: PipelineConfig) -> SampleKind:
+    """The source's sample kind, once the model is known to take one input of that kind."""
+    kind = source_kind(config)
+    if len(engine.inputs) != 1:
+        raise ModelError(
+            f"pipeline {config.name}: model {model.path} has {len(engine.inputs)} inputs; "
+            "a pipeline feeds exactly one (a frame or a sensor window)"
+        )
+    spec = model.preprocess
+    if spec is not None and spec.type != kind:
+        raise ModelError(
+            f"pipeline {config.name}: model {model.name} takes {spec.type}s (input "
+            f"{list(engine.inputs[0].shape)}) but source {config.source.type!r} delivers "
+            f"{kind}s; choose a model made for this source"
+        )
+    return kind
 
 
 @dataclass(slots=True)
@@ -46,6 +120,7 @@ class _Captured:
     sample: Sample
     prepared: Prepared
     preprocess_s: float
+    runner: Runner
 
 
 @dataclass(slots=True)
@@ -53,6 +128,7 @@ class _Inferred:
     captured: _Captured
     outputs: list[np.ndarray]
     invoke_s: float
+    runner: Runner
 
 
 class NewestSlot:
@@ -68,7 +144,7 @@ class NewestSlot:
             if self._item is not None:
                 self.replaced += 1
             self._item = item
-            self._cond.notify()
+            self._cond.notify_all()
 
     def take(self, timeout: float) -> _Captured | None:
         with self._cond:
@@ -87,13 +163,31 @@ class NewestSlot:
 
 @dataclass
 class PipelineStats:
+    """Counters the telemetry reads; written by the pipeline's threads only."""
+
     frames_in: int = 0
     frames_dropped: int = 0
     results_out: int = 0
     invoke_errors: int = 0
     source_errors: int = 0
+    fallbacks: int = 0
+    model_swaps: int = 0
     last_error: str | None = None
+    last_result_at: float | None = None
     started_at: float = field(default_factory=time.time)
+    latency_ms: dict[str, deque[float]] = field(
+        default_factory=lambda: {s: deque(maxlen=_LATENCY_WINDOW) for s in STAGES}
+    )
+
+    def percentiles(self) -> dict[str, dict[str, float]]:
+        """p50/p95/p99 in milliseconds of the recent samples of each stage."""
+        out = {}
+        for stage, window in self.latency_ms.items():
+            values = np.fromiter(tuple(window), dtype=np.float64)
+            if values.size:
+                p50, p95, p99 = np.percentile(values, (50, 95, 99))
+                out[stage] = {"p50": round(p50, 3), "p95": round(p95, 3), "p99": round(p99, 3)}
+        return out
 
 
 class Pipeline:
@@ -106,55 +200,52 @@ class Pipeline:
         *,
         source_factory: SourceFactory = open_source,
         accelerators: dict[str, Accelerator] | None = None,
+        on_event: Event | None = None,
+        reprobe_s: float = 30.0,
     ) -> None:
         self.config = config
         self.name = config.name
         self._publish = publish
+        self._on_event = on_event
         self._source_factory = source_factory
         self._accelerators = accelerators
+        self._reprobe_s = reprobe_s
         self.stats = PipelineStats()
-        self.model: ModelDescription | None = None
-        self.engine: Engine | None = None
+        self.runner: Runner | None = None
+        self._pending: tuple[Runner, threading.Event] | None = None
+        self._pending_lock = threading.Lock()
         self._source: Source | None = None
         self._slot = NewestSlot()
         self._results: queue.Queue[_Inferred | None] = queue.Queue(_RESULT_QUEUE_SIZE)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._sequence = 0
+        self.last: tuple[Sample, dict[str, Any]] | None = None  # for snapshots
+
+    @property
+    def model(self) -> ModelDescription | None:
+        return self.runner.model if self.runner else None
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.runner.engine if self.runner else None
 
     # --- lifecycle -------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Loads the model and opens the source; raises EdgeAgentError with the reason."""
+    def start(self, model: ModelDescription | None = None) -> None:
+        """Loads the model (the configured one, or `model`) and opens the source; raises
+        EdgeAgentError with the reason."""
         cfg = self.config
-        self.model = describe_model(
-            cfg.model, task=cfg.task, labels=cfg.labels, preprocess=cfg.preprocess
-        )
-        self.engine = Engine.load(
-            self.model.path,
-            accelerator=cfg.accelerator,
-            threads=cfg.threads,
-            accelerators=self._accelerators,
-        )
-        kind: SampleKind = "window" if cfg.source.type in _WINDOW_SOURCES else "image"
-        if len(self.engine.inputs) != 1:
-            raise ModelError(
-                f"pipeline {self.name}: model {self.model.path} has {len(self.engine.inputs)} "
-                "inputs; a pipeline feeds exactly one (a frame or a sensor window)"
+        if model is None:
+            model = describe_model(
+                cfg.model, task=cfg.task, labels=cfg.labels, preprocess=cfg.preprocess
             )
-        spec = self.model.preprocess
-        if spec is not None and spec.type != kind:
-            raise ModelError(
-                f"pipeline {self.name}: model {self.model.name} takes {spec.type}s (input "
-                f"{list(self.engine.inputs[0].shape)}) but source {cfg.source.type!r} delivers "
-                f"{kind}s; choose a model made for this source"
-            )
-        self._preprocess = make_preprocessor(spec, self.engine.inputs[0], kind)
-        self._decode = make_decoder(
-            self.model.task, self.engine.outputs, self.model.labels, inputs=self.engine.inputs
-        )
-        self.engine.warm_up()
-        self._source = self._source_factory(cfg.source)
+        self.runner = build_runner(model, cfg, accelerators=self._accelerators)
+        try:
+            self._source = self._source_factory(cfg.source)
+        except BaseException:
+            self.runner.engine.close()
+            raise
         self._threads = [
             threading.Thread(target=self._capture_loop, name=f"{self.name}-capture", daemon=True),
             threading.Thread(target=self._infer_loop, name=f"{self.name}-infer", daemon=True),
@@ -165,9 +256,9 @@ class Pipeline:
         log.info(
             "pipeline %s: running %s %s on %s with %d thread(s)",
             self.name,
-            self.model.name,
-            self.model.version,
-            self.engine.accelerator,
+            model.name,
+            model.version,
+            self.runner.engine.accelerator,
             cfg.threads,
         )
 
@@ -181,19 +272,36 @@ class Pipeline:
                 log.warning("pipeline %s: thread %s did not stop in time", self.name, thread.name)
         if self._source is not None:
             self._source.close()
-        if self.engine is not None:
-            self.engine.close()
+        if self.runner is not None and not any(t.is_alive() for t in self._threads):
+            self.runner.engine.close()
+
+    def swap(self, model: ModelDescription, timeout: float = 30.0) -> None:
+        """Loads `model` (in this thread) and has the inference thread switch to it between
+        two frames; returns once it did. EdgeAgentError when the model cannot run here."""
+        runner = build_runner(model, self.config, accelerators=self._accelerators)
+        taken = threading.Event()
+        with self._pending_lock:
+            self._pending = (runner, taken)
+        if not taken.wait(timeout):
+            with self._pending_lock:
+                if self._pending is not None and self._pending[0] is runner:
+                    self._pending = None
+            runner.engine.close()
+            raise EdgeAgentError(f"pipeline {self.name}: the switch to {model.version} timed out")
 
     def describe(self) -> dict[str, Any]:
         """What the retained status message says about this pipeline."""
         info: dict[str, Any] = {"name": self.name, "source": self.config.source.type}
-        if self.model is not None:
-            info["model"] = {"name": self.model.name, "version": self.model.version}
-            info["task"] = self.model.task.type
-        if self.engine is not None:
-            info["accelerator"] = self.engine.accelerator
-            info["fallbacks"] = list(self.engine.fallbacks)
+        runner = self.runner
+        if runner is not None:
+            info["model"] = {"name": runner.model.name, "version": runner.model.version}
+            info["task"] = runner.model.task.type
+            info["accelerator"] = runner.engine.accelerator
+            info["fallbacks"] = list(runner.engine.fallbacks)
         return info
+
+    def progressed_since(self, results_out: int) -> bool:
+        return self.stats.results_out > results_out
 
     # --- threads ---------------------------------------------------------------------
 
@@ -211,16 +319,19 @@ class Pipeline:
                 log.error(
                     "pipeline %s: source failed: %s; retrying in %.0f s", self.name, exc, backoff
                 )
+                self._event("source-error", {"reason": str(exc), "retry_in_s": backoff})
                 if self._stopping.wait(backoff):
                     return
                 backoff = min(backoff * 2, _SOURCE_BACKOFF_MAX_S)
                 self._reopen_source()
                 continue
             backoff = 1.0
+            runner = self.runner
+            assert runner is not None
             started = time.perf_counter()
-            prepared = self._preprocess(sample.data)
+            prepared = runner.preprocess(sample.data)
             self.stats.frames_in += 1
-            self._slot.put(_Captured(sample, prepared, time.perf_counter() - started))
+            self._slot.put(_Captured(sample, prepared, time.perf_counter() - started, runner))
             if unpaced:
                 # A source that does not pace itself would otherwise render frames only
                 # to drop them, taking the GIL from the invoke thread: keep one ready.
@@ -236,11 +347,21 @@ class Pipeline:
             log.error("pipeline %s: cannot reopen source: %s", self.name, exc)
 
     def _infer_loop(self) -> None:
-        assert self.engine is not None
         interval = 1.0 / self.config.max_fps if self.config.max_fps else 0.0
         next_due = time.monotonic()
+        next_health = time.monotonic() + _HEALTH_CHECK_S
+        next_reprobe = time.monotonic() + self._reprobe_s
+        invokes = 0
         try:
             while not self._stopping.is_set():
+                self._take_pending()
+                now = time.monotonic()
+                if now >= next_health:
+                    next_health = now + _HEALTH_CHECK_S
+                    self._check_accelerator()
+                if now >= next_reprobe:
+                    next_reprobe = now + self._reprobe_s
+                    self._try_preferred_accelerator()
                 if interval:
                     wait = next_due - time.monotonic()
                     if wait > 0 and self._stopping.wait(wait):
@@ -249,55 +370,174 @@ class Pipeline:
                 captured = self._slot.take(timeout=0.2)
                 if captured is None:
                     continue
-                started = time.perf_counter()
-                try:
-                    outputs = self.engine.invoke([captured.prepared.tensor])
-                except (RuntimeError, ValueError) as exc:
-                    self.stats.invoke_errors += 1
-                    self.stats.last_error = f"invoke failed: {exc}"
-                    log.error("pipeline %s: invoke failed: %s", self.name, exc)
-                    continue
-                self._results.put(_Inferred(captured, outputs, time.perf_counter() - started))
+                invokes += 1
+                if _HANG_AFTER and invokes > _HANG_AFTER:
+                    log.warning("fault injection: the inference thread of %s hangs", self.name)
+                    threading.Event().wait()
+                self._infer(captured)
         finally:
             self.stats.frames_dropped = self._slot.replaced
             self._results.put(None)  # tells the decode thread that nothing more comes
 
+    def _infer(self, captured: _Captured) -> None:
+        """Invokes the current runner on `captured`; on an accelerator failure, fails over
+        and tries the same frame again, so the frame is not lost."""
+        for _attempt in range(len(AUTO_ORDER) + 1):
+            runner = self.runner
+            assert runner is not None
+            if captured.runner is not runner:  # prepared for a model or engine since replaced
+                started = time.perf_counter()
+                captured.prepared = runner.preprocess(captured.sample.data)
+                captured.preprocess_s += time.perf_counter() - started
+                captured.runner = runner
+            started = time.perf_counter()
+            try:
+                outputs = runner.engine.invoke([captured.prepared.tensor])
+            except (ModelError, RuntimeError, ValueError) as exc:
+                self.stats.invoke_errors += 1
+                self.stats.last_error = f"invoke failed: {exc}"
+                log.error("pipeline %s: invoke failed: %s", self.name, exc)
+                if runner.engine.accelerator == "cpu" or not self._fail_over(str(exc)):
+                    return
+                continue
+            self._results.put(_Inferred(captured, outputs, time.perf_counter() - started, runner))
+            return
+
+    def _take_pending(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        runner, taken = pending
+        old = self.runner
+        self.runner = runner
+        self.stats.model_swaps += 1
+        taken.set()
+        if old is not None and old.engine is not runner.engine:
+            old.engine.close()  # only this thread invokes, so nothing uses it any more
+        log.info(
+            "pipeline %s: now running %s %s", self.name, runner.model.name, runner.model.version
+        )
+
+    def _accelerator(self, name: str) -> Accelerator:
+        if self._accelerators is not None and name in self._accelerators:
+            return self._accelerators[name]
+        return get_accelerator(name)
+
+    def _check_accelerator(self) -> None:
+        """A device that vanished (a Coral pulled from USB) fails over before the next
+        invoke can hang on it."""
+        runner = self.runner
+        if runner is None or runner.engine.accelerator == "cpu":
+            return
+        probe = self._accelerator(runner.engine.accelerator).probe()
+        if probe.state is not ProbeState.PRESENT:
+            self._fail_over(f"{probe.name} is {probe.state}: {probe.reason}")
+
+    def _fail_over(self, reason: str) -> bool:
+        """Replaces the runner with one on the next accelerator in order; False when no
+        other accelerator can run the model."""
+        runner = self.runner
+        assert runner is not None
+        failed = runner.engine.accelerator
+        order = list(self._accelerators or AUTO_ORDER)
+        later = order[order.index(failed) + 1 :] if failed in order else ["cpu"]
+        candidates = {name: self._accelerator(name) for name in later}
+        try:
+            replacement = build_runner(
+                runner.model, self.config, accelerator="auto", accelerators=candidates
+            )
+        except EdgeAgentError as exc:
+            log.error(
+                "pipeline %s: no accelerator left after %s failed: %s", self.name, failed, exc
+            )
+            return False
+        self.runner = replacement
+        runner.engine.close()
+        self.stats.fallbacks += 1
+        log.warning(
+            "pipeline %s: %s failed (%s); switched to %s",
+            self.name,
+            failed,
+            reason,
+            replacement.engine.accelerator,
+        )
+        self._event(
+            "accelerator-fallback",
+            {"from": failed, "to": replacement.engine.accelerator, "reason": reason},
+        )
+        return True
+
+    def _try_preferred_accelerator(self) -> None:
+        """After a failover, periodically checks whether a faster accelerator is back."""
+        runner = self.runner
+        if runner is None or self.stats.fallbacks == 0:
+            return
+        order = list(self._accelerators or AUTO_ORDER)
+        current = runner.engine.accelerator
+        better = order[: order.index(current)] if current in order else []
+        if self.config.accelerator != "auto":
+            better = [n for n in better if n == self.config.accelerator]
+        present = [n for n in better if self._accelerator(n).probe().state is ProbeState.PRESENT]
+        if not present:
+            return
+        try:
+            replacement = build_runner(
+                runner.model,
+                self.config,
+                accelerator="auto",
+                accelerators={n: self._accelerator(n) for n in present},
+            )
+        except EdgeAgentError as exc:
+            log.info("pipeline %s: %s is back but not usable yet: %s", self.name, present[0], exc)
+            return
+        self.runner = replacement
+        runner.engine.close()
+        log.info("pipeline %s: back on %s", self.name, replacement.engine.accelerator)
+        self._event(
+            "accelerator-recovered", {"from": current, "to": replacement.engine.accelerator}
+        )
+
     def _decode_loop(self) -> None:
-        assert self.model is not None
-        assert self.engine is not None
-        model = {"name": self.model.name, "version": self.model.version}
+        windows = self.stats.latency_ms
         while True:
             inferred = self._results.get()
             if inferred is None:
                 return
             captured = inferred.captured
+            runner = inferred.runner
             started = time.perf_counter()
-            result = self._decode(inferred.outputs, captured.prepared)
+            result = runner.decode(inferred.outputs, captured.prepared)
             postprocess_s = time.perf_counter() - started
             sample = captured.sample
             latency = {
-                "capture": sample.capture_s,
-                "preprocess": captured.preprocess_s,
-                "invoke": inferred.invoke_s,
-                "postprocess": postprocess_s,
+                "capture": round(sample.capture_s * 1000, 3),
+                "preprocess": round(captured.preprocess_s * 1000, 3),
+                "invoke": round(inferred.invoke_s * 1000, 3),
+                "postprocess": round(postprocess_s * 1000, 3),
             }
+            for stage, value in latency.items():
+                windows[stage].append(value)
             payload = {
                 "ts": round(time.time(), 6),
                 "captured_at": round(sample.captured_at, 6),
                 "seq": self._sequence,
                 "frame": sample.sequence,
                 "pipeline": self.name,
-                "model": model,
-                "accelerator": self.engine.accelerator,
-                "latency_ms": {k: round(v * 1000, 3) for k, v in latency.items()},
+                "model": {"name": runner.model.name, "version": runner.model.version},
+                "accelerator": runner.engine.accelerator,
+                "latency_ms": latency,
                 "result": result,
             }
             if sample.truth is not None:
                 payload["truth"] = sample.truth
             self._sequence += 1
+            self.last = (sample, result)
             self.stats.results_out += 1
+            self.stats.last_result_at = time.time()
             self.stats.frames_dropped = self._slot.replaced
             self._publish(self.name, payload)
 
-
-_WINDOW_SOURCES = frozenset({"synthetic-vibration", "csv", "mpu6050"})
+    def _event(self, kind: str, details: dict[str, Any]) -> None:
+        if self._on_event is not None:
+            self._on_event(self.name, kind, details)
