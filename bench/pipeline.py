@@ -94,8 +94,10 @@ def bare_invoke(model: str, threads: int, seconds: float) -> tuple[float, float]
 
 def agent_run(model: str, threads: int, seconds: float, port: int) -> dict[str, float]:
     """The real agent as a subprocess; results counted by a subscriber."""
+    state = tempfile.mkdtemp(prefix="edgeagent-bench-")
     config = f"""
 device: {{id: bench}}
+state_dir: "{state}"
 mqtt: {{host: {LOOPBACK}, port: {port}, prefix: bench, qos: 1}}
 pipelines:
   - name: p

@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edgeagent.errors import ConfigError
 from edgeagent.inference.spec import Preprocess, Task
+from edgeagent.mqtt.commands import CommandsConfig
+from edgeagent.mqtt.discovery import DiscoveryConfig
+from edgeagent.mqtt.outbox import OutboxConfig
+from edgeagent.mqtt.telemetry import TelemetryConfig
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -196,6 +200,15 @@ class AgentConfig(_Model):
     device: DeviceConfig = Field(default_factory=DeviceConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     pipelines: tuple[PipelineConfig, ...] = ()
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    commands: CommandsConfig = Field(default_factory=CommandsConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    homeassistant: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
+    # Durable state (outbox, model store); default: $STATE_DIRECTORY (systemd), else
+    # /var/lib/edgeagent. See edgeagent/paths.py.
+    state_dir: Path | None = None
+    # The local control socket `edgeagent status` talks to; default: see edgeagent/paths.py.
+    control_socket: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("pipelines")
@@ -325,6 +338,14 @@ def parse_config(text: str, source: str = "<config>") -> AgentConfig:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, data, lines, source)) from exc
+
+
+def validate_config_data(data: dict[str, Any], source: str) -> AgentConfig:
+    """Validates already-parsed configuration data (no line numbers to report)."""
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, data, {}, source)) from exc
 
 
 def load_config(path: Path) -> AgentConfig:

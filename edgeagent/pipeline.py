@@ -24,7 +24,6 @@ import os
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +38,7 @@ from edgeagent.hal.source import Sample, SampleKind, Source
 from edgeagent.hal.sources import open_source
 from edgeagent.inference import Decoder, Engine, Prepared, make_decoder, make_preprocessor
 from edgeagent.models.catalog import ModelDescription, describe_model
+from edgeagent.mqtt.telemetry import LatencyWindow
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ STAGES = ("capture", "preprocess", "invoke", "postprocess")
 _RESULT_QUEUE_SIZE = 8
 _SOURCE_BACKOFF_MAX_S = 30.0
 _HEALTH_CHECK_S = 0.5  # how often the active accelerator's probe is consulted
-_LATENCY_WINDOW = 512
 # Fault injection for the watchdog test: the inference thread blocks for good after this
 # many invokes, as a hung delegate does. Unset in production.
 _HANG_AFTER = int(os.environ.get("EDGEAGENT_FAULT_HANG_INVOKE_AFTER", "0") or 0)
@@ -172,22 +171,19 @@ class PipelineStats:
     source_errors: int = 0
     fallbacks: int = 0
     model_swaps: int = 0
+    non_finite: int = 0  # results whose outputs held NaN or infinity
     last_error: str | None = None
     last_result_at: float | None = None
     started_at: float = field(default_factory=time.time)
-    latency_ms: dict[str, deque[float]] = field(
-        default_factory=lambda: {s: deque(maxlen=_LATENCY_WINDOW) for s in STAGES}
-    )
+    window: LatencyWindow = field(default_factory=LatencyWindow)  # stage latencies, fps
 
-    def percentiles(self) -> dict[str, dict[str, float]]:
+    def percentiles(self) -> dict[str, dict[str, float | None]]:
         """p50/p95/p99 in milliseconds of the recent samples of each stage."""
-        out = {}
-        for stage, window in self.latency_ms.items():
-            values = np.fromiter(tuple(window), dtype=np.float64)
-            if values.size:
-                p50, p95, p99 = np.percentile(values, (50, 95, 99))
-                out[stage] = {"p50": round(p50, 3), "p95": round(p95, 3), "p99": round(p99, 3)}
-        return out
+        return {
+            stage: {"p50": p.p50, "p95": p.p95, "p99": p.p99}
+            for stage, p in self.window.percentiles().items()
+            if p.samples
+        }
 
 
 class Pipeline:
@@ -499,13 +495,15 @@ class Pipeline:
         )
 
     def _decode_loop(self) -> None:
-        windows = self.stats.latency_ms
+        window = self.stats.window
         while True:
             inferred = self._results.get()
             if inferred is None:
                 return
             captured = inferred.captured
             runner = inferred.runner
+            if not all(np.isfinite(o).all() for o in inferred.outputs if o.dtype.kind == "f"):
+                self.stats.non_finite += 1
             started = time.perf_counter()
             result = runner.decode(inferred.outputs, captured.prepared)
             postprocess_s = time.perf_counter() - started
@@ -516,8 +514,7 @@ class Pipeline:
                 "invoke": round(inferred.invoke_s * 1000, 3),
                 "postprocess": round(postprocess_s * 1000, 3),
             }
-            for stage, value in latency.items():
-                windows[stage].append(value)
+            window.add(latency)
             payload = {
                 "ts": round(time.time(), 6),
                 "captured_at": round(sample.captured_at, 6),

@@ -1,104 +1,255 @@
-"""The agent: starts the MQTT link and every pipeline, publishes their results and the
-device's retained status, and stops them all cleanly."""
+"""The agent: wires the pipelines, the MQTT link, the durable outbox, fleet commands,
+telemetry, Home Assistant discovery and the local control socket, and stops them cleanly.
+
+Each concern lives in its own module; this one only connects them (docs/architecture.md).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
 
 from edgeagent import __version__
-from edgeagent.config import AgentConfig
+from edgeagent.config import AgentConfig, PipelineConfig
+from edgeagent.control import ControlServer
 from edgeagent.errors import EdgeAgentError
 from edgeagent.hal.accel import probe_accelerators
 from edgeagent.hal.accel.base import Accelerator
 from edgeagent.hal.sources import open_source
+from edgeagent.hal.system import CpuSampler, read_system_facts
+from edgeagent.logbuffer import install as install_log_buffer
 from edgeagent.mqtt import MqttLink, Topics
+from edgeagent.mqtt.commands import CommandRouter
+from edgeagent.mqtt.discovery import DiscoveryAnnouncer, discovery_messages
+from edgeagent.mqtt.outbox import Outbox, OutboxPublisher
+from edgeagent.mqtt.telemetry import (
+    MqttSnapshot,
+    PipelineSnapshot,
+    PrometheusExporter,
+    TelemetryPublisher,
+    build_telemetry,
+)
+from edgeagent.operations import Operations
+from edgeagent.paths import control_socket, outbox_path
 from edgeagent.pipeline import Pipeline, SourceFactory
 
 log = logging.getLogger(__name__)
 
 
-def _json(payload: dict[str, Any]) -> bytes:
+def to_json(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
 
 
 class Agent:
-    """Owns the pipelines and the MQTT link. `start`, then `stop` (from any thread)."""
+    """Owns everything that runs. `start`, then `stop` (from any thread)."""
 
     def __init__(
         self,
         config: AgentConfig,
         *,
+        config_path: Path | None = None,
         source_factory: SourceFactory = open_source,
         accelerators: dict[str, Accelerator] | None = None,
+        on_result: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
+        self.config_path = config_path
         self.device_id = config.device.id
         self.topics = Topics(config.mqtt.prefix, self.device_id)
         self.started_at = time.time()
-        self.pipelines: list[Pipeline] = [
-            Pipeline(
-                p, self._publish_result, source_factory=source_factory, accelerators=accelerators
-            )
-            for p in config.pipelines
-            if p.enabled
-        ]
-        self.failed: dict[str, str] = {}  # pipeline name -> why it could not start
+        self.restart_requested = threading.Event()
+        self.logs = install_log_buffer()
+        self._on_result = on_result  # told the pipeline's name after each published result
+        self._source_factory = source_factory
+        self._accelerators = accelerators
         self._stopped = threading.Event()
+        self._pipelines_lock = threading.RLock()
+        self.pipelines: dict[str, Pipeline] = {}
+        self.failed: dict[str, str] = {}  # pipeline name -> why it could not start
+        self._cpu = CpuSampler()
+
         self._link = MqttLink(
             config.mqtt,
             self.device_id,
-            will_payload=_json(self._status("offline")),
+            will_payload=to_json(self._status("offline")),
             on_connected=self._on_connected,
-            on_message=None,
+            on_message=self._on_message,
         )
+        self.outbox: Outbox | None = None
+        self._outbox_publisher: OutboxPublisher | None = None
+        if config.outbox.enabled:
+            self.outbox = Outbox.from_config(config.outbox, outbox_path(config))
+            self._outbox_publisher = OutboxPublisher.from_config(
+                self.outbox, self._link, config.outbox
+            )
+        self.operations = Operations(self)
+        self.router = CommandRouter(
+            self.topics,
+            config.commands,
+            self._reply,
+        )
+        self.operations.register_commands(self.router)
+        self.discovery = DiscoveryAnnouncer(
+            config.homeassistant,
+            lambda: discovery_messages(
+                self.topics,
+                self.device_id,
+                list(self.pipelines),
+                __version__,
+                prefix=config.homeassistant.prefix,
+            ),
+            lambda topic, payload: self._link.publish(topic, payload, qos=1, retain=True),
+        )
+        self.telemetry = TelemetryPublisher(
+            config.telemetry.interval_s,
+            self.telemetry_snapshot,
+            # QoS 0: telemetry queued through an outage is stale when it arrives.
+            lambda payload: self._link.publish(self.topics.telemetry, payload, qos=0),
+        )
+        self._exporter = (
+            PrometheusExporter(config.telemetry.prometheus, self.telemetry_snapshot)
+            if config.telemetry.prometheus is not None
+            else None
+        )
+        self.control = ControlServer(control_socket(config), self.operations.local_handlers())
+        for topic_filter in self.router.subscriptions() + self.discovery.subscriptions():
+            self._link.subscribe(topic_filter, qos=1)
 
     @property
     def running(self) -> list[Pipeline]:
-        return [p for p in self.pipelines if p.name not in self.failed]
+        with self._pipelines_lock:
+            return [p for name, p in self.pipelines.items() if name not in self.failed]
+
+    # --- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Starts MQTT (never fails on an unreachable broker) and every pipeline that can
-        start; a pipeline that cannot is skipped with its reason in the status."""
+        """Starts MQTT (never fails on an unreachable broker), every pipeline that can
+        start (one that cannot is skipped with its reason in the status), telemetry and
+        the control socket."""
+        if self._outbox_publisher is not None:
+            self._outbox_publisher.start()
         self._link.start()
-        for pipeline in self.pipelines:
-            try:
-                pipeline.start()
-            except EdgeAgentError as exc:
-                self.failed[pipeline.name] = str(exc)
-                log.error("pipeline %s skipped: %s", pipeline.name, exc)
-        self._publish_status()
+        self.control.start()
+        for config in self.config.pipelines:
+            if config.enabled:
+                self.start_pipeline(config)
+        self.telemetry.start()
+        if self._exporter is not None:
+            self._exporter.start()
+        self.publish_status()
 
     def stop(self) -> None:
-        """Stops pipelines (their last results are published), waits for the broker's
-        acknowledgements, publishes `offline` and disconnects."""
+        """Stops pipelines (their last results are stored and published), waits for the
+        broker's acknowledgements, publishes `offline` and disconnects."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self.control.stop()
         for pipeline in self.running:
             pipeline.stop()
+        self.router.close()
+        self.telemetry.stop()
+        if self._exporter is not None:
+            self._exporter.stop()
+        if self._outbox_publisher is not None:
+            if self._link.connected and not self._outbox_publisher.flush(timeout=5.0):
+                log.warning("stopping with results still in the outbox; they go out after start")
+            self._outbox_publisher.stop()
         if not self._link.wait_acked(timeout=5.0):
             log.warning(
-                "stopping with %d result(s) not acknowledged by the broker", self._link.outstanding
+                "stopping with %d message(s) not acknowledged by the broker", self._link.outstanding
             )
-        self._link.stop(publish_offline=_json(self._status("offline")))
+        self._link.stop(publish_offline=to_json(self._status("offline")))
+        if self.outbox is not None:
+            self.outbox.close()
+
+    def reexec(self) -> NoReturn:
+        """Replaces this process with a fresh agent (the `restart` command). Under systemd
+        the PID stays the same, so the service simply continues."""
+        log.info("restarting")
+        logging.shutdown()
+        os.execv(sys.executable, [sys.executable, "-m", "edgeagent.cli.main", *sys.argv[1:]])  # noqa: S606
+
+    # --- pipelines -------------------------------------------------------------------
+
+    def start_pipeline(self, config: PipelineConfig) -> Pipeline | None:
+        """Starts a pipeline; on failure records why and returns None."""
+        pipeline = Pipeline(
+            config,
+            self._publish_result,
+            source_factory=self._source_factory,
+            accelerators=self._accelerators,
+            on_event=self._publish_event,
+        )
+        with self._pipelines_lock:
+            self.pipelines[config.name] = pipeline
+            self.failed.pop(config.name, None)
+        try:
+            pipeline.start()
+        except EdgeAgentError as exc:
+            with self._pipelines_lock:
+                self.failed[config.name] = str(exc)
+            log.error("pipeline %s skipped: %s", config.name, exc)
+            return None
+        return pipeline
+
+    def stop_pipeline(self, name: str) -> None:
+        with self._pipelines_lock:
+            pipeline = self.pipelines.pop(name, None)
+            self.failed.pop(name, None)
+        if pipeline is not None:
+            pipeline.stop()
+
+    # --- MQTT ------------------------------------------------------------------------
 
     def _on_connected(self) -> None:
-        # Retained status is re-sent after every reconnect: a broker restarted without
-        # persistence has forgotten it.
-        self._publish_status()
+        # Retained status is re-sent after every reconnect (a broker restarted without
+        # persistence has forgotten it), then discovery, then the outbox backlog drains.
+        self.publish_status()
+        self.discovery.announce()
+        if self._outbox_publisher is not None:
+            self._outbox_publisher.on_reconnected()
 
-    def _publish_status(self) -> None:
+    def _reply(self, topic: str, payload: bytes, properties: dict[str, Any] | None) -> None:
+        self._link.publish(topic, payload, qos=1, properties=properties)
+
+    def _on_message(self, topic: str, payload: bytes, properties: dict[str, Any]) -> None:
+        if not self.discovery.handle_message(topic, payload, properties):
+            self.router.handle_message(topic, payload, properties)
+
+    def publish_status(self) -> None:
         if not self._stopped.is_set():
             self._link.publish(
-                self.topics.status, _json(self._status("online")), qos=1, retain=True
+                self.topics.status, to_json(self._status("online")), qos=1, retain=True
             )
 
+    def _publish_durably(self, topic: str, payload: bytes) -> None:
+        """Results and events: stored first, removed once the broker acknowledged them."""
+        if self.outbox is None or self._outbox_publisher is None:
+            self._link.publish(topic, payload, qos=self.config.mqtt.qos)
+            return
+        self.outbox.put(topic, payload, qos=self.config.mqtt.qos)
+        self._outbox_publisher.notify()
+
     def _publish_result(self, pipeline: str, result: dict[str, Any]) -> None:
-        self._link.publish(self.topics.results(pipeline), _json(result), qos=self.config.mqtt.qos)
+        self._publish_durably(self.topics.results(pipeline), to_json(result))
+        if self._on_result is not None:
+            self._on_result(pipeline)
+
+    def _publish_event(self, pipeline: str, kind: str, details: dict[str, Any]) -> None:
+        event = {"ts": round(time.time(), 3), "type": kind, "pipeline": pipeline, **details}
+        self._publish_durably(self.topics.events, to_json(event))
+        if kind.startswith("accelerator-"):
+            self.publish_status()
+
+    # --- what the agent says about itself --------------------------------------------
 
     def _status(self, state: str) -> dict[str, Any]:
         status: dict[str, Any] = {
@@ -110,7 +261,7 @@ class Agent:
             status.update(
                 version=__version__,
                 started_at=round(self.started_at, 3),
-                pipelines=[self._describe(p) for p in self.pipelines],
+                pipelines=[self.describe_pipeline(name) for name in list(self.pipelines)],
                 accelerators=[
                     {"name": p.name, "state": str(p.state), "reason": p.reason}
                     for p in probe_accelerators()
@@ -118,10 +269,46 @@ class Agent:
             )
         return status
 
-    def _describe(self, pipeline: Pipeline) -> dict[str, Any]:
+    def describe_pipeline(self, name: str) -> dict[str, Any]:
+        with self._pipelines_lock:
+            pipeline = self.pipelines[name]
+            error = self.failed.get(name)
         info = pipeline.describe()
-        if pipeline.name in self.failed:
-            info.update(state="failed", error=self.failed[pipeline.name])
+        if error is not None:
+            info.update(state="failed", error=error)
         else:
-            info["state"] = "running" if pipeline.engine is not None else "starting"
+            info["state"] = "running" if pipeline.runner is not None else "starting"
         return info
+
+    def telemetry_snapshot(self) -> dict[str, Any]:
+        snapshots = []
+        with self._pipelines_lock:
+            pipelines = list(self.pipelines.items())
+        for name, pipeline in pipelines:
+            runner = pipeline.runner
+            snapshots.append(
+                PipelineSnapshot.capture(
+                    name,
+                    pipeline.stats,
+                    pipeline.stats.window,
+                    state="failed" if name in self.failed else "running",
+                    accelerator=runner.engine.accelerator if runner else None,
+                    fallbacks=runner.engine.fallbacks if runner else (),
+                    model_name=runner.model.name if runner else None,
+                    model_version=runner.model.version if runner else None,
+                )
+            )
+        stats = self.outbox.stats() if self.outbox is not None else None
+        return build_telemetry(
+            self.device_id,
+            system=read_system_facts(
+                str(self.outbox.path.parent) if self.outbox else "/", sampler=self._cpu
+            ),
+            pipelines=snapshots,
+            mqtt=MqttSnapshot.of(self._link, stats),
+            version=__version__,
+        )
+
+    @property
+    def link(self) -> MqttLink:
+        return self._link

@@ -24,6 +24,8 @@ def write_config(tmp_path: Path, broker: Mosquitto, pipelines: str, protocol: st
     path = tmp_path / "agent.yaml"
     path.write_text(
         f"device: {{id: e2e}}\n"
+        f"state_dir: {tmp_path}/state\n"
+        f"control_socket: {tmp_path}/control.sock\n"
         f"mqtt: {{host: {broker.host}, port: {broker.port}, protocol: '{protocol}',"
         f" reconnect_min_s: 0.2, reconnect_max_s: 1}}\n"
         f"pipelines:\n{pipelines}",

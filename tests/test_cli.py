@@ -62,7 +62,7 @@ def test_unknown_source_type(tmp_path: Path) -> None:
 def test_no_pipeline_can_start(tmp_path: Path) -> None:
     config = tmp_path / "agent.yaml"
     config.write_text(
-        "mqtt: {port: 1}\npipelines:\n"
+        f"state_dir: {tmp_path}/state\nmqtt: {{port: 1}}\npipelines:\n"
         f"  - {{name: a, model: {tmp_path}/none.tflite, source: {{type: synthetic}}}}\n",
         encoding="utf-8",
     )

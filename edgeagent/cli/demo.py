@@ -11,10 +11,12 @@ import argparse
 import json
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -28,6 +30,8 @@ from edgeagent.service import Agent
 
 DEMO_CONFIG = """
 device: {{id: demo}}
+state_dir: "{state}"
+control_socket: "{state}/control.sock"
 mqtt: {{host: {host}, port: {port}, prefix: edgeagent, protocol: "{protocol}"}}
 pipelines:
   - name: shapes
@@ -61,8 +65,10 @@ def register(commands: Any) -> None:
     parser.set_defaults(handler=execute)
 
 
-def demo_config(port: int, protocol: str) -> AgentConfig:
-    text = DEMO_CONFIG.format(host=LOOPBACK, port=port, protocol=protocol, samples=samples_dir())
+def demo_config(port: int, protocol: str, state: Path) -> AgentConfig:
+    text = DEMO_CONFIG.format(
+        host=LOOPBACK, port=port, protocol=protocol, samples=samples_dir(), state=state
+    )
     return parse_config(text, "<demo>")
 
 
@@ -186,8 +192,11 @@ def execute(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    with LocalBroker(args.port or None) as broker:
-        config = demo_config(broker.port, broker.protocol)
+    with (
+        LocalBroker(args.port or None) as broker,
+        tempfile.TemporaryDirectory(prefix="edgeagent-demo-") as state,
+    ):
+        config = demo_config(broker.port, broker.protocol, Path(state))
         view = DashboardView(broker.port, broker.protocol, config.mqtt.prefix, config.device.id)
         view.start()
         agent = Agent(config)

@@ -10,8 +10,9 @@ import sys
 from collections.abc import Sequence
 
 from edgeagent import __version__
-from edgeagent.cli import bench, demo, infer, run
+from edgeagent.cli import bench, demo, infer, run, status
 from edgeagent.errors import ConfigError, EdgeAgentError
+from edgeagent.systemd import notify_failure
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
@@ -26,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edgeagent {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (run, demo, infer, bench):
+    for module in (run, demo, infer, bench, status):
         module.register(commands)
     return parser
 
@@ -49,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except ConfigError as exc:
+        notify_failure(str(exc))  # under systemd, `systemctl status` shows why
         print(f"edgeagent: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except EdgeAgentError as exc:

@@ -1,4 +1,4 @@
-"""`edgeagent run`: the daemon in the foreground."""
+"""`edgeagent run`: the daemon in the foreground, as systemd runs it."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 from edgeagent.config import load_config
 from edgeagent.service import Agent
+from edgeagent.systemd import Notifier, PipelineProgress, ReadyGate, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,9 @@ def register(commands: Any) -> None:
         "run",
         help="run the agent in the foreground (as systemd does)",
         description="Run the agent in the foreground until SIGTERM or Ctrl-C; then publish "
-        "the results in flight, mark the device offline and exit 0.",
+        "the results in flight, mark the device offline and exit 0. Under systemd "
+        "(Type=notify) it reports READY after the first result and pings the watchdog "
+        "only while every pipeline makes progress.",
     )
     parser.add_argument("--config", "-c", type=Path, required=True, help="YAML config file")
     parser.set_defaults(handler=execute)
@@ -29,7 +32,7 @@ def register(commands: Any) -> None:
 
 def execute(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    logging.getLogger().setLevel(config.log_level.upper() if not args.verbose else "DEBUG")
+    logging.getLogger().setLevel("DEBUG" if args.verbose else config.log_level.upper())
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -38,14 +41,35 @@ def execute(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    agent = Agent(config)
+
+    notifier = Notifier()
+    agent: Agent | None = None
+
+    def not_ready_reasons() -> str:
+        running = agent.running if agent is not None else []
+        return "; ".join(f"{p.name}: {p.stats.last_error or 'no result yet'}" for p in running)
+
+    gate = ReadyGate(notifier, reasons=not_ready_reasons)
+    agent = Agent(config, config_path=args.config, on_result=gate.result_published)
+    gate.start()
     agent.start()
     if config.pipelines and not agent.running:
         log.error("no pipeline could start; see the reasons above")
+        notifier.notify_failure("no pipeline could start: " + "; ".join(agent.failed.values()))
+        gate.stop()
         agent.stop()
         return 1
-    while not stop.wait(1.0):
+    if not agent.running:
+        gate.release("running: no pipeline configured")
+    watchdog = Watchdog(notifier, PipelineProgress(lambda: agent.running))
+    watchdog.start()
+    while not stop.wait(1.0) and not agent.restart_requested.is_set():
         pass
+    notifier.stopping()
+    watchdog.stop()
+    gate.stop()
     agent.stop()
     log.info("stopped")
+    if agent.restart_requested.is_set():
+        return agent.reexec()
     return 0

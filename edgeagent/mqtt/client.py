@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -33,9 +33,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgeagent.config import MqttConfig
 from edgeagent.errors import ConfigError
 from edgeagent.mqtt.topics import Topics
+
+if TYPE_CHECKING:  # config.py imports this package's config models: no cycle at run time
+    from edgeagent.config import MqttConfig
 
 log = logging.getLogger(__name__)
 
