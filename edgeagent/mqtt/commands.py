@@ -1,0 +1,723 @@
+"""Fleet commands on `<prefix>/<device>/cmd/<name>` and `<prefix>/group/<group>/cmd/<name>`.
+
+A request is a JSON object `{"id": "<request id>", "args": {...}}` (`args` optional). The
+router replies on the request's MQTT 5 response topic, with its correlation data, when it
+names one, otherwise on `<prefix>/<device>/reply`. Every reply is one JSON object:
+
+    {"id": ..., "command": ..., "device": ..., "stage": ..., "ts": ...,
+     "result": ... | "reason": ... | "progress": {"percent": ..., "message": ...}}
+
+A short command answers with one terminal stage, `succeeded` or `failed`; a long one
+answers `accepted`, any number of `progress`, then exactly one terminal stage. A request
+that cannot run (not JSON, no id, unknown or refused command, bad args, too big, retained)
+gets a `failed` reply with the reason (`"id": null` when it had no usable id) and changes
+nothing.
+
+Threads: `handle_message` runs on MqttLink's dispatch thread and only parses, checks and
+queues. Handlers run on a pool of two threads (`edgeagent-cmd-worker_N`); at most
+`MAX_PENDING` commands are queued or running, more are refused as busy.
+
+Idempotency: request ids are remembered (`dedup_size` of them, each for `dedup_ttl_s`,
+the oldest forgotten first). A repeated id, such as a QoS 1 redelivery, is not run again:
+the requester gets the recorded terminal reply again, or `accepted` while it still runs.
+
+Binary results (snapshot JPEGs): a handler returns `BinaryResult(data, content_type)`.
+The router publishes the bytes unchanged to `<reply topic>/<name>` (`name` defaults to the
+command name: `.../reply/snapshot`), then the JSON `succeeded` reply, whose result says
+where they went: `{"topic", "content_type", "bytes", "sha256", ...meta}`. With MQTT 5 the
+binary message also carries the correlation data and a user property `id`. A sub-topic,
+not the reply topic itself, because MQTT 3.1.1 has no content type: reply topics stay
+JSON-only in both protocols. A requester asking for a snapshot also subscribes to
+`<reply topic>/#`. A repeated id re-sends the JSON answer only, not the bytes (they are
+not kept).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, TypeVar, cast, overload
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edgeagent.errors import EdgeAgentError
+from edgeagent.mqtt.topics import Topics
+
+log = logging.getLogger(__name__)
+
+MAX_ID_LENGTH: Final = 128
+MAX_PENDING: Final = 32
+"""Commands queued or running at once; more are refused with a `busy` reason."""
+WORKERS: Final = 2
+
+BUILTIN_COMMANDS: Final = frozenset(
+    {
+        "ping",
+        "status",
+        "config.get",
+        "config.set",
+        "pipeline.start",
+        "pipeline.stop",
+        "pipeline.restart",
+        "model.rollback",
+        "snapshot",
+        "bench",
+        "logs",
+        "restart",
+    }
+)
+"""Every command the agent knows; `CommandsConfig.allow` picks from these."""
+
+Stage = Literal["accepted", "progress", "succeeded", "failed"]
+ReplyPublisher = Callable[[str, bytes, dict[str, Any] | None], None]
+"""Publishes one reply: (topic, payload, MQTT 5 properties or None); QoS 1, not retained."""
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_REQUEST_KEYS: Final = frozenset({"id", "args"})
+_SHOWN_MAX = 64  # characters of a foreign string quoted in a reason
+_WORKER_PREFIX = "edgeagent-cmd-worker"
+_MAX_TOPIC_BYTES = 65535
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _name_rule(value: str, what: str) -> str:
+    if not _NAME.fullmatch(value):
+        raise ValueError(
+            f"{what} {value!r} must be 1-64 characters of letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit (it becomes an MQTT topic level)"
+        )
+    return value
+
+
+class CommandsConfig(BaseModel):
+    """The `commands:` section: which commands run here and how requests are bounded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allow: tuple[str, ...] | None = None  # None: every built-in command
+    max_payload_bytes: int = Field(default=64 * 1024, ge=256, le=16 * 1024 * 1024)
+    groups: tuple[str, ...] = ()  # fan-out groups this device answers in
+    dedup_size: int = Field(default=1024, ge=1, le=1_000_000)  # request ids remembered
+    dedup_ttl_s: float = Field(default=3600.0, gt=0)
+
+    @field_validator("allow")
+    @classmethod
+    def _known_commands(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        unknown = sorted(set(value or ()) - BUILTIN_COMMANDS)
+        if unknown:
+            raise ValueError(
+                f"unknown command(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(BUILTIN_COMMANDS))}"
+            )
+        return value
+
+    @field_validator("groups")
+    @classmethod
+    def _group_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for group in value:
+            _name_rule(group, "group name")
+        if len(set(value)) != len(value):
+            raise ValueError("group names must be unique")
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyAddress:
+    """Where the replies to one request go."""
+
+    topic: str
+    correlation_data: bytes | None = None
+
+    def properties(self) -> dict[str, Any] | None:
+        """The MQTT 5 properties a reply carries: the correlation data, if any."""
+        if self.correlation_data is None:
+            return None
+        return {"correlation_data": self.correlation_data}
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One parsed, checked command request."""
+
+    id: str
+    name: str
+    args: dict[str, Any]
+    reply_to: ReplyAddress
+    received_at: float  # Unix seconds
+    topic: str
+    group: str | None = None  # None: addressed to this device, else the group's name
+    params: BaseModel | None = None  # `args` validated by the command's schema, if it has one
+
+    def params_as(self, schema: type[M]) -> M:
+        """`params` as the schema the command was registered with."""
+        if not isinstance(self.params, schema):
+            raise TypeError(f"command {self.name!r} was not registered with schema {schema}")
+        return self.params
+
+
+class CommandRejected(EdgeAgentError):  # noqa: N818 (a verdict on a request, not a fault)
+    """A request that will not run; `reason` is sent back in a `failed` reply."""
+
+    def __init__(
+        self,
+        reason: str,
+        request_id: str | None,
+        reply_to: ReplyAddress,
+        command: str | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.request_id = request_id
+        self.reply_to = reply_to
+        self.command = command
+
+
+@dataclass(frozen=True, slots=True)
+class BinaryResult:
+    """A result that is bytes (a JPEG snapshot): published raw to `<reply topic>/<name>`;
+    `meta` (JSON values) is added to the `succeeded` result that points at it."""
+
+    data: bytes
+    content_type: str
+    name: str | None = None  # the sub-topic; default: the command name
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+# --- parsing -----------------------------------------------------------------------------
+
+
+def _shown(value: str) -> str:
+    """A foreign string quoted for a reason, cut short."""
+    if len(value) > _SHOWN_MAX:
+        return repr(value[:_SHOWN_MAX]) + "..."
+    return repr(value)
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _publishable(topic: str) -> bool:
+    """True if `topic` can be published to (no wildcards, not a $-topic, fits MQTT)."""
+    if not topic or topic.startswith("$") or any(c in topic for c in "+#\0"):
+        return False
+    try:
+        return len(topic.encode("utf-8")) <= _MAX_TOPIC_BYTES
+    except UnicodeEncodeError:
+        return False
+
+
+def reply_address(properties: Mapping[str, Any], topics: Topics) -> ReplyAddress:
+    """The request's MQTT 5 response topic and correlation data, or the device's `reply`
+    topic. A response topic under this device's command topics is not used: replying
+    there would feed the reply back in as a command."""
+    data = properties.get("correlation_data")
+    correlation = bytes(data) if isinstance(data, bytes | bytearray) else None
+    topic = properties.get("response_topic")
+    if topic is None:
+        return ReplyAddress(topics.reply, correlation)
+    if isinstance(topic, str) and _publishable(topic) and topics.cmd_name(topic) is None:
+        return ReplyAddress(topic, correlation)
+    log.warning("ignoring unusable response topic %.80r; replying on %s", topic, topics.reply)
+    return ReplyAddress(topics.reply, correlation)
+
+
+def _addressed(topic: str, topics: Topics, config: CommandsConfig) -> tuple[str, str | None]:
+    """(command name, group) of a command topic; ValueError naming why it is not one."""
+    name = topics.cmd_name(topic)
+    if name is None:
+        raise ValueError(f"topic {_shown(topic)} is not a command topic")
+    if topic.startswith(topics.cmd_filter[:-1]):
+        return name, None
+    for group in config.groups:
+        if topic.startswith(topics.group_cmd_filter(group)[:-1]):
+            return name, group
+    raise ValueError(
+        f"topic {_shown(topic)} is for a group this device is not in "
+        f"(commands.groups: {', '.join(config.groups) or 'none'})"
+    )
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _valid_id(value: object) -> bool:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LENGTH:
+        return False
+    try:
+        value.encode("utf-8")  # a lone surrogate from a "\\ud800" escape is not text
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def parse_request(
+    topic: str,
+    payload: bytes,
+    properties: Mapping[str, Any],
+    topics: Topics,
+    config: CommandsConfig,
+    *,
+    known: Collection[str] = BUILTIN_COMMANDS,
+    received_at: float | None = None,
+) -> Request:
+    """Parses and checks one command message; raises CommandRejected, and nothing else,
+    with a reason for the requester. `known` are the commands that can run here."""
+    reply_to = reply_address(properties, topics)
+    try:
+        name, group = _addressed(topic, topics, config)
+    except ValueError as exc:
+        raise CommandRejected(str(exc), None, reply_to) from None
+
+    def reject(reason: str, request_id: str | None = None) -> CommandRejected:
+        return CommandRejected(reason, request_id, reply_to, name)
+
+    if properties.get("retain"):
+        raise reject(
+            "a retained command is refused: it would run again on every reconnect "
+            "(publish commands with retain=false)"
+        )
+    if len(payload) > config.max_payload_bytes:
+        raise reject(
+            f"payload of {len(payload)} bytes exceeds the {config.max_payload_bytes}-byte limit"
+        )
+    try:
+        document = json.loads(payload.decode("utf-8"), parse_constant=_no_constants)
+    except UnicodeDecodeError as exc:
+        raise reject(f"payload is not valid JSON: not UTF-8 text ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise reject(f"payload is not valid JSON: {detail}") from None
+    if not isinstance(document, dict):
+        raise reject(f"payload must be a JSON object, not {_json_type(document)}")
+    if "id" not in document:
+        raise reject(
+            "'id' is missing: every request needs an id, a non-empty string of at most "
+            f"{MAX_ID_LENGTH} characters"
+        )
+    request_id = document["id"]
+    if not _valid_id(request_id):
+        raise reject(f"'id' must be a non-empty string of at most {MAX_ID_LENGTH} characters")
+    unexpected = sorted(set(document) - _REQUEST_KEYS)
+    if unexpected:
+        shown = ", ".join(_shown(k) for k in unexpected[:5])
+        raise reject(
+            f"unexpected key(s) {shown}: a request has 'id' and optionally 'args'", request_id
+        )
+    args = document.get("args", {})
+    if not isinstance(args, dict):
+        raise reject(f"'args' must be an object, not {_json_type(args)}", request_id)
+    if name not in known:
+        raise reject(
+            f"unknown command {_shown(name)}; known: {', '.join(sorted(known))}", request_id
+        )
+    if config.allow is not None and name not in config.allow:
+        raise reject(f"command {name!r} is not allowed on this device (allow-list)", request_id)
+    return Request(
+        id=request_id,
+        name=name,
+        args=args,
+        reply_to=reply_to,
+        received_at=time.time() if received_at is None else received_at,
+        topic=topic,
+        group=group,
+    )
+
+
+# --- running -----------------------------------------------------------------------------
+
+
+ShortHandler = Callable[[Request], object]
+LongHandler = Callable[[Request, "Progress"], object]
+
+
+class Progress:
+    """Reports `progress` stages of one long command; updates after its end are ignored."""
+
+    def __init__(self, emit: Callable[[dict[str, Any]], None]) -> None:
+        self._emit = emit
+        self._lock = threading.Lock()
+        self._open = True
+
+    def update(self, percent: float | None = None, message: str = "") -> None:
+        """Publishes a `progress` reply: percent (0-100, clamped) done and what is going on."""
+        shown: float | None = None
+        if isinstance(percent, int | float) and math.isfinite(percent):
+            shown = round(min(100.0, max(0.0, float(percent))), 1)
+        with self._lock:
+            if not self._open:
+                return
+            self._emit({"percent": shown, "message": str(message)[:500]})
+
+    def close(self) -> None:
+        with self._lock:
+            self._open = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Command:
+    run: LongHandler
+    long: bool
+    schema: type[BaseModel] | None
+
+
+@dataclass(slots=True)
+class _Seen:
+    """What the requester of one id has been told."""
+
+    name: str
+    first_seen: float  # the router's clock
+    accepted: bytes | None = None
+    final: bytes | None = None
+
+
+class _Ledger:
+    """Request ids seen recently: at most `size`, each for `ttl` seconds, oldest out first.
+    Not thread-safe: the router holds its lock."""
+
+    def __init__(self, size: int, ttl: float, clock: Callable[[], float]) -> None:
+        self._size = size
+        self._ttl = ttl
+        self._clock = clock
+        self._seen: collections.OrderedDict[str, _Seen] = collections.OrderedDict()
+
+    def get(self, request_id: str) -> _Seen | None:
+        self._expire()
+        return self._seen.get(request_id)
+
+    def add(self, request_id: str, name: str) -> _Seen:
+        self._expire()
+        seen = self._seen[request_id] = _Seen(name, self._clock())
+        while len(self._seen) > self._size:
+            self._seen.popitem(last=False)
+        return seen
+
+    def _expire(self) -> None:
+        oldest = self._clock() - self._ttl
+        while self._seen:
+            first = next(iter(self._seen.values()))
+            if first.first_seen > oldest:
+                return
+            self._seen.popitem(last=False)
+
+
+def _dumps(message: Mapping[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _ping(_request: Request) -> dict[str, Any]:
+    return {"pong": True, "ts": round(time.time(), 3)}
+
+
+def _validation_reason(name: str, exc: ValidationError) -> str:
+    problems = [
+        f"{'.'.join(str(p) for p in error['loc']) or 'args'}: {error['msg']}"
+        for error in exc.errors(include_url=False)
+    ]
+    return f"invalid args for {name!r}: " + "; ".join(problems)
+
+
+class CommandRouter:
+    """Parses, deduplicates and runs commands, and publishes their replies through
+    `reply`. `handle_message` is MqttLink's `on_message`; it never blocks."""
+
+    def __init__(
+        self,
+        topics: Topics,
+        config: CommandsConfig,
+        reply: ReplyPublisher,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._topics = topics
+        self._config = config
+        self._reply = reply
+        self._commands: dict[str, _Command] = {}
+        self._lock = threading.Lock()
+        self._ledger = _Ledger(config.dedup_size, config.dedup_ttl_s, clock)
+        self._pending = 0
+        self._futures: set[concurrent.futures.Future[None]] = set()
+        self._closing = False
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=WORKERS, thread_name_prefix=_WORKER_PREFIX
+        )
+        self.register("ping", _ping)
+
+    # --- set-up --------------------------------------------------------------------------
+
+    @overload
+    def register(
+        self,
+        name: str,
+        handler: ShortHandler,
+        *,
+        long: Literal[False] = False,
+        schema: type[BaseModel] | None = None,
+    ) -> None: ...
+
+    @overload
+    def register(
+        self,
+        name: str,
+        handler: LongHandler,
+        *,
+        long: Literal[True],
+        schema: type[BaseModel] | None = None,
+    ) -> None: ...
+
+    def register(
+        self,
+        name: str,
+        handler: ShortHandler | LongHandler,
+        *,
+        long: bool = False,
+        schema: type[BaseModel] | None = None,
+    ) -> None:
+        """Adds a command. A short handler gets the `Request`; a long one also a `Progress`.
+        The return value (JSON values or a `BinaryResult`) becomes the `succeeded` result;
+        an exception becomes `failed`. With `schema`, `args` must validate against it and
+        the handler finds the model in `request.params`. Raises ValueError for a bad or
+        repeated name."""
+        _name_rule(name, "command name")
+        if name in self._commands:
+            raise ValueError(f"command {name!r} is registered already")
+        if schema is not None and not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+            raise ValueError(f"schema of command {name!r} must be a pydantic model class")
+        if long:
+            run = cast(LongHandler, handler)
+        else:
+            short = cast(ShortHandler, handler)
+
+            def run(request: Request, _progress: Progress) -> object:
+                return short(request)
+
+        self._commands[name] = _Command(run, long, schema)
+
+    @property
+    def commands(self) -> list[str]:
+        """Registered command names (the allow-list may refuse some of them)."""
+        return sorted(self._commands)
+
+    def subscriptions(self) -> list[str]:
+        """The topic filters to subscribe to (QoS 1): this device's and each group's."""
+        filters = [self._topics.cmd_filter]
+        filters += [self._topics.group_cmd_filter(g) for g in self._config.groups]
+        return filters
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Refuses new commands, fails the queued ones ("stopping") and waits up to `timeout`
+        s for the running ones. Call it before the MQTT link stops: it sends replies."""
+        with self._lock:
+            self._closing = True
+            futures = list(self._futures)
+        self._pool.shutdown(wait=False)
+        _, not_done = concurrent.futures.wait(futures, timeout)
+        if not_done:
+            log.warning("%d command(s) still running at stop", len(not_done))
+
+    # --- receiving (the MQTT dispatch thread) --------------------------------------------
+
+    def handle_message(self, topic: str, payload: bytes, properties: Mapping[str, Any]) -> None:
+        """Takes one message from a command topic: replies `failed` at once to a bad one,
+        otherwise queues it for a worker (or answers a repeated id from memory)."""
+        try:
+            request = parse_request(
+                topic, payload, properties, self._topics, self._config, known=self._commands
+            )
+        except CommandRejected as rejected:
+            log.warning("command on %s refused: %s", topic, rejected.reason)
+            self._send(
+                rejected.reply_to,
+                self._message(
+                    rejected.request_id, rejected.command, "failed", reason=rejected.reason
+                ),
+            )
+            return
+        self._accept(request)
+
+    def _accept(self, request: Request) -> None:
+        command = self._commands[request.name]
+        refusal = "the agent is stopping"
+        seen: _Seen | None = None
+        with self._lock:
+            earlier = self._ledger.get(request.id)
+            if earlier is None and not self._closing:
+                if self._pending >= MAX_PENDING:
+                    refusal = f"busy: {self._pending} commands queued or running; retry later"
+                else:
+                    seen = self._ledger.add(request.id, request.name)
+                    self._pending += 1
+        if earlier is not None:
+            self._repeat(request, earlier)
+            return
+        if seen is None:
+            log.warning("command %s (id %r) refused: %s", request.name, request.id, refusal)
+            self._send(request.reply_to, self._answer(request, "failed", reason=refusal))
+            return
+
+        if command.schema is not None:
+            try:
+                params = command.schema.model_validate(request.args)
+            except ValidationError as exc:
+                reason = _validation_reason(request.name, exc)
+                log.warning("command %s (id %r) refused: %s", request.name, request.id, reason)
+                self._finish(request, seen, self._answer(request, "failed", reason=reason))
+                return
+            except Exception as exc:  # a validator of the schema itself is broken
+                log.exception("the args schema of command %s raised", request.name)
+                reason = f"invalid args for {request.name!r}: {type(exc).__name__}: {exc}"
+                self._finish(request, seen, self._answer(request, "failed", reason=reason))
+                return
+            request = dataclasses.replace(request, params=params)
+
+        if command.long:
+            accepted = self._answer(request, "accepted")
+            with self._lock:
+                seen.accepted = accepted
+            self._send(request.reply_to, accepted)
+        try:
+            future = self._pool.submit(self._run, request, command, seen)
+        except RuntimeError:  # close() shut the pool down meanwhile
+            self._finish(request, seen, self._answer(request, "failed", reason=refusal))
+            return
+        with self._lock:
+            self._futures.add(future)
+        future.add_done_callback(self._forget)
+
+    def _repeat(self, request: Request, seen: _Seen) -> None:
+        if seen.name != request.name:
+            reason = f"id {request.id!r} was already used for command {seen.name!r}"
+            log.warning("command %s refused: %s", request.name, reason)
+            self._send(request.reply_to, self._answer(request, "failed", reason=reason))
+            return
+        with self._lock:
+            answer = seen.final or seen.accepted
+        log.info("command %s (id %r) repeated: answering from memory", request.name, request.id)
+        self._send(request.reply_to, answer or self._answer(request, "accepted"))
+
+    def _forget(self, future: concurrent.futures.Future[None]) -> None:
+        with self._lock:
+            self._futures.discard(future)
+
+    # --- running (worker threads) --------------------------------------------------------
+
+    def _run(self, request: Request, command: _Command, seen: _Seen) -> None:
+        progress = Progress(
+            lambda body: self._send(
+                request.reply_to, self._answer(request, "progress", progress=body)
+            )
+        )
+        final: bytes | None = None
+        try:
+            final = self._outcome(request, command, progress)
+        finally:
+            progress.close()
+            if final is None:  # a BaseException went through: still answer exactly once
+                final = self._answer(request, "failed", reason="the command was aborted")
+            self._finish(request, seen, final)
+
+    def _outcome(self, request: Request, command: _Command, progress: Progress) -> bytes:
+        """Runs the handler; its terminal reply, `succeeded` or `failed`."""
+        if self._closing:
+            return self._answer(request, "failed", reason="the agent is stopping")
+        started = time.monotonic()
+        try:
+            result = command.run(request, progress)
+            progress.close()
+            final = self._succeeded(request, result)
+        except EdgeAgentError as exc:
+            log.warning("command %s (id %r) failed: %s", request.name, request.id, exc)
+            return self._answer(request, "failed", reason=str(exc))
+        except Exception as exc:
+            log.exception("command %s (id %r) raised", request.name, request.id)
+            return self._answer(request, "failed", reason=f"{type(exc).__name__}: {exc}")
+        log.info(
+            "command %s (id %r) succeeded in %.3f s",
+            request.name,
+            request.id,
+            time.monotonic() - started,
+        )
+        return final
+
+    def _succeeded(self, request: Request, result: object) -> bytes:
+        """The `succeeded` reply; publishes a BinaryResult's bytes first. Raises
+        EdgeAgentError for a result that is not JSON."""
+        if isinstance(result, BinaryResult):
+            result = self._publish_binary(request, result)
+        try:
+            return self._answer(request, "succeeded", result=result)
+        except (TypeError, ValueError) as exc:
+            raise EdgeAgentError(f"the command's result is not JSON: {exc}") from exc
+
+    def _publish_binary(self, request: Request, binary: BinaryResult) -> dict[str, Any]:
+        name = binary.name or request.name
+        _name_rule(name, "binary result name")
+        topic = f"{request.reply_to.topic}/{name}"
+        properties: dict[str, Any] | None = None
+        if request.reply_to.correlation_data is not None:
+            properties = {
+                "correlation_data": request.reply_to.correlation_data,
+                "content_type": binary.content_type,
+                "user_properties": [("id", request.id)],
+            }
+        self._reply(topic, binary.data, properties)
+        return {
+            **binary.meta,
+            "topic": topic,
+            "content_type": binary.content_type,
+            "bytes": len(binary.data),
+            "sha256": hashlib.sha256(binary.data).hexdigest(),
+        }
+
+    def _finish(self, request: Request, seen: _Seen, final: bytes) -> None:
+        with self._lock:
+            seen.final = final
+            self._pending -= 1
+        self._send(request.reply_to, final)
+
+    # --- replies -------------------------------------------------------------------------
+
+    def _answer(self, request: Request, stage: Stage, **body: Any) -> bytes:
+        return self._message(request.id, request.name, stage, **body)
+
+    def _message(
+        self, request_id: str | None, command: str | None, stage: Stage, **body: Any
+    ) -> bytes:
+        """One reply as JSON bytes; raises TypeError/ValueError if `body` is not JSON."""
+        message: dict[str, Any] = {
+            "id": request_id,
+            "command": command,
+            "device": self._topics.device_id,
+            "stage": stage,
+            "ts": round(time.time(), 3),
+        }
+        message.update(body)
+        return _dumps(message)
+
+    def _send(self, address: ReplyAddress, payload: bytes) -> None:
+        try:
+            self._reply(address.topic, payload, address.properties())
+        except Exception:
+            log.exception("cannot publish a command reply to %s", address.topic)
