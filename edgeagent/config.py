@@ -134,6 +134,8 @@ class PipelineConfig(_Model):
     source: SourceConfig
     model: str  # a bundled model name or a path to a .tflite
     accelerator: AcceleratorName = "auto"
+    # After a failover, how often to check whether the faster accelerator is back.
+    accelerator_reprobe_s: float = Field(default=30.0, gt=0)
     threads: int = Field(default=2, ge=1, le=64)
     max_fps: float | None = Field(default=None, gt=0)
     # Override or supply (for models with no manifest) the model's description.

@@ -139,6 +139,7 @@ class Operations:
         return {
             "device": agent.device_id,
             "version": __version__,
+            "run": agent.run_id,
             "pid": os.getpid(),
             "uptime_s": round(time.time() - agent.started_at, 1),
             "pipelines": pipelines,

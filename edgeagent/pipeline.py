@@ -197,7 +197,7 @@ class Pipeline:
         source_factory: SourceFactory = open_source,
         accelerators: dict[str, Accelerator] | None = None,
         on_event: Event | None = None,
-        reprobe_s: float = 30.0,
+        run_id: str = "",
     ) -> None:
         self.config = config
         self.name = config.name
@@ -205,7 +205,8 @@ class Pipeline:
         self._on_event = on_event
         self._source_factory = source_factory
         self._accelerators = accelerators
-        self._reprobe_s = reprobe_s
+        self._reprobe_s = config.accelerator_reprobe_s
+        self._run_id = run_id
         self.stats = PipelineStats()
         self.runner: Runner | None = None
         self._pending: tuple[Runner, threading.Event] | None = None
@@ -518,6 +519,7 @@ class Pipeline:
             payload = {
                 "ts": round(time.time(), 6),
                 "captured_at": round(sample.captured_at, 6),
+                "run": self._run_id,
                 "seq": self._sequence,
                 "frame": sample.sequence,
                 "pipeline": self.name,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import sys
 import threading
 import time
@@ -64,6 +65,8 @@ class Agent:
         self.device_id = config.device.id
         self.topics = Topics(config.mqtt.prefix, self.device_id)
         self.started_at = time.time()
+        # (run, seq) identifies a result across restarts; seq alone restarts at 0.
+        self.run_id = secrets.token_hex(4)
         self.restart_requested = threading.Event()
         self.logs = install_log_buffer()
         self._on_result = on_result  # told the pipeline's name after each published result
@@ -187,6 +190,7 @@ class Agent:
             source_factory=self._source_factory,
             accelerators=self._accelerators,
             on_event=self._publish_event,
+            run_id=self.run_id,
         )
         with self._pipelines_lock:
             self.pipelines[config.name] = pipeline
@@ -260,6 +264,7 @@ class Agent:
         if state == "online":
             status.update(
                 version=__version__,
+                run=self.run_id,
                 started_at=round(self.started_at, 3),
                 pipelines=[self.describe_pipeline(name) for name in list(self.pipelines)],
                 accelerators=[

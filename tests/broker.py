@@ -154,8 +154,12 @@ class Mosquitto:
         port: int | None = None,
         users: Mapping[str, str] | None = None,
         tls: bool = False,
+        persistence: bool = False,
     ) -> None:
         self.workdir = workdir
+        # With persistence, sessions and their queued messages survive a restart (saved on
+        # SIGTERM), as on a production broker.
+        self.persistence = persistence
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.binary = binary
         self.port = port or 0
@@ -200,7 +204,8 @@ class Mosquitto:
 
     def _config_text(self) -> str:
         lines = [
-            "persistence false",
+            f"persistence {'true' if self.persistence else 'false'}",
+            f"persistence_location {self.workdir}/",
             f"log_dest file {self.log_file}",
             "log_type error",
             "log_type warning",
@@ -337,15 +342,20 @@ class MqttReader:
         username: str | None = None,
         password: str | None = None,
         timeout: float = 10.0,
+        session: str | None = None,
     ) -> None:
+        """`session`: a client id whose session the broker keeps while the reader is away
+        (clean session off), so it queues what is published meanwhile."""
         self._lock = threading.Condition()
         self._messages: list[Received] = []
         self._subscribed = threading.Event()
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"test-reader-{id(self):x}",
+            client_id=session or f"test-reader-{id(self):x}",
             protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311,
+            clean_session=None if protocol == "5" else session is None,
         )
+        self._client.reconnect_delay_set(0.1, 0.5)
         if username is not None:
             self._client.username_pw_set(username, password)
         if broker.tls is not None:
@@ -353,7 +363,17 @@ class MqttReader:
         self._client.on_message = self._on_message
         self._client.on_subscribe = lambda *_args: self._subscribed.set()
         self._client.on_connect = lambda client, *_args: client.subscribe(topic_filter, qos)
-        self._client.connect(broker.host, broker.port, keepalive=10)
+        connect_props = None
+        if session is not None and protocol == "5":
+            connect_props = Properties(PacketTypes.CONNECT)
+            connect_props.SessionExpiryInterval = 3600
+        self._client.connect(
+            broker.host,
+            broker.port,
+            keepalive=10,
+            clean_start=session is None if protocol == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=connect_props,
+        )
         self._client.loop_start()
         if not self._subscribed.wait(timeout):
             self.close()

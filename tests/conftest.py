@@ -91,9 +91,17 @@ def mosquitto_factory(mosquitto_binary: str, tmp_path: Path) -> Iterator[Mosquit
         tls: bool = False,
         port: int | None = None,
         started: bool = True,
+        persistence: bool = False,
     ) -> Mosquitto:
         workdir = tmp_path / f"mosquitto-{len(brokers)}"
-        broker = Mosquitto(workdir, binary=mosquitto_binary, users=users, tls=tls, port=port)
+        broker = Mosquitto(
+            workdir,
+            binary=mosquitto_binary,
+            users=users,
+            tls=tls,
+            port=port,
+            persistence=persistence,
+        )
         brokers.append(broker)
         if started:
             broker.start()

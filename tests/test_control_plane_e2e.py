@@ -1,0 +1,445 @@
+"""The fleet control plane against the real daemon: `edgeagent run` as a subprocess, a real
+mosquitto, and a client playing the fleet dashboard (commands, replies, telemetry), plus
+the durable outbox through a broker outage and a kill -9."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgeagent.control import ask
+from tests.broker import Mosquitto, MqttReader, Received
+
+AGENT = [sys.executable, "-m", "edgeagent.cli.main"]
+ROOT = "edgeagent/cp"
+
+
+def write_config(tmp_path: Path, broker: Mosquitto, *, protocol: str = "5", fps: int = 20) -> Path:
+    config = {
+        "device": {"id": "cp"},
+        "state_dir": str(tmp_path / "state"),
+        "control_socket": str(tmp_path / "control.sock"),
+        "mqtt": {
+            "host": broker.host,
+            "port": broker.port,
+            "protocol": protocol,
+            "reconnect_min_s": 0.2,
+            "reconnect_max_s": 0.5,
+        },
+        "telemetry": {"interval_s": 1},
+        "pipelines": [
+            {
+                "name": "shapes",
+                "source": {"type": "synthetic", "fps": fps},
+                "model": "shapes-detector",
+                "threads": 1,
+            }
+        ],
+    }
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def agent_process() -> Iterator[Callable[[Path], subprocess.Popen[str]]]:
+    processes: list[subprocess.Popen[str]] = []
+
+    def start(config: Path) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [*AGENT, "run", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=30)
+
+
+class Dashboard:
+    """A fleet dashboard: sends commands, collects replies by request id."""
+
+    def __init__(self, broker: Mosquitto, protocol: str) -> None:
+        self.protocol = protocol
+        self.response_topic = f"dashboard/{uuid.uuid4().hex[:8]}/replies"
+        self._cond = threading.Condition()
+        self.replies: list[Received] = []
+        subscribed = threading.Event()
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311,
+        )
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = lambda *_a: subscribed.set()
+        # `X/#` matches X itself too: one filter each, or replies arrive twice.
+        filters = [(f"{ROOT}/reply/#", 1), (f"{self.response_topic}/#", 1)]
+        self._client.on_connect = lambda c, *_a: c.subscribe(filters)
+        self._client.connect(broker.host, broker.port)
+        self._client.loop_start()
+        assert subscribed.wait(10)
+
+    def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        props = {}
+        if getattr(message, "properties", None) is not None and hasattr(
+            message.properties, "CorrelationData"
+        ):
+            props["CorrelationData"] = message.properties.CorrelationData
+        with self._cond:
+            self.replies.append(
+                Received(message.topic, bytes(message.payload), message.qos, message.retain, props)
+            )
+            self._cond.notify_all()
+
+    def send(
+        self,
+        name: str,
+        args: dict[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+        raw: bytes | None = None,
+    ) -> str:
+        request_id = request_id or uuid.uuid4().hex
+        payload = (
+            raw if raw is not None else json.dumps({"id": request_id, "args": args or {}}).encode()
+        )
+        properties = None
+        if self.protocol == "5":
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.ResponseTopic = self.response_topic
+            properties.CorrelationData = request_id.encode()
+        self._client.publish(f"{ROOT}/cmd/{name}", payload, qos=1, properties=properties)
+        return request_id
+
+    def json_replies(self, request_id: str | None) -> list[dict[str, Any]]:
+        out = []
+        with self._cond:
+            messages = list(self.replies)
+        for message in messages:
+            try:
+                body = json.loads(message.payload)
+            except ValueError:
+                continue
+            if isinstance(body, dict) and body.get("id") == request_id and "stage" in body:
+                out.append(body)
+        return out
+
+    def wait_terminal(self, request_id: str | None, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while time.monotonic() < deadline:
+                self._cond.release()
+                try:
+                    terminal = [
+                        r
+                        for r in self.json_replies(request_id)
+                        if r["stage"] in ("succeeded", "failed")
+                    ]
+                finally:
+                    self._cond.acquire()
+                if terminal:
+                    return terminal[0]
+                self._cond.wait(0.2)
+        raise AssertionError(
+            f"no terminal reply to {request_id}; got {self.json_replies(request_id)}"
+        )
+
+    def call(
+        self, name: str, args: dict[str, Any] | None = None, timeout: float = 60
+    ) -> dict[str, Any]:
+        return self.wait_terminal(self.send(name, args), timeout)
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+def payload(message: Received) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(message.payload)
+    return data
+
+
+def running(message: Received) -> bool:
+    if message.topic != f"{ROOT}/status":
+        return False
+    body = payload(message)
+    return body["state"] == "online" and all(p["state"] == "running" for p in body["pipelines"])
+
+
+@pytest.fixture
+def dashboard() -> Iterator[Callable[[Mosquitto, str], Dashboard]]:
+    made: list[Dashboard] = []
+
+    def make(broker: Mosquitto, protocol: str = "5") -> Dashboard:
+        board = Dashboard(broker, protocol)
+        made.append(board)
+        return board
+
+    yield make
+    for board in made:
+        board.close()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_every_command_round_trips(
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    mqtt_reader: Callable[..., MqttReader],
+    agent_process: Callable[[Path], subprocess.Popen[str]],
+    dashboard: Callable[[Mosquitto, str], Dashboard],
+    protocol: str,
+) -> None:
+    config_path = write_config(tmp_path, mosquitto, protocol=protocol)
+    reader = mqtt_reader(mosquitto, f"{ROOT}/#", protocol=protocol)
+    process = agent_process(config_path)
+    first = payload(reader.wait_for(running, timeout=30))
+    board = dashboard(mosquitto, protocol)
+
+    pong = board.call("ping")
+    assert pong["stage"] == "succeeded"
+    assert pong["result"]["pong"] is True
+    if protocol == "5":
+        assert any(m.topic == board.response_topic for m in board.replies), "v5 response topic used"
+    else:
+        assert any(m.topic == f"{ROOT}/reply" for m in board.replies)
+
+    status = board.call("status")["result"]
+    assert status["pipelines"][0]["name"] == "shapes"
+    assert status["mqtt"]["connected"] is True
+
+    assert board.call("config.get")["result"]["pipelines"][0]["model"] == "shapes-detector"
+
+    # A valid change is applied live and persisted; the old file is kept as .bak.
+    changed = board.call("config.set", {"config": {"telemetry": {"interval_s": 2}}})
+    assert changed["stage"] == "succeeded", changed
+    assert changed["result"]["restart_required"] == ["telemetry"]
+    assert yaml.safe_load(config_path.read_text())["telemetry"]["interval_s"] == 2
+    assert config_path.with_name("agent.yaml.bak").exists()
+
+    # An invalid one changes nothing.
+    before = config_path.read_text()
+    bad = board.call("config.set", {"config": {"mqtt": {"hots": "x"}}})
+    assert bad["stage"] == "failed"
+    assert "mqtt.hots" in bad["reason"]
+    assert config_path.read_text() == before
+
+    # One that would break a pipeline is rolled back and the pipeline keeps running.
+    broken = board.call(
+        "config.set",
+        {
+            "config": {
+                "pipelines": [
+                    {
+                        "name": "shapes",
+                        "source": {"type": "synthetic", "fps": 20},
+                        "model": "/nonexistent.tflite",
+                    }
+                ]
+            }
+        },
+    )
+    assert broken["stage"] == "failed"
+    assert "rolled back" in broken["reason"]
+    assert config_path.read_text() == before
+    count = len(reader.messages)
+    reader.wait_for_count(count + 5, lambda m: True, timeout=30)
+
+    stopped = board.call("pipeline.stop", {"pipeline": "shapes"})
+    assert stopped["result"]["state"] == "stopped"
+    assert board.call("pipeline.start", {"pipeline": "shapes"})["result"]["state"] == "running"
+    assert board.call("pipeline.restart", {"pipeline": "shapes"})["stage"] == "succeeded"
+    nope = board.call("pipeline.start", {"pipeline": "nope"})
+    assert nope["stage"] == "failed"
+    assert "no pipeline 'nope'" in nope["reason"]
+
+    reader.wait_for(lambda m: m.topic == f"{ROOT}/results/shapes", timeout=30)
+    snap = board.call("snapshot", {"pipeline": "shapes"})
+    assert snap["stage"] == "succeeded", snap
+    jpeg = [m for m in board.replies if m.topic == snap["result"]["topic"]]
+    assert jpeg, "the JPEG arrived on its reply sub-topic"
+    assert jpeg[0].payload[:2] == b"\xff\xd8"
+    assert len(jpeg[0].payload) == snap["result"]["bytes"]
+
+    bench_id = board.send("bench", {"pipeline": "shapes", "runs": 5})
+    bench = board.wait_terminal(bench_id)
+    assert bench["stage"] == "succeeded", bench
+    stages = [r["stage"] for r in board.json_replies(bench_id)]
+    assert stages[0] == "accepted"
+    assert stages.count("succeeded") == 1
+    assert bench["result"]["invoke_ms"]["median"] > 0
+
+    logs = board.call("logs", {"lines": 20})["result"]["lines"]
+    assert 0 < len(logs) <= 20
+
+    rollback = board.call("model.rollback", {"pipeline": "shapes"})
+    assert rollback["stage"] in ("succeeded", "failed")
+    if rollback["stage"] == "failed":
+        assert rollback["reason"]
+
+    # Bad input: each gets a failed reply and the daemon keeps running.
+    unknown = board.call("selfdestruct")
+    assert unknown["stage"] == "failed"
+    assert "unknown command" in unknown["reason"]
+    board.send("ping", raw=b"{not json")
+    malformed = board.wait_terminal(None)
+    assert "not valid JSON" in malformed["reason"]
+
+    # Idempotent by id: the repeat gets the first answer again.
+    board.send("ping", request_id="same-id")
+    first_answer = board.wait_terminal("same-id")
+    board.send("ping", request_id="same-id")
+    deadline = time.monotonic() + 10
+    while len([r for r in board.json_replies("same-id") if r["stage"] == "succeeded"]) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    again = [r for r in board.json_replies("same-id") if r["stage"] == "succeeded"][1]
+    assert again == first_answer
+
+    # Telemetry carries real numbers.
+    telemetry = payload(
+        reader.wait_for(
+            lambda m: m.topic == f"{ROOT}/telemetry"
+            and payload(m)["pipelines"].get("shapes", {}).get("results_out", 0) > 0,
+            timeout=30,
+        )
+    )
+    shapes = telemetry["pipelines"]["shapes"]
+    assert shapes["latency_ms"]["invoke"]["p95"] > 0
+    assert telemetry["mqtt"]["connected"] is True
+    assert telemetry["system"]["mem_total_bytes"] > 0
+
+    # restart: the service restarts in place (same pid under systemd) with a new run.
+    assert board.call("restart")["stage"] == "succeeded"
+    reader.wait_for(lambda m: running(m) and payload(m)["run"] != first["run"], timeout=60)
+    assert process.poll() is None
+
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+
+
+def test_status_answers_over_the_control_socket_while_the_broker_is_down(
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    mqtt_reader: Callable[..., MqttReader],
+    agent_process: Callable[[Path], subprocess.Popen[str]],
+) -> None:
+    reader = mqtt_reader(mosquitto, f"{ROOT}/status")
+    agent_process(write_config(tmp_path, mosquitto))
+    reader.wait_for(running, timeout=30)
+    mosquitto.stop()
+    time.sleep(2)
+    status = ask(tmp_path / "control.sock", "status")
+    assert status["mqtt"]["connected"] is False
+    assert status["outbox"]["depth"] > 0, "results wait in the outbox"
+    human = subprocess.run(
+        [*AGENT, "status", "--socket", str(tmp_path / "control.sock")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert human.returncode == 0, human.stderr
+    assert "DISCONNECTED" in human.stdout
+    assert "shapes" in human.stdout
+
+    # A malformed request gets an error, not a crash.
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(tmp_path / "control.sock"))
+        sock.sendall(b"\x00garbage\n")
+        assert b'"ok": false' in sock.recv(4096)
+    assert ask(tmp_path / "control.sock", "status")["device"] == "cp"
+    mosquitto.start()
+
+
+def _result_seqs(messages: list[Received]) -> dict[str, list[int]]:
+    runs: dict[str, list[int]] = {}
+    for message in messages:
+        if message.topic == f"{ROOT}/results/shapes":
+            body = payload(message)
+            runs.setdefault(body["run"], []).append(body["seq"])
+    return runs
+
+
+def test_a_broker_outage_loses_no_result(
+    tmp_path: Path,
+    mosquitto_factory: Callable[..., Mosquitto],
+    mqtt_reader: Callable[..., MqttReader],
+    agent_process: Callable[[Path], subprocess.Popen[str]],
+) -> None:
+    broker = mosquitto_factory(persistence=True)
+    reader = mqtt_reader(broker, f"{ROOT}/results/#", session="outage-dashboard")
+    process = agent_process(write_config(tmp_path, broker, fps=30))
+    reader.wait_for_count(30, timeout=30)
+    broker.stop()
+    time.sleep(5)  # about 150 results are produced with nowhere to go
+    broker.start()
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    runs = _result_seqs(reader.messages)
+    assert len(runs) == 1
+    seqs = sorted(set(next(iter(runs.values()))))
+    assert len(seqs) > 150
+    assert seqs == list(range(len(seqs))), "every result arrived after de-duplication by seq"
+
+
+def test_a_kill_9_with_a_backlog_on_disk_loses_no_result(
+    tmp_path: Path,
+    mosquitto_factory: Callable[..., Mosquitto],
+    mqtt_reader: Callable[..., MqttReader],
+    agent_process: Callable[[Path], subprocess.Popen[str]],
+) -> None:
+    broker = mosquitto_factory(persistence=True)
+    config = write_config(tmp_path, broker, fps=30)
+    broker.stop()  # the first run never reaches the broker: everything goes to disk
+    first = agent_process(config)
+    deadline = time.monotonic() + 60
+    depth = 0
+    while depth < 60:
+        assert time.monotonic() < deadline, "the outbox did not fill"
+        time.sleep(0.5)
+        try:
+            depth = ask(tmp_path / "control.sock", "status")["outbox"]["depth"]
+        except Exception:  # noqa: BLE001 - the socket appears once the agent started
+            depth = 0
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    broker.start()
+    reader = mqtt_reader(broker, f"{ROOT}/results/#")
+    second = agent_process(config)
+    reader.wait_for_count(depth, timeout=60)
+    second_run = ask(tmp_path / "control.sock", "status")["run"]
+    time.sleep(2)
+    second.send_signal(signal.SIGTERM)
+    second.communicate(timeout=60)
+    runs = _result_seqs(reader.messages)
+    killed = [seqs for run, seqs in runs.items() if run != second_run]
+    assert len(killed) == 1, f"the killed run's backlog arrived: {list(runs)}"
+    seqs = sorted(set(killed[0]))
+    assert len(seqs) >= depth, "everything the outbox held at the kill arrived"
+    assert seqs == list(range(len(seqs))), "no gap: nothing stored before the kill was lost"
