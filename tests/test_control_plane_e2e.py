@@ -318,8 +318,10 @@ def test_every_command_round_trips(
     # Telemetry carries real numbers.
     telemetry = payload(
         reader.wait_for(
-            lambda m: m.topic == f"{ROOT}/telemetry"
-            and payload(m)["pipelines"].get("shapes", {}).get("results_out", 0) > 0,
+            lambda m: (
+                m.topic == f"{ROOT}/telemetry"
+                and payload(m)["pipelines"].get("shapes", {}).get("results_out", 0) > 0
+            ),
             timeout=30,
         )
     )

@@ -113,17 +113,6 @@ def test_shapes_move_smoothly() -> None:
         previous = boxes
 
 
-def test_render_is_fast() -> None:
-    import time
-
-    scene = ShapeScene(640, 480, 3, seed=0)
-    scene.render(0)
-    started = time.perf_counter()
-    for t in range(50):
-        scene.render(t)
-    assert (time.perf_counter() - started) / 50 < 0.005
-
-
 def test_camera_samples_are_sequenced_with_truth() -> None:
     camera = SyntheticCamera(CameraConfig(type="synthetic", width=320, height=240, fps=0))
     camera.open()
