@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from edgeagent import __version__
-from edgeagent.cli import bench, demo, doctor, infer, models, run, status
+from edgeagent.cli import bench, demo, doctor, fleet, infer, model, models, run, status
 from edgeagent.errors import ConfigError, EdgeAgentError
 from edgeagent.systemd import notify_failure
 
@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edgeagent {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (run, demo, infer, bench, status, doctor, models):
+    for module in (run, demo, infer, bench, status, doctor, models, model, fleet):
         module.register(commands)
     return parser
 

@@ -1,0 +1,270 @@
+"""`edgeagent fleet`: say which model version devices should run, and follow the rollout.
+
+- `deploy (--device D | --group G) --pipeline P --model N --version V [--clear]
+  [--replace] [--read-timeout S] [--json] [broker options]`: sets one pipeline's desired
+  model in the retained desired state of a device (`<prefix>/<device>/desired`) or of a
+  group (`<prefix>/group/<group>/desired`). It reads the retained state first (waiting up
+  to --read-timeout, default 1 s, when there is none) and changes only that pipeline, so
+  other pipelines keep theirs. `--clear` removes the pipeline's entry instead (no --model
+  or --version). `--replace` ignores an existing state (use it when that state is not
+  valid JSON). Rollback on command is deploying the previous version again; devices also
+  roll back by themselves when a new version fails its probation.
+- `watch [--device D ...] [--group G] [--json] [--until-converged] [--timeout S]
+  [broker options]`: follows status, reported state, events and desired state. Without
+  --device, every device that publishes is watched. `--group G` adds the group's desired
+  state as each watched device's baseline. `--until-converged` exits 0 once every watched
+  device reports running its desired versions, 1 when one reports a failure for a
+  desired version or when --timeout (default 300 s) passes first; the reasons are printed.
+  Without it, watch runs until interrupted or until --timeout, if given.
+
+`watch --json` prints one JSON object per line: `{"type": "device", "ts", "device",
+"online": bool|null, "pipelines": {"<p>": {"desired": {"model", "version"}|null,
+"running": {"model", "version", "state"}|null, "staged": {...}|null, "last_failure":
+{...}|null, "last_event": {...}|null, "status": "converged"|"waiting"|"failed"|
+"unmanaged", "detail": str}}, "converged": bool}` whenever a device's view changes, and
+with --until-converged a last line `{"type": "result", "ts", "outcome":
+"converged"|"failed"|"timeout", "converged": bool, "failures": [str], "waiting": [str]}`.
+`deploy --json` prints `{"topic", "desired"}` with the desired state it published.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import queue
+import socket
+import time
+from typing import Any
+
+from edgeagent.errors import ConfigError, EdgeAgentError
+from edgeagent.models.signing import check_safe_id
+from edgeagent.mqtt.fleet import FleetConnection, add_broker_options, broker_config
+from edgeagent.mqtt.rollout import Rollout, merge_desired, parse_desired
+from edgeagent.mqtt.topics import Topics
+
+EXIT_NOT_CONVERGED = 1
+SETTLE_S = 0.5  # retained messages arrive right after the SUBACK; judge only after them
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "fleet",
+        help="deploy model versions to devices and follow the rollout",
+        description="Set the desired model version of a device's or a group's pipeline "
+        "(retained desired state), and watch devices converge to it.",
+    )
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    deploy = actions.add_parser(
+        "deploy",
+        help="set the desired model version of one pipeline",
+        description="Merge one pipeline's desired model into the retained desired state "
+        "of a device or group. Roll back by deploying the previous version.",
+    )
+    target = deploy.add_mutually_exclusive_group(required=True)
+    target.add_argument("--device", help="one device id")
+    target.add_argument("--group", help="a device group")
+    deploy.add_argument("--pipeline", required=True, help="pipeline name on the device(s)")
+    deploy.add_argument("--model", help="model name (as published)")
+    deploy.add_argument("--version", help="model version (as published)")
+    deploy.add_argument("--clear", action="store_true", help="remove the pipeline's entry")
+    deploy.add_argument("--replace", action="store_true", help="ignore the existing desired state")
+    deploy.add_argument(
+        "--read-timeout",
+        type=float,
+        default=1.0,
+        help="how long to wait for the existing retained state (default 1 s)",
+    )
+    deploy.add_argument("--json", action="store_true", help="print one JSON object")
+    add_broker_options(deploy)
+    deploy.set_defaults(handler=execute_deploy)
+
+    watch = actions.add_parser(
+        "watch",
+        help="follow a rollout: per device, desired vs running, downloads, failures",
+        description="Show, per device, online/offline and per pipeline the desired and "
+        "running versions, download progress, validation, activation and failures.",
+    )
+    watch.add_argument(
+        "--device", action="append", default=[], help="a device to watch (repeatable)"
+    )
+    watch.add_argument("--group", help="use this group's desired state as the baseline")
+    watch.add_argument("--json", action="store_true", help="one JSON object per line")
+    watch.add_argument(
+        "--until-converged",
+        action="store_true",
+        help="exit 0 when converged, 1 on a failure or at --timeout",
+    )
+    watch.add_argument(
+        "--timeout", type=float, help="seconds (default: none, or 300 with --until-converged)"
+    )
+    add_broker_options(watch)
+    watch.set_defaults(handler=execute_watch)
+
+
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _topics(prefix: str, device: str | None = None) -> Topics:
+    try:
+        return Topics(prefix, device or "fleet-cli")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def execute_deploy(args: argparse.Namespace) -> int:
+    pipeline = check_safe_id(args.pipeline, "pipeline")
+    if args.clear:
+        if args.model or args.version:
+            raise EdgeAgentError("--clear removes the pipeline's entry: drop --model/--version")
+        target = None
+    else:
+        if not args.model or not args.version:
+            raise EdgeAgentError("deploy needs --model and --version (or --clear)")
+        target = (check_safe_id(args.model, "name"), check_safe_id(args.version, "version"))
+    config = broker_config(args)
+    try:
+        topic = (
+            _topics(config.prefix, args.device).desired
+            if args.device
+            else _topics(config.prefix).group_desired(args.group)
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    with FleetConnection(config, name="deploy") as link:
+        existing = None
+        if not args.replace:
+            raw = link.read_retained(topic, max(args.read_timeout, 0.0))
+            existing = parse_desired(raw, topic) if raw is not None else None
+        state = merge_desired(existing, pipeline, target, by=_who())
+        payload = json.dumps(state, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        link.wait_acked([link.publish(topic, payload, retain=True)], stall_timeout=30.0)
+    if args.json:
+        print(json.dumps({"topic": topic, "desired": state}, indent=2))
+        return 0
+    who = f"device {args.device}" if args.device else f"group {args.group}"
+    if target is None:
+        print(f"{who}: pipeline {pipeline} has no desired model any more ({topic})")
+    else:
+        previous = ((existing or {}).get("pipelines") or {}).get(pipeline)
+        was = ""
+        if isinstance(previous, dict) and previous.get("version"):
+            was = f" (was {previous.get('model')} {previous.get('version')})"
+        print(f"{who}: pipeline {pipeline} -> {target[0]} {target[1]}{was} ({topic})")
+    others = sorted(p for p in state["pipelines"] if p != pipeline)
+    if others:
+        print(f"  other pipelines kept: {', '.join(others)}")
+    return 0
+
+
+def execute_watch(args: argparse.Namespace) -> int:
+    for device in args.device:
+        _topics(args.prefix, device)  # a clear error for an id that cannot be a topic level
+    timeout = args.timeout
+    if timeout is None and args.until_converged:
+        timeout = 300.0
+    if timeout is not None and timeout <= 0:
+        raise EdgeAgentError("--timeout must be positive")
+    config = broker_config(args)
+    rollout = Rollout(config.prefix, args.device, args.group)
+    view = _Printer(rollout, as_json=args.json)
+    with FleetConnection(config, name="watch") as link:
+        link.subscribe(rollout.filters())
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        while True:
+            now = time.monotonic()
+            if args.until_converged and now - started >= SETTLE_S:
+                verdict = rollout.verdict()
+                if verdict.failures:
+                    return view.result("failed", verdict.failures, verdict.waiting)
+                if verdict.converged:
+                    return view.result("converged", (), ())
+            if deadline is not None and now >= deadline:
+                if not args.until_converged:
+                    return 0
+                verdict = rollout.verdict()
+                return view.result("timeout", verdict.failures, verdict.waiting)
+            wait = 0.1 if deadline is None else max(0.0, min(0.1, deadline - now))
+            try:
+                message = link.messages.get(timeout=wait)
+            except queue.Empty:
+                continue
+            changed, event = rollout.feed(message.topic, message.payload)
+            view.show(changed, event)
+
+
+class _Printer:
+    """Writes what changed: a line per device change (human) or JSON lines."""
+
+    def __init__(self, rollout: Rollout, *, as_json: bool) -> None:
+        self.rollout = rollout
+        self.as_json = as_json
+        self._last: dict[str, str] = {}
+
+    def show(self, changed: str | None, event: dict[str, Any] | None) -> None:
+        if changed is None:
+            return
+        names = sorted(self.rollout.devices) if changed == "*" else [changed]
+        for name in names:
+            if event is not None and not self.as_json:
+                print(f"{_clock()} {name} {_event_text(event)}", flush=True)
+            state = self.rollout.device_json(name)
+            key = json.dumps({k: v for k, v in state.items() if k != "ts"}, sort_keys=True)
+            if self._last.get(name) == key:
+                continue
+            self._last[name] = key
+            if self.as_json:
+                print(json.dumps(state, sort_keys=True), flush=True)
+            else:
+                print(f"{_clock()} {_device_text(state)}", flush=True)
+
+    def result(self, outcome: str, failures: Any, waiting: Any) -> int:
+        converged = outcome == "converged"
+        if self.as_json:
+            line = {
+                "type": "result",
+                "ts": round(time.time(), 3),
+                "outcome": outcome,
+                "converged": converged,
+                "failures": list(failures),
+                "waiting": list(waiting),
+            }
+            print(json.dumps(line, sort_keys=True), flush=True)
+        elif converged:
+            count = len(self.rollout.devices)
+            print(f"converged: {count} device(s) run their desired versions")
+        else:
+            print(f"not converged ({outcome}):")
+            for why in (*failures, *waiting):
+                print(f"  {why}")
+        return 0 if converged else EXIT_NOT_CONVERGED
+
+
+def _clock() -> str:
+    return time.strftime("%H:%M:%S")
+
+
+def _device_text(state: dict[str, Any]) -> str:
+    online = {True: "online", False: "OFFLINE", None: "status unknown"}[state["online"]]
+    parts = [f"{state['device']} {online}"]
+    for name, p in state["pipelines"].items():
+        mark = {"converged": "ok", "failed": "FAILED", "waiting": "..", "unmanaged": "-"}
+        parts.append(f"{name} [{mark[p['status']]}] {p['detail']}")
+    return "; ".join(parts)
+
+
+def _event_text(event: dict[str, Any]) -> str:
+    what = f"{event.get('pipeline')}: {event.get('type')} {event.get('model', '')} "
+    what += str(event.get("version", ""))
+    if isinstance(event.get("progress"), int | float):
+        what += f" {float(event['progress']):.0%}"
+    if event.get("code") or event.get("reason"):
+        what += f" ({event.get('code', '')}: {event.get('reason', '')})"
+    return what
