@@ -170,6 +170,7 @@ class PipelineStats:
     invoke_errors: int = 0
     source_errors: int = 0
     fallbacks: int = 0
+    fallback_reasons: list[str] = field(default_factory=list)  # run-time failovers
     model_swaps: int = 0
     non_finite: int = 0  # results whose outputs held NaN or infinity
     last_error: str | None = None
@@ -452,6 +453,7 @@ class Pipeline:
         self.runner = replacement
         runner.engine.close()
         self.stats.fallbacks += 1
+        self.stats.fallback_reasons.append(f"{failed}: {reason}")
         log.warning(
             "pipeline %s: %s failed (%s); switched to %s",
             self.name,

@@ -298,7 +298,12 @@ class Agent:
                     pipeline.stats.window,
                     state="failed" if name in self.failed else "running",
                     accelerator=runner.engine.accelerator if runner else None,
-                    fallbacks=runner.engine.fallbacks if runner else (),
+                    # Accelerators skipped at load, then the failovers while running.
+                    fallbacks=(
+                        (*runner.engine.fallbacks, *pipeline.stats.fallback_reasons)
+                        if runner
+                        else ()
+                    ),
                     model_name=runner.model.name if runner else None,
                     model_version=runner.model.version if runner else None,
                 )
