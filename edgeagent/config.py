@@ -198,6 +198,34 @@ class DeviceConfig(_Model):
         return value
 
 
+_MIB = 1 << 20
+
+
+class DeliveryConfig(_Model):
+    """`models:`: the on-device model store, trusted signing keys, limits and probation
+    for models delivered over MQTT (docs/model-delivery.md)."""
+
+    store: Path | None = None  # default: <state_dir>/models (edgeagent/paths.py)
+    trusted_keys: tuple[Path, ...] = ()  # Ed25519 public key PEM files
+    allow_unsigned: bool = False  # development only
+    keep: int = Field(default=3, ge=1)  # versions kept for rollback
+    quota_bytes: int = Field(default=512 * _MIB, gt=0)
+    max_model_bytes: int = Field(default=128 * _MIB, gt=0)
+    chunk_timeout_s: float = Field(default=120.0, gt=0)  # no progress for this long: timeout
+    gate_timeout_s: float = Field(default=60.0, gt=0)
+    probation_s: float = Field(default=120.0, ge=0)
+    probation_min_results: int = Field(default=20, ge=0)
+    latency_factor: float = Field(default=3.0, gt=0)  # new p95 invoke over the old p95
+    groups: tuple[str, ...] = ()  # this device's groups; the first that names a pipeline wins
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for group in value:
+            _topic_safe(group)
+        return value
+
+
 class AgentConfig(_Model):
     device: DeviceConfig = Field(default_factory=DeviceConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
@@ -206,6 +234,7 @@ class AgentConfig(_Model):
     commands: CommandsConfig = Field(default_factory=CommandsConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     homeassistant: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
+    models: DeliveryConfig = Field(default_factory=DeliveryConfig)
     # Durable state (outbox, model store); default: $STATE_DIRECTORY (systemd), else
     # /var/lib/edgeagent. See edgeagent/paths.py.
     state_dir: Path | None = None

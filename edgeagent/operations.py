@@ -261,11 +261,7 @@ class Operations:
         return lambda request: self.pipeline(verb, request.params_as(PipelineArgs).pipeline)
 
     def model_rollback(self, pipeline: str) -> dict[str, Any]:
-        delivery = getattr(self._agent, "delivery", None)
-        if delivery is None:
-            raise EdgeAgentError("model delivery is not enabled on this device")
-        version: str = delivery.rollback(pipeline)
-        return {"pipeline": pipeline, "version": version}
+        return {"pipeline": pipeline, "version": self._agent.delivery.rollback(pipeline)}
 
     def snapshot(self, args: SnapshotArgs) -> BinaryResult:
         pipeline = self._agent.pipelines.get(args.pipeline)

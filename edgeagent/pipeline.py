@@ -96,6 +96,17 @@ def build_runner(
     return Runner(model, engine, preprocess, decode)
 
 
+def _finite_or_none(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
 def _check_fits(model: ModelDescription, engine: Engine, config: PipelineConfig) -> SampleKind:
     """The source's sample kind, once the model is known to take one input of that kind."""
     kind = source_kind(config)
@@ -178,11 +189,12 @@ class PipelineStats:
     started_at: float = field(default_factory=time.time)
     window: LatencyWindow = field(default_factory=LatencyWindow)  # stage latencies, fps
 
-    def percentiles(self) -> dict[str, dict[str, float | None]]:
-        """p50/p95/p99 in milliseconds of the recent samples of each stage."""
+    def percentiles(self, last: int | None = None) -> dict[str, dict[str, float | None]]:
+        """p50/p95/p99 in milliseconds of the recent samples of each stage (of only the
+        `last` ones when given)."""
         return {
             stage: {"p50": p.p50, "p95": p.p95, "p99": p.p99}
-            for stage, p in self.window.percentiles().items()
+            for stage, p in self.window.percentiles(last).items()
             if p.samples
         }
 
@@ -498,46 +510,56 @@ class Pipeline:
         )
 
     def _decode_loop(self) -> None:
-        window = self.stats.window
         while True:
             inferred = self._results.get()
             if inferred is None:
                 return
-            captured = inferred.captured
-            runner = inferred.runner
-            if not all(np.isfinite(o).all() for o in inferred.outputs if o.dtype.kind == "f"):
-                self.stats.non_finite += 1
-            started = time.perf_counter()
-            result = runner.decode(inferred.outputs, captured.prepared)
-            postprocess_s = time.perf_counter() - started
-            sample = captured.sample
-            latency = {
-                "capture": round(sample.capture_s * 1000, 3),
-                "preprocess": round(captured.preprocess_s * 1000, 3),
-                "invoke": round(inferred.invoke_s * 1000, 3),
-                "postprocess": round(postprocess_s * 1000, 3),
-            }
-            window.add(latency)
-            payload = {
-                "ts": round(time.time(), 6),
-                "captured_at": round(sample.captured_at, 6),
-                "run": self._run_id,
-                "seq": self._sequence,
-                "frame": sample.sequence,
-                "pipeline": self.name,
-                "model": {"name": runner.model.name, "version": runner.model.version},
-                "accelerator": runner.engine.accelerator,
-                "latency_ms": latency,
-                "result": result,
-            }
-            if sample.truth is not None:
-                payload["truth"] = sample.truth
-            self._sequence += 1
-            self.last = (sample, result)
-            self.stats.results_out += 1
-            self.stats.last_result_at = time.time()
-            self.stats.frames_dropped = self._slot.replaced
-            self._publish(self.name, payload)
+            try:
+                self._decode_and_publish(inferred)
+            except Exception as exc:  # one bad result must not end the thread
+                self.stats.last_error = f"decoding a result failed: {exc!r}"
+                log.exception("pipeline %s: decoding a result failed", self.name)
+
+    def _decode_and_publish(self, inferred: _Inferred) -> None:
+        captured = inferred.captured
+        runner = inferred.runner
+        finite = all(np.isfinite(o).all() for o in inferred.outputs if o.dtype.kind == "f")
+        if not finite:
+            self.stats.non_finite += 1
+        started = time.perf_counter()
+        result = runner.decode(inferred.outputs, captured.prepared)
+        postprocess_s = time.perf_counter() - started
+        sample = captured.sample
+        latency = {
+            "capture": round(sample.capture_s * 1000, 3),
+            "preprocess": round(captured.preprocess_s * 1000, 3),
+            "invoke": round(inferred.invoke_s * 1000, 3),
+            "postprocess": round(postprocess_s * 1000, 3),
+        }
+        self.stats.window.add(latency)
+        payload: dict[str, Any] = {
+            "ts": round(time.time(), 6),
+            "captured_at": round(sample.captured_at, 6),
+            "run": self._run_id,
+            "seq": self._sequence,
+            "frame": sample.sequence,
+            "pipeline": self.name,
+            "model": {"name": runner.model.name, "version": runner.model.version},
+            "accelerator": runner.engine.accelerator,
+            "latency_ms": latency,
+            # JSON has no NaN or infinity: such values become null and the result says so.
+            "result": result if finite else _finite_or_none(result),
+        }
+        if not finite:
+            payload["non_finite"] = True
+        if sample.truth is not None:
+            payload["truth"] = sample.truth
+        self._sequence += 1
+        self.last = (sample, result)
+        self.stats.results_out += 1
+        self.stats.last_result_at = time.time()
+        self.stats.frames_dropped = self._slot.replaced
+        self._publish(self.name, payload)
 
     def _event(self, kind: str, details: dict[str, Any]) -> None:
         if self._on_event is not None:

@@ -26,6 +26,7 @@ from edgeagent.hal.accel.base import Accelerator
 from edgeagent.hal.sources import open_source
 from edgeagent.hal.system import CpuSampler, read_system_facts
 from edgeagent.logbuffer import install as install_log_buffer
+from edgeagent.models.delivery import ModelDelivery, open_store
 from edgeagent.mqtt import MqttLink, Topics
 from edgeagent.mqtt.commands import CommandRouter
 from edgeagent.mqtt.discovery import DiscoveryAnnouncer, discovery_messages
@@ -38,7 +39,7 @@ from edgeagent.mqtt.telemetry import (
     build_telemetry,
 )
 from edgeagent.operations import Operations
-from edgeagent.paths import control_socket, outbox_path
+from edgeagent.paths import control_socket, model_store_root, outbox_path
 from edgeagent.pipeline import Pipeline, SourceFactory
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,11 @@ class Agent:
             self._outbox_publisher = OutboxPublisher.from_config(
                 self.outbox, self._link, config.outbox
             )
+        self.store = open_store(config.models, model_store_root(config))
+        # Reads self.pipelines live: pipelines started or restarted later are followed.
+        self.delivery = ModelDelivery(
+            config.models, self._link, self.topics, self.store, self.pipelines
+        )
         self.operations = Operations(self)
         self.router = CommandRouter(
             self.topics,
@@ -138,6 +144,7 @@ class Agent:
         the control socket."""
         if self._outbox_publisher is not None:
             self._outbox_publisher.start()
+        self.delivery.start()
         self._link.start()
         self.control.start()
         for config in self.config.pipelines:
@@ -155,6 +162,7 @@ class Agent:
             return
         self._stopped.set()
         self.control.stop()
+        self.delivery.stop()
         for pipeline in self.running:
             pipeline.stop()
         self.router.close()
@@ -196,7 +204,8 @@ class Agent:
             self.pipelines[config.name] = pipeline
             self.failed.pop(config.name, None)
         try:
-            pipeline.start()
+            # A version delivered over MQTT (the store's active one) wins over the bundled.
+            pipeline.start(self.delivery.startup_model(config))
         except EdgeAgentError as exc:
             with self._pipelines_lock:
                 self.failed[config.name] = str(exc)
@@ -218,6 +227,7 @@ class Agent:
         # persistence has forgotten it), then discovery, then the outbox backlog drains.
         self.publish_status()
         self.discovery.announce()
+        self.delivery.on_connected()
         if self._outbox_publisher is not None:
             self._outbox_publisher.on_reconnected()
 
@@ -225,7 +235,9 @@ class Agent:
         self._link.publish(topic, payload, qos=1, properties=properties)
 
     def _on_message(self, topic: str, payload: bytes, properties: dict[str, Any]) -> None:
-        if not self.discovery.handle_message(topic, payload, properties):
+        if self.delivery.wants(topic):
+            self.delivery.handle_message(topic, payload, properties)
+        elif not self.discovery.handle_message(topic, payload, properties):
             self.router.handle_message(topic, payload, properties)
 
     def publish_status(self) -> None:

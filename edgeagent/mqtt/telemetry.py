@@ -124,11 +124,14 @@ class LatencyWindow:
             self._times[slot] = when
             self._count += 1
 
-    def percentiles(self) -> dict[str, StagePercentiles]:
-        """p50/p95/p99 (numpy's linear interpolation) of each stage's recent samples."""
+    def percentiles(self, last: int | None = None) -> dict[str, StagePercentiles]:
+        """p50/p95/p99 (numpy's linear interpolation) of each stage's recent samples, or of
+        only the `last` ones (at most what the ring holds)."""
         with self._lock:
             filled = min(self._count, self._size)
-            values = self._values[:, :filled].copy()
+            take = filled if last is None else max(0, min(last, filled))
+            newest = (self._count - 1 - np.arange(take)) % self._size
+            values = self._values[:, newest].copy()
         result: dict[str, StagePercentiles] = {}
         for stage, row in zip(self.stages, values, strict=True):
             known = row[np.isfinite(row)]
