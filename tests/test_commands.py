@@ -150,7 +150,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(("topic", "payload", "props", "expected_id", "reason"), BAD_INPUTS)
-def test_bad_input_gets_a_failed_reply_and_runs_nothing(  # noqa: PLR0917 (parametrized)
+def test_bad_input_gets_a_failed_reply_and_runs_nothing(
     make_router: Any,
     topic: str,
     payload: bytes,
