@@ -9,7 +9,8 @@ A pipeline's desired version is the device's entry when there is one, else the e
 the first group (in config order) that names the pipeline. When it differs from what the
 pipeline runs, the version is activated from the store when installed (a pin or a
 rollback: no download), else pulled: the signed manifest from
-`<prefix>/models/<name>/<version>/manifest`, then the chunks from `.../chunk/+` into a
+`<prefix>/models/<name>/<version>/manifest`, then the missing chunks (`.../chunk/<i>`, a
+window of exact topics at a time, so staged ones are never sent again) into a
 resumable `ChunkAssembler`; assembled (size, sha256), validated by the gate in a child
 process, installed, swapped into the pipeline and watched on probation. A version that
 fails anywhere is reported (`reported.last_failure`, an event) and not tried again until
@@ -45,7 +46,7 @@ from collections import defaultdict, deque
 from collections.abc import Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
 
@@ -72,6 +73,7 @@ from edgeagent.pipeline import PipelineStats, source_kind
 _log = logging.getLogger(__name__)
 
 MiB: Final = 1 << 20
+_CHUNK_WINDOW: Final = 16  # chunk topics subscribed at once (16 x 64 KiB = 1 MiB in flight)
 _TICK_S: Final = 0.2  # how often timers and probation are checked
 _SWAP_TIMEOUT_S: Final = 30.0
 _MAX_QUEUED_BYTES: Final = 64 * MiB  # chunk payloads waiting for the worker
@@ -183,6 +185,7 @@ class _Job:
     resumed: int = 0
     steps: int = 0
     resubscribed: bool = False
+    subscribed: set[int] = field(default_factory=set)  # chunk topics asked for now
 
 
 @dataclass(slots=True)
@@ -678,7 +681,23 @@ class ModelDelivery:
         if assembler.complete():
             self._finish_transfer(job)
         else:
-            self._link.subscribe(self._chunk_filter(target), 1)
+            self._request_chunks(job)
+
+    def _request_chunks(self, job: _Job) -> None:
+        """Subscribes to the exact topics of the next missing chunks, at most
+        `_CHUNK_WINDOW` at a time. The broker then sends only those retained copies: what
+        is already staged is never sent again, not after a reconnect (MqttLink restores
+        only the current window) nor after a restart. The window also bounds how much
+        model data waits in the inbox."""
+        assembler = job.assembler
+        assert assembler is not None
+        wanted = [i for i in assembler.missing() if i not in job.subscribed]
+        for index in wanted[: _CHUNK_WINDOW - len(job.subscribed)]:
+            job.subscribed.add(index)
+            self._link.subscribe(self._chunk_topic(job.target, index), 1)
+
+    def _chunk_topic(self, target: Target, index: int) -> str:
+        return self._topics.model_chunk(target.model, target.version, index)
 
     def _on_chunk(self, job: _Job, index: int, data: bytes) -> None:
         assembler = job.assembler
@@ -686,9 +705,13 @@ class ModelDelivery:
         if assembler.add(index, data):
             job.fetched += len(data)
             job.timer.progressed()
+        if index in job.subscribed:
+            job.subscribed.discard(index)
+            self._link.unsubscribe(self._chunk_topic(job.target, index))
         if assembler.complete():
             self._finish_transfer(job)
             return
+        self._request_chunks(job)
         fraction = assembler.progress.fraction
         step = math.floor(fraction * _PROGRESS_STEPS)
         if step > job.steps:
@@ -758,18 +781,15 @@ class ModelDelivery:
 
     def _unsubscribe(self, job: _Job) -> None:
         self._link.unsubscribe(self._topics.model_manifest(job.target.model, job.target.version))
-        self._link.unsubscribe(self._chunk_filter(job.target))
+        for index in job.subscribed:
+            self._link.unsubscribe(self._chunk_topic(job.target, index))
+        job.subscribed.clear()
 
     def _job_failed(self, job: _Job, exc: DeliveryError) -> None:
         self._end_job(job)
         if exc.code in _GATE_CODES and job.assembler is not None:
             job.assembler.discard()
         self._fail(job.pipeline, job.target.model, job.target.version, exc.code, exc.message)
-
-    def _chunk_filter(self, target: Target) -> str:
-        return self._topics.model_manifest(target.model, target.version).rsplit("/", 1)[0] + (
-            "/chunk/+"
-        )
 
     def _parse_model_topic(self, topic: str) -> tuple[str, str, int | None] | None:
         if not topic.startswith(self._models_prefix):
@@ -811,12 +831,12 @@ class ModelDelivery:
         if not job.resubscribed and remaining < self._config.chunk_timeout_s * 0.75:
             # Chunks dropped from a full inbox come again as retained copies on re-subscribe.
             job.resubscribed = True
-            topic = (
-                self._chunk_filter(job.target)
-                if job.assembler is not None
-                else self._topics.model_manifest(job.target.model, job.target.version)
-            )
-            self._link.subscribe(topic, 1)
+            if job.assembler is None:
+                self._link.subscribe(
+                    self._topics.model_manifest(job.target.model, job.target.version), 1
+                )
+            for index in job.subscribed:
+                self._link.subscribe(self._chunk_topic(job.target, index), 1)
         if job.assembler is None and remaining <= 0:
             raise DeliveryError(
                 "timeout",
