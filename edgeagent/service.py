@@ -77,6 +77,7 @@ class Agent:
         self._pipelines_lock = threading.RLock()
         self.pipelines: dict[str, Pipeline] = {}
         self.failed: dict[str, str] = {}  # pipeline name -> why it could not start
+        self.stopped: set[str] = set()  # stopped by command
         self._cpu = CpuSampler()
 
         self._link = MqttLink(
@@ -203,6 +204,7 @@ class Agent:
         with self._pipelines_lock:
             self.pipelines[config.name] = pipeline
             self.failed.pop(config.name, None)
+            self.stopped.discard(config.name)
         try:
             # A version delivered over MQTT (the store's active one) wins over the bundled.
             pipeline.start(self.delivery.startup_model(config))
@@ -217,6 +219,7 @@ class Agent:
         with self._pipelines_lock:
             pipeline = self.pipelines.pop(name, None)
             self.failed.pop(name, None)
+            self.stopped.add(name)
         if pipeline is not None:
             pipeline.stop()
 
@@ -278,7 +281,17 @@ class Agent:
                 version=__version__,
                 run=self.run_id,
                 started_at=round(self.started_at, 3),
-                pipelines=[self.describe_pipeline(name) for name in list(self.pipelines)],
+                pipelines=[
+                    self.describe_pipeline(p.name)
+                    if p.name in self.pipelines
+                    else {
+                        "name": p.name,
+                        "source": p.source.type,
+                        "state": "stopped" if p.name in self.stopped else "starting",
+                    }
+                    for p in self.config.pipelines
+                    if p.enabled or p.name in self.pipelines
+                ],
                 accelerators=[
                     {"name": p.name, "state": str(p.state), "reason": p.reason}
                     for p in probe_accelerators()
