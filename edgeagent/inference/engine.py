@@ -311,6 +311,18 @@ def _open_on(acc: Accelerator, model: ModelFile, path: Path, threads: int) -> In
     return interpreter
 
 
+def missing_operator(text: str) -> str | None:
+    """The operator a LiteRT load error says this runtime lacks: a custom operator's
+    name, or a builtin's "NAME (version N)"; None when the error says no such thing."""
+    custom = _UNRESOLVED_CUSTOM.search(text)
+    if custom is not None:
+        return custom.group(1)
+    builtin = _MISSING_BUILTIN.search(text)
+    if builtin is not None:
+        return f"{builtin.group(1)} (version {builtin.group(2)})"
+    return None
+
+
 def _model_error(path: Path, model: ModelFile, exc: Exception) -> ModelError:
     text = str(exc)
     custom = _UNRESOLVED_CUSTOM.search(text)

@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.interpreter import Interpreter
 
 from edgeagent.errors import ModelError
+from edgeagent.inference.engine import missing_operator
 
 _log = logging.getLogger(__name__)
 
@@ -90,8 +90,6 @@ EDGETPU_OPS: frozenset[str] = frozenset(
     }
 )
 
-_UNRESOLVED_CUSTOM = re.compile(r"unresolved custom op: ([^\s.]+)")
-_MISSING_BUILTIN = re.compile(r"Didn't find op for builtin opcode '(\w+)' version '(\d+)'")
 _LOAD_ERRORS = (ValueError, RuntimeError, OSError)
 _BUILTIN_NAMES: dict[int, str] = {
     value: name
@@ -242,7 +240,7 @@ def check_runtime(path: Path, *, timeout_s: float = 60.0) -> RuntimeCheck:
             f" (probing operator {crashed[0]} alone crashed LiteRT, "
             f"{_how_it_ended(proc.returncode)}; operators after it were not probed)"
         )
-    reported = _missing_operator(error)
+    reported = missing_operator(error)
     if reported is not None and reported not in missing:
         missing.insert(0, reported)  # the probe did not reproduce it; trust the full load
     return RuntimeCheck(runs=False, error=error, unsupported=tuple(dict.fromkeys(missing)))
@@ -287,16 +285,6 @@ def _load_error(data: bytes) -> str | None:
         interpreter.invoke()
     except _LOAD_ERRORS as exc:
         return str(exc)
-    return None
-
-
-def _missing_operator(text: str) -> str | None:
-    custom = _UNRESOLVED_CUSTOM.search(text)
-    if custom is not None:
-        return custom.group(1)
-    builtin = _MISSING_BUILTIN.search(text)
-    if builtin is not None:
-        return f"{builtin.group(1)} (version {builtin.group(2)})"
     return None
 
 
@@ -361,7 +349,7 @@ def main() -> int:
             seen.add(key)
             out.write(json.dumps({"probe": op.name}) + "\n")
             out.flush()
-            found = _missing_operator(_load_error(_probe_model(data, index)) or "")
+            found = missing_operator(_load_error(_probe_model(data, index)) or "")
             out.write(json.dumps({"probed": op.name, "missing": found}) + "\n")
             out.flush()
     return 0

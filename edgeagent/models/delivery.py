@@ -56,6 +56,7 @@ from edgeagent.hal.source import Sample
 from edgeagent.models.catalog import ModelDescription
 from edgeagent.models.gate import validate_model
 from edgeagent.models.signing import (
+    GATE_CODES,
     SAFE_ID,
     DeliveryError,
     DeliveryManifest,
@@ -81,19 +82,6 @@ _PROGRESS_STEPS: Final = 10  # download-progress events per transfer, at most
 _MAX_PROBATION_ATTEMPTS: Final = 2  # agent deaths during one version's probation
 _STALL_LIMIT_FACTOR: Final = 3.0  # probation ends as failed after this x probation_s
 _MARKER_DIR: Final = "delivery"
-_GATE_CODES: Final = frozenset(
-    {
-        "not-tflite",
-        "unsupported-op",
-        "load-failed",
-        "input-mismatch",
-        "smoke-failed",
-        "non-finite",
-        "reference-mismatch",
-        "smoke-crash",
-        "smoke-hang",
-    }
-)
 
 DELIVERY_CODES: Final = frozenset(
     {"malformed-desired", "unknown-pipeline", "wrong-model", "probation-failed", "rolled-back"}
@@ -787,7 +775,7 @@ class ModelDelivery:
 
     def _job_failed(self, job: _Job, exc: DeliveryError) -> None:
         self._end_job(job)
-        if exc.code in _GATE_CODES and job.assembler is not None:
+        if exc.code in GATE_CODES and job.assembler is not None:
             job.assembler.discard()
         self._fail(job.pipeline, job.target.model, job.target.version, exc.code, exc.message)
 

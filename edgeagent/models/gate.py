@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edgeagent.errors import EdgeAgentError, ModelError
+from edgeagent.inference.engine import missing_operator
 from edgeagent.models.signing import DeliveryError, DeliveryManifest, ReasonCode
 
 _log = logging.getLogger(__name__)
@@ -49,8 +49,6 @@ SourceKind = Literal["image", "window"]
 _GATE_ENTRY: tuple[str, ...] = (sys.executable, "-m", "edgeagent.models.gate")
 
 # What LiteRT says when an operator is missing (the same texts inference/engine.py reads).
-_UNRESOLVED_CUSTOM = re.compile(r"unresolved custom op: ([^\s.]+)")
-_MISSING_BUILTIN = re.compile(r"Didn't find op for builtin opcode '(\w+)' version '(\d+)'")
 _SMOKE_RUNS = 3  # timed invokes on the random sample, after the one on zeros
 _STDERR_TAIL = 800  # characters of the child's stderr quoted in a crash report
 _ARTICLE = {"image": "an image", "window": "a window"}
@@ -190,7 +188,7 @@ def _run_checks(
     try:
         engine = Engine.load(path, accelerator="cpu", threads=1)
     except ModelError as exc:
-        op = _missing_operator(exc)
+        op = missing_operator(f"{exc.__cause__ or ''}\n{exc}")
         if op is not None:
             raise _Reject(
                 "unsupported-op",
@@ -263,7 +261,8 @@ def _check_reference(engine: Any, manifest: DeliveryManifest) -> float | None:
             f"takes {tensor.dtype} {list(tensor.shape)}: the manifest belongs to another model",
         )
     try:
-        output = engine.outputs[0].dequantize(engine.invoke([given])[0])
+        outputs = engine.invoke([given])
+        output = engine.outputs[0].dequantize(outputs[0])
     except (ModelError, ValueError, RuntimeError) as exc:
         raise _Reject("smoke-failed", f"inference on the reference input failed: {exc}") from exc
     expected = ref.output.array().astype(np.float32)
@@ -273,6 +272,11 @@ def _check_reference(engine: Any, manifest: DeliveryManifest) -> float | None:
             f"the reference output is {list(expected.shape)} but the model gives "
             f"{list(output.shape)}: the manifest belongs to another model",
         )
+    count = _detection_count(engine, manifest, outputs)
+    if count is not None:
+        # TFLite_Detection_PostProcess leaves the rows past its count unspecified (stale
+        # memory): only the detections it reports can be compared.
+        output, expected = output[:, :count], expected[:, :count]
     error = float(np.max(np.abs(output - expected))) if output.size else 0.0
     if not error <= ref.atol:
         raise _Reject(
@@ -284,22 +288,32 @@ def _check_reference(engine: Any, manifest: DeliveryManifest) -> float | None:
     return round(error, 9)
 
 
+def _detection_count(engine: Any, manifest: DeliveryManifest, outputs: list[Any]) -> int | None:
+    """The detection count of a TFLite_Detection_PostProcess model (the decoder's rule: the
+    postprocess layout, or auto with four outputs) whose first output holds one row per
+    detection, else None."""
+    from edgeagent.inference.spec import DetectionTask
+
+    task = manifest.task
+    infos = engine.outputs
+    if not isinstance(task, DetectionTask) or len(infos) != 4:
+        return None
+    if task.layout == "raw" or len(infos[0].shape) < 2:
+        return None
+    counts = [i for i, info in enumerate(infos) if int(np.prod(info.shape)) == 1]
+    if len(counts) != 1:
+        return None
+    value = infos[counts[0]].dequantize(outputs[counts[0]]).reshape(-1)[0]
+    if not np.isfinite(value):
+        return None
+    return max(0, min(round(float(value)), int(infos[0].shape[1])))
+
+
 def _synthetic_sample(kind: SourceKind, shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
     rng = np.random.default_rng(0)  # deterministic: the same sample on every device
     if kind == "image":
         return rng.integers(0, 256, size=shape, dtype=np.uint8)
     return rng.normal(0.0, 1.0, size=shape).astype(np.float32)
-
-
-def _missing_operator(exc: ModelError) -> str | None:
-    for text in (str(exc.__cause__ or ""), str(exc)):
-        custom = _UNRESOLVED_CUSTOM.search(text)
-        if custom is not None:
-            return custom.group(1)
-        builtin = _MISSING_BUILTIN.search(text)
-        if builtin is not None:
-            return f"{builtin.group(1)} (version {builtin.group(2)})"
-    return None
 
 
 def main() -> int:

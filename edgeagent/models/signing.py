@@ -63,6 +63,20 @@ from edgeagent.inference.spec import Preprocess, RawTask, Task
 
 _log = logging.getLogger(__name__)
 
+GateCode = Literal[
+    "not-tflite",
+    "unsupported-op",
+    "load-failed",
+    "input-mismatch",
+    "smoke-failed",
+    "non-finite",
+    "reference-mismatch",
+    "smoke-crash",
+    "smoke-hang",
+]
+"""Why the validation gate refused a model: the model is bad, not its transfer."""
+GATE_CODES: frozenset[str] = frozenset(get_args(GateCode))
+
 ReasonCode = Literal[
     # manifest and signature (this module)
     "malformed-manifest",
@@ -80,16 +94,8 @@ ReasonCode = Literal[
     "timeout",
     "disk-full",
     "io-error",
-    # validation gate (gate.py)
-    "not-tflite",
-    "unsupported-op",
-    "load-failed",
-    "input-mismatch",
-    "smoke-failed",
-    "non-finite",
-    "reference-mismatch",
-    "smoke-crash",
-    "smoke-hang",
+    # validation gate (gate.py): GateCode
+    GateCode,
     # store (store.py)
     "quota",
     "not-stored",
@@ -461,6 +467,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 __all__ = [
+    "GATE_CODES",
     "REASON_CODES",
     "SAFE_ID",
     "DeliveryError",

@@ -11,10 +11,13 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edgeagent.errors import AcceleratorError
+from edgeagent.hal.accel.base import Probe
 
 logger = logging.getLogger(__name__)
 
@@ -82,3 +85,26 @@ def check_delegate_library(library: str, what: str) -> None:
 
 def _one_line(text: str) -> str:
     return ": ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+class ProbeCache:
+    """Keeps a probe's result for `ttl_s` seconds: loading a delegate library is the only
+    real test of it, and not free enough to repeat on every health check."""
+
+    def __init__(
+        self, probe: Callable[[], Probe], ttl_s: float, clock: Callable[[], float]
+    ) -> None:
+        self._probe = probe
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cached: tuple[float, Probe] | None = None
+
+    def get(self, *, fresh: bool = False) -> Probe:
+        with self._lock:
+            now = self._clock()
+            if not fresh and self._cached and now - self._cached[0] < self._ttl_s:
+                return self._cached[1]
+            result = self._probe()
+            self._cached = (now, result)
+            return result

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +10,11 @@ from typing import Any
 
 from edgeagent.errors import AcceleratorError
 from edgeagent.hal.accel.base import Probe, ProbeState
-from edgeagent.hal.accel.external_delegate import find_library, load_external_delegate
+from edgeagent.hal.accel.external_delegate import (
+    ProbeCache,
+    find_library,
+    load_external_delegate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,19 +40,11 @@ class GpuAccelerator:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._root = root
-        self._cache_s = cache_s
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._cached: tuple[float, Probe] | None = None
+        self._cache = ProbeCache(lambda: self._probe(load=True), cache_s, clock)
 
     def probe(self, *, fresh: bool = False) -> Probe:
         """Whether the delegate library loads; kept for `cache_s` seconds unless `fresh`."""
-        with self._lock:
-            now = self._clock()
-            if not fresh and self._cached and now - self._cached[0] < self._cache_s:
-                return self._cached[1]
-            result = self._probe(load=True)
-            self._cached = (now, result)
+        result = self._cache.get(fresh=fresh)
         logger.debug("gpu probe: %s: %s", result.state, result.reason)
         return result
 
