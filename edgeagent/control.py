@@ -84,6 +84,10 @@ class ControlServer:
                 conn.settimeout(_TIMEOUT_S)
                 try:
                     response = self._answer(conn)
+                except Exception as exc:  # a failing operation must not stop the socket
+                    log.exception("control socket: the request failed")
+                    response = {"ok": False, "error": f"the agent failed: {exc!r}"}
+                try:
                     conn.sendall(json.dumps(response, default=str).encode() + b"\n")
                 except OSError as exc:
                     log.debug("control socket: client went away: %s", exc)

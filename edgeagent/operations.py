@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +75,8 @@ class Operations:
 
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
+        # Commands run on two workers and the control socket: changes go one at a time.
+        self._changing = threading.Lock()
 
     def register_commands(self, router: CommandRouter) -> None:
         router.register("status", lambda _r: self.status())
@@ -167,6 +170,10 @@ class Operations:
     def config_set(self, args: ConfigSetArgs) -> dict[str, Any]:
         """Validates the merged config, applies what can be applied live (rolling back if
         a pipeline then fails to start), and persists it. Raises EdgeAgentError."""
+        with self._changing:
+            return self._config_set(args)
+
+    def _config_set(self, args: ConfigSetArgs) -> dict[str, Any]:
         agent = self._agent
         current = agent.config.model_dump(mode="json", exclude_unset=True)
         merged = _merge(current, args.config)
@@ -238,6 +245,10 @@ class Operations:
             ) from exc
 
     def pipeline(self, verb: str, name: str) -> dict[str, Any]:
+        with self._changing:
+            return self._pipeline(verb, name)
+
+    def _pipeline(self, verb: str, name: str) -> dict[str, Any]:
         agent = self._agent
         config = next((p for p in agent.config.pipelines if p.name == name), None)
         if config is None:

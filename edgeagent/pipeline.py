@@ -24,6 +24,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +49,9 @@ SourceFactory = Callable[[Any], Source]
 
 STAGES = ("capture", "preprocess", "invoke", "postprocess")
 _RESULT_QUEUE_SIZE = 8
-_SOURCE_BACKOFF_MAX_S = 30.0
+# Below half the unit's WatchdogSec (30 s): every retry counts as progress, so a camera
+# that is being retried is alive to the watchdog, not hung.
+_SOURCE_BACKOFF_MAX_S = 10.0
 _HEALTH_CHECK_S = 0.5  # how often the active accelerator's probe is consulted
 # Fault injection for the watchdog test: the inference thread blocks for good after this
 # many invokes, as a hung delegate does. Unset in production.
@@ -181,7 +184,7 @@ class PipelineStats:
     invoke_errors: int = 0
     source_errors: int = 0
     fallbacks: int = 0
-    fallback_reasons: list[str] = field(default_factory=list)  # run-time failovers
+    fallback_reasons: deque[str] = field(default_factory=lambda: deque(maxlen=20))
     model_swaps: int = 0
     non_finite: int = 0  # results whose outputs held NaN or infinity
     last_error: str | None = None
@@ -256,10 +259,11 @@ class Pipeline:
         except BaseException:
             self.runner.engine.close()
             raise
+        prefix = f"edgeagent-{self.name}"
         self._threads = [
-            threading.Thread(target=self._capture_loop, name=f"{self.name}-capture", daemon=True),
-            threading.Thread(target=self._infer_loop, name=f"{self.name}-infer", daemon=True),
-            threading.Thread(target=self._decode_loop, name=f"{self.name}-decode", daemon=True),
+            threading.Thread(target=self._capture_loop, name=f"{prefix}-capture", daemon=True),
+            threading.Thread(target=self._infer_loop, name=f"{prefix}-infer", daemon=True),
+            threading.Thread(target=self._decode_loop, name=f"{prefix}-decode", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
@@ -292,12 +296,17 @@ class Pipeline:
         taken = threading.Event()
         with self._pending_lock:
             self._pending = (runner, taken)
-        if not taken.wait(timeout):
-            with self._pending_lock:
-                if self._pending is not None and self._pending[0] is runner:
-                    self._pending = None
-            runner.engine.close()
-            raise EdgeAgentError(f"pipeline {self.name}: the switch to {model.version} timed out")
+        if taken.wait(timeout):
+            return
+        with self._pending_lock:
+            still_pending = self._pending is not None and self._pending[0] is runner
+            if still_pending:
+                self._pending = None
+        if not still_pending:
+            taken.wait()  # the inference thread took it just now: the switch happened
+            return
+        runner.engine.close()
+        raise EdgeAgentError(f"pipeline {self.name}: the switch to {model.version} timed out")
 
     def describe(self) -> dict[str, Any]:
         """What the retained status message says about this pipeline."""
@@ -339,7 +348,13 @@ class Pipeline:
             runner = self.runner
             assert runner is not None
             started = time.perf_counter()
-            prepared = runner.preprocess(sample.data)
+            try:
+                prepared = runner.preprocess(sample.data)
+            except (ValueError, TypeError) as exc:  # a frame of the wrong shape or type
+                self.stats.source_errors += 1
+                self.stats.last_error = f"sample {sample.sequence} not usable: {exc}"
+                log.error("pipeline %s: %s", self.name, self.stats.last_error)
+                continue
             self.stats.frames_in += 1
             self._slot.put(_Captured(sample, prepared, time.perf_counter() - started, runner))
             if unpaced:
@@ -353,6 +368,7 @@ class Pipeline:
                 self._source.close()
             self._source = self._source_factory(self.config.source)
         except EdgeAgentError as exc:
+            self.stats.source_errors += 1
             self.stats.last_error = str(exc)
             log.error("pipeline %s: cannot reopen source: %s", self.name, exc)
 
@@ -368,10 +384,10 @@ class Pipeline:
                 now = time.monotonic()
                 if now >= next_health:
                     next_health = now + _HEALTH_CHECK_S
-                    self._check_accelerator()
+                    self._guarded(self._check_accelerator)
                 if now >= next_reprobe:
                     next_reprobe = now + self._reprobe_s
-                    self._try_preferred_accelerator()
+                    self._guarded(self._try_preferred_accelerator)
                 if interval:
                     wait = next_due - time.monotonic()
                     if wait > 0 and self._stopping.wait(wait):
@@ -384,7 +400,12 @@ class Pipeline:
                 if _HANG_AFTER and invokes > _HANG_AFTER:
                     log.warning("fault injection: the inference thread of %s hangs", self.name)
                     threading.Event().wait()
-                self._infer(captured)
+                try:
+                    self._infer(captured)
+                except Exception as exc:  # one failed frame must not end the thread
+                    self.stats.invoke_errors += 1
+                    self.stats.last_error = f"inference failed: {exc!r}"
+                    log.exception("pipeline %s: inference failed", self.name)
         finally:
             self.stats.frames_dropped = self._slot.replaced
             self._results.put(None)  # tells the decode thread that nothing more comes
@@ -440,9 +461,17 @@ class Pipeline:
         runner = self.runner
         if runner is None or runner.engine.accelerator == "cpu":
             return
-        probe = self._accelerator(runner.engine.accelerator).probe()
-        if probe.state is not ProbeState.PRESENT:
+        accelerator = self._accelerator(runner.engine.accelerator)
+        if not accelerator.present():
+            probe = accelerator.probe()
             self._fail_over(f"{probe.name} is {probe.state}: {probe.reason}")
+
+    def _guarded(self, check: Callable[[], None]) -> None:
+        """Runs an accelerator check; whatever it raises must not end the inference thread."""
+        try:
+            check()
+        except Exception:  # a failing probe or driver must not stop inference
+            log.exception("pipeline %s: accelerator check failed", self.name)
 
     def _fail_over(self, reason: str) -> bool:
         """Replaces the runner with one on the next accelerator in order; False when no

@@ -97,7 +97,12 @@ class Agent:
         self.store = open_store(config.models, model_store_root(config))
         # Reads self.pipelines live: pipelines started or restarted later are followed.
         self.delivery = ModelDelivery(
-            config.models, self._link, self.topics, self.store, self.pipelines
+            config.models,
+            self._link,
+            self.topics,
+            self.store,
+            self.pipelines,
+            publish_event=self._publish_durably,
         )
         self.operations = Operations(self)
         self.router = CommandRouter(
@@ -202,9 +207,12 @@ class Agent:
             run_id=self.run_id,
         )
         with self._pipelines_lock:
+            previous = self.pipelines.get(config.name)
             self.pipelines[config.name] = pipeline
             self.failed.pop(config.name, None)
             self.stopped.discard(config.name)
+        if previous is not None:
+            previous.stop()  # never two pipelines of one name holding one camera
         try:
             # A version delivered over MQTT (the store's active one) wins over the bundled.
             pipeline.start(self.delivery.startup_model(config))
@@ -266,7 +274,10 @@ class Agent:
         event = {"ts": round(time.time(), 3), "type": kind, "pipeline": pipeline, **details}
         self._publish_durably(self.topics.events, to_json(event))
         if kind.startswith("accelerator-"):
-            self.publish_status()
+            # Off the calling (inference) thread: the status probes every accelerator.
+            threading.Thread(
+                target=self.publish_status, name="edgeagent-status", daemon=True
+            ).start()
 
     # --- what the agent says about itself --------------------------------------------
 
@@ -301,8 +312,10 @@ class Agent:
 
     def describe_pipeline(self, name: str) -> dict[str, Any]:
         with self._pipelines_lock:
-            pipeline = self.pipelines[name]
+            pipeline = self.pipelines.get(name)
             error = self.failed.get(name)
+        if pipeline is None:  # stopped meanwhile
+            return {"name": name, "state": "stopped"}
         info = pipeline.describe()
         if error is not None:
             info.update(state="failed", error=error)

@@ -43,7 +43,7 @@ import math
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -261,11 +261,18 @@ class ModelDelivery:
         topics: Topics,
         store: ModelStore,
         pipelines: Mapping[str, DeliveryPipeline],
+        *,
+        publish_event: Callable[[str, bytes], None] | None = None,
     ) -> None:
         """`pipelines` is read live (the agent's own dict: pipelines started, restarted or
-        stopped later are followed). Raises ConfigError when a trusted key file is unusable."""
+        stopped later are followed). `publish_event(topic, payload)` sends events (the
+        agent's durable outbox); by default they go straight to the link. Raises
+        ConfigError when a trusted key file is unusable."""
         self._config = config
         self._link = link
+        self._publish_event = publish_event or (
+            lambda topic, payload: self._link.publish(topic, payload, qos=1)
+        )
         self._topics = topics
         self._store = store
         self._pipelines = pipelines  # live: pipelines started or replaced later are followed
@@ -752,6 +759,9 @@ class ModelDelivery:
         except DeliveryError:
             assembler.discard()  # it is the model that is bad, not the transfer
             raise
+        except (OSError, EdgeAgentError) as exc:
+            # Recorded as a failure like any other, so the version is not retried in a loop.
+            raise DeliveryError("io-error", f"installing {manifest.version} failed: {exc}") from exc
         assembler.discard()
         stored = self._installed(manifest.name, manifest.version)
         if stored is None:
@@ -1049,7 +1059,7 @@ class ModelDelivery:
             "version": version,
             **extra,
         }
-        self._link.publish(self._topics.events, _json(body), qos=1, retain=False)
+        self._publish_event(self._topics.events, _json(body))
 
     def _publish_reported(self) -> None:
         pipelines: dict[str, Any] = {}

@@ -29,6 +29,11 @@ class Accelerator(Protocol):
 
     def probe(self) -> Probe: ...
 
+    def present(self) -> bool:
+        """A cheap check, without loading a delegate, that the device is still there (a
+        running pipeline asks every half second; a USB Coral pulled out says False)."""
+        ...
+
     def delegates(self) -> list[Any]:
         """Raises AcceleratorError (with the reason) when the delegate cannot be loaded."""
         ...

@@ -43,6 +43,9 @@ class CpuAccelerator:
         reason = f"{details.get('cpu', 'CPU')} with {details['cores']} cores ({isa}), via XNNPACK"
         return Probe(self.name, ProbeState.PRESENT, reason, details)
 
+    def present(self) -> bool:
+        return True
+
     def delegates(self) -> list[Any]:
         return []
 

@@ -76,6 +76,9 @@ class EdgeTpuAccelerator:
         logger.debug("edgetpu probe: %s: %s", result.state, result.reason)
         return result
 
+    def present(self) -> bool:
+        return self._probe(load=False).state is ProbeState.PRESENT
+
     def delegates(self) -> list[Any]:
         found = self._probe(load=False)
         if found.state is ProbeState.ABSENT:

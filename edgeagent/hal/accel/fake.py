@@ -45,6 +45,10 @@ class FakeAccelerator:
         with self._lock:
             return Probe(self.name, self._state, self._reason, {"fake": "true"})
 
+    def present(self) -> bool:
+        with self._lock:
+            return self._state is ProbeState.PRESENT
+
     def delegates(self) -> list[Any]:
         with self._lock:
             if self._state is ProbeState.ABSENT:

@@ -48,6 +48,9 @@ class GpuAccelerator:
         logger.debug("gpu probe: %s: %s", result.state, result.reason)
         return result
 
+    def present(self) -> bool:
+        return self._probe(load=False).state is ProbeState.PRESENT
+
     def delegates(self) -> list[Any]:
         found = self._probe(load=False)
         if found.state is ProbeState.ABSENT:
