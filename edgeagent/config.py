@@ -6,7 +6,6 @@ says what was expected. Each key is documented in docs/configuration.md.
 
 from __future__ import annotations
 
-import re
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,8 +19,7 @@ from edgeagent.mqtt.commands import CommandsConfig
 from edgeagent.mqtt.discovery import DiscoveryConfig
 from edgeagent.mqtt.outbox import OutboxConfig
 from edgeagent.mqtt.telemetry import TelemetryConfig
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+from edgeagent.mqtt.topics import SAFE_NAME
 
 
 class _Model(BaseModel):
@@ -29,7 +27,7 @@ class _Model(BaseModel):
 
 
 def _topic_safe(value: str) -> str:
-    if not _NAME.fullmatch(value):
+    if not SAFE_NAME.fullmatch(value):
         raise ValueError(
             "must be 1-64 characters of letters, digits, '_', '-' or '.', "
             "starting with a letter or digit (it becomes an MQTT topic level)"
@@ -216,6 +214,9 @@ class DeliveryConfig(_Model):
     probation_s: float = Field(default=120.0, ge=0)
     probation_min_results: int = Field(default=20, ge=0)
     latency_factor: float = Field(default=3.0, gt=0)  # new p95 invoke over the old p95
+    # ... and by at least this much: on sub-millisecond models scheduler noise alone
+    # can triple a p95.
+    latency_floor_ms: float = Field(default=2.0, ge=0)
     groups: tuple[str, ...] = ()  # this device's groups; the first that names a pipeline wins
 
     @field_validator("groups")

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from edgeagent import __version__
 from edgeagent.config import AgentConfig, validate_config_data
 from edgeagent.errors import ConfigError, EdgeAgentError
+from edgeagent.inference.benchmark import measure
 from edgeagent.mqtt.commands import BinaryResult, CommandRouter, Progress, Request
 from edgeagent.snapshot import render_snapshot
 
@@ -287,8 +288,6 @@ class Operations:
         )
 
     def _bench_command(self, request: Request, progress: Progress) -> dict[str, Any]:
-        from edgeagent.cli.bench import measure  # the same measurement as `edgeagent bench`
-
         args = request.params_as(BenchArgs)
         model = args.model
         if model is None:
@@ -297,10 +296,13 @@ class Operations:
                 raise EdgeAgentError("bench needs 'model' or the name of a running 'pipeline'")
             model = str(pipeline.runner.model.path)
         progress.update(0, f"benchmarking {model} with {args.threads} thread(s)")
-        try:
-            return measure(model, "auto", args.threads, args.runs)
-        except ValidationError as exc:  # pragma: no cover - args were validated
-            raise EdgeAgentError(str(exc)) from exc
+        return measure(
+            model,
+            "auto",
+            args.threads,
+            args.runs,
+            on_progress=lambda done: progress.update(100 * done / args.runs),
+        )
 
     def logs(self, lines: int) -> dict[str, Any]:
         return {"lines": self._agent.logs.tail(lines)}

@@ -319,9 +319,6 @@ class Pipeline:
             info["fallbacks"] = list(runner.engine.fallbacks)
         return info
 
-    def progressed_since(self, results_out: int) -> bool:
-        return self.stats.results_out > results_out
-
     # --- threads ---------------------------------------------------------------------
 
     def _capture_loop(self) -> None:

@@ -6,7 +6,6 @@ Each concern lives in its own module; this one only connects them (docs/architec
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -31,6 +30,7 @@ from edgeagent.mqtt import MqttLink, Topics
 from edgeagent.mqtt.commands import CommandRouter
 from edgeagent.mqtt.discovery import DiscoveryAnnouncer, discovery_messages
 from edgeagent.mqtt.outbox import Outbox, OutboxPublisher
+from edgeagent.mqtt.payload import to_json
 from edgeagent.mqtt.telemetry import (
     MqttSnapshot,
     PipelineSnapshot,
@@ -43,10 +43,6 @@ from edgeagent.paths import control_socket, model_store_root, outbox_path
 from edgeagent.pipeline import Pipeline, SourceFactory
 
 log = logging.getLogger(__name__)
-
-
-def to_json(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
 
 
 class Agent:

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from edgeagent.errors import ConfigError
 from edgeagent.hal.system import CpuSampler, read_system_facts
 from edgeagent.mqtt import MqttLink, Topics
+from edgeagent.mqtt.payload import to_json
 from edgeagent.mqtt.telemetry import (
     STAGES,
     LatencyWindow,
@@ -32,7 +33,6 @@ from edgeagent.mqtt.telemetry import (
     TelemetryPublisher,
     build_telemetry,
     render_prometheus,
-    telemetry_json,
 )
 from edgeagent.pipeline import PipelineStats
 from tests.broker import Mosquitto, MqttReader
@@ -172,7 +172,7 @@ def payload(tmp_path: Path) -> dict[str, Any]:
 
 
 def test_the_payload_has_every_figure(payload: dict[str, Any]) -> None:
-    assert json.loads(telemetry_json(payload)) == payload  # plain JSON, no NaN
+    assert json.loads(to_json(payload)) == payload  # plain JSON, no NaN
     assert payload["device"] == DEVICE
     assert payload["ts"] == 1764138000.0
     system = payload["system"]
@@ -229,7 +229,7 @@ def test_the_payload_from_this_machine_is_plain_json() -> None:
         mqtt=MqttSnapshot(connected=False, reconnects=0, outbox_depth=0),
         version="0.1.0",
     )
-    decoded = json.loads(telemetry_json(payload))
+    decoded = json.loads(to_json(payload))
     assert set(decoded["system"]) >= {
         "cpu_percent",
         "load_average",

@@ -5,18 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from typing import Any, TextIO
-
-import numpy as np
 
 from edgeagent.errors import AcceleratorError, EdgeAgentError
 from edgeagent.hal.accel import AUTO_ORDER, probe_accelerators
 from edgeagent.hal.accel.base import ProbeState
-from edgeagent.inference import Engine, TensorInfo
-from edgeagent.models.catalog import describe_model
+from edgeagent.inference import benchmark
 
 
 def register(commands: Any) -> None:
@@ -41,14 +36,6 @@ def register(commands: Any) -> None:
     parser.set_defaults(handler=execute)
 
 
-def random_input(tensor: TensorInfo, rng: np.random.Generator) -> np.ndarray:
-    dtype = np.dtype(tensor.dtype)
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        return rng.integers(info.min, info.max, size=tensor.shape, endpoint=True, dtype=dtype)
-    return rng.random(size=tensor.shape, dtype=np.float32).astype(dtype)
-
-
 class ProgressBar:
     """A one-line progress bar on a terminal; silent when stderr is not one."""
 
@@ -70,36 +57,11 @@ class ProgressBar:
 
 
 def measure(model: str, accelerator: str, threads: int, runs: int) -> dict[str, Any]:
-    path = describe_model(model).path
-    started = time.perf_counter()
-    engine = Engine.load(path, accelerator=accelerator, threads=threads)
-    load_ms = (time.perf_counter() - started) * 1000
+    bar = ProgressBar(runs, f"{accelerator} x{threads}")
     try:
-        rng = np.random.default_rng(0)
-        inputs = [random_input(t, rng) for t in engine.inputs]
-        engine.warm_up()
-        bar = ProgressBar(runs, f"{accelerator} x{threads}")
-        latencies = []
-        for i in range(runs):
-            t0 = time.perf_counter()
-            engine.invoke(inputs)
-            latencies.append((time.perf_counter() - t0) * 1000)
-            bar.update(i + 1)
-        bar.close()
+        return benchmark.measure(model, accelerator, threads, runs, on_progress=bar.update)
     finally:
-        engine.close()
-    latencies.sort()
-    return {
-        "accelerator": accelerator,
-        "threads": threads,
-        "load_ms": round(load_ms, 3),
-        "invoke_ms": {
-            "median": round(statistics.median(latencies), 3),
-            "p95": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3),
-            "min": round(latencies[0], 3),
-        },
-        "runs": runs,
-    }
+        bar.close()
 
 
 def execute(args: argparse.Namespace) -> int:

@@ -60,6 +60,7 @@ from pydantic import (
 from edgeagent import __version__ as AGENT_VERSION  # noqa: N812 - a constant, named as one
 from edgeagent.errors import ConfigError, EdgeAgentError
 from edgeagent.inference.spec import Preprocess, RawTask, Task
+from edgeagent.mqtt.topics import SAFE_NAME
 
 _log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ ReasonCode = Literal[
 ]
 REASON_CODES: frozenset[str] = frozenset(get_args(ReasonCode))
 
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SAFE_ID = SAFE_NAME  # names and versions also become file and topic names
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest with a reference tensor is a few hundred KiB at most
 MAX_CHUNK_SIZE = 16 << 20  # a chunk is held in memory once; MQTT payloads stay modest
 ALGORITHM: Literal["ed25519"] = "ed25519"

@@ -1,4 +1,5 @@
-"""MQTT: the broker connection, the topic layout, and (later) outbox, commands, telemetry."""
+"""MQTT: the broker connection, the topic layout, the durable outbox, fleet commands,
+telemetry and Home Assistant discovery."""
 
 from edgeagent.mqtt.client import INBOX_SIZE, MqttLink, OnConnected, OnMessage, PublishTicket
 from edgeagent.mqtt.topics import Topics

@@ -292,7 +292,8 @@ class MqttLink:
         client.enable_logger(_paho_log)
         # An exception escaping a callback would end paho's network thread for good.
         client.suppress_exceptions = True
-        client.max_queued_messages_set(0)  # unbounded until the durable outbox exists
+        # Results come from the outbox, which keeps at most its window (256) in flight here.
+        client.max_queued_messages_set(0)
         low = config.reconnect_min_s
         high = max(config.reconnect_max_s, low)
         # paho annotates the delays as int but sleeps for float seconds.

@@ -41,7 +41,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -51,7 +50,8 @@ from typing import Any, Final, Literal, TypeVar, cast, overload
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgeagent.errors import EdgeAgentError
-from edgeagent.mqtt.topics import Topics
+from edgeagent.mqtt.payload import to_json
+from edgeagent.mqtt.topics import SAFE_NAME, Topics
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,6 @@ Stage = Literal["accepted", "progress", "succeeded", "failed"]
 ReplyPublisher = Callable[[str, bytes, dict[str, Any] | None], None]
 """Publishes one reply: (topic, payload, MQTT 5 properties or None); QoS 1, not retained."""
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _REQUEST_KEYS: Final = frozenset({"id", "args"})
 _SHOWN_MAX = 64  # characters of a foreign string quoted in a reason
 _WORKER_PREFIX = "edgeagent-cmd-worker"
@@ -92,7 +91,7 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def _name_rule(value: str, what: str) -> str:
-    if not _NAME.fullmatch(value):
+    if not SAFE_NAME.fullmatch(value):
         raise ValueError(
             f"{what} {value!r} must be 1-64 characters of letters, digits, '_', '-' or '.', "
             "starting with a letter or digit (it becomes an MQTT topic level)"
@@ -423,10 +422,6 @@ class _Ledger:
             self._seen.popitem(last=False)
 
 
-def _dumps(message: Mapping[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
-
-
 def _ping(_request: Request) -> dict[str, Any]:
     return {"pong": True, "ts": round(time.time(), 3)}
 
@@ -714,7 +709,7 @@ class CommandRouter:
             "ts": round(time.time(), 3),
         }
         message.update(body)
-        return _dumps(message)
+        return to_json(message)
 
     def _send(self, address: ReplyAddress, payload: bytes) -> None:
         try:

@@ -26,7 +26,6 @@ Payload (latencies in milliseconds, times in seconds, pipelines keyed by name):
 from __future__ import annotations
 
 import http.server
-import json
 import logging
 import math
 import socket
@@ -42,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgeagent.errors import ConfigError
 from edgeagent.hal.system import SystemFacts
+from edgeagent.mqtt.payload import to_json
 
 log = logging.getLogger(__name__)
 
@@ -335,11 +335,6 @@ def build_telemetry(
     }
 
 
-def telemetry_json(payload: Mapping[str, Any]) -> bytes:
-    """The payload as compact JSON; raises ValueError for NaN or infinity."""
-    return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
-
-
 # --- publishing ------------------------------------------------------------------------
 
 
@@ -377,7 +372,7 @@ class TelemetryPublisher:
         """Builds and publishes one message; False (logged) if that failed."""
         try:
             payload = self._snapshot()
-            data = telemetry_json(payload)
+            data = to_json(payload)
             self._publish(data)
         except Exception:
             log.exception("cannot publish telemetry")
