@@ -641,6 +641,9 @@ def test_a_transfer_resumes_after_the_broker_goes_away(
 # --- probation -----------------------------------------------------------------------------
 
 
+BENCH_MODEL = Path(__file__).resolve().parents[1] / "models" / "bench" / "mobilenet-224-int8.tflite"
+
+
 def nan_on_bright_frames() -> bytes:
     """y = sqrt(0.75 - mean(x)) on a float [1, 8, 8, 3] input in [0, 1]: finite on the
     gate's zeros and its random sample (mean ~0.5), NaN on a white frame (mean 1)."""
@@ -703,6 +706,39 @@ def test_a_model_that_gives_nan_in_service_is_rolled_back_by_itself(
     assert set(versions_of(results)) == {"1.0.0"}
     assert dev.store.active(MODEL) is None  # the pointer never named 9.0.0
     assert not list((dev.config.store / "delivery").glob("*.json"))
+
+
+def test_a_model_whose_latency_regresses_is_rolled_back_by_itself(
+    device_factory: Callable[..., Device],
+    readers: tuple[MqttReader, MqttReader],
+    keys: tuple[bytes, bytes],
+) -> None:
+    """The bench MobileNet (224x224, ~100x the digits model's work) delivered as a new
+    version of the digits model: probation sees its p95 invoke far past the factor."""
+    reported, events = readers
+    dev = device_factory(probation_s=2.0, latency_factor=3.0, latency_floor_ms=0.2)
+    dev.results_after(20, 0)  # a baseline for the old model's p95
+    publish_model(
+        dev.broker,
+        PREFIX,
+        MODEL,
+        "8.0.0",
+        BENCH_MODEL.read_bytes(),
+        keys[0],
+        task={"type": "classification", "top_k": 1},
+        labels=(),
+        preprocess={"type": "image", "resize": "stretch", "mean": [127.5], "std": [127.5]},
+    )
+    dev.desired({"digits": {"model": MODEL, "version": "8.0.0"}})
+
+    rolled = events.wait_for(lambda m: doc(m)["type"] == "rolled-back", timeout=60)
+    assert doc(rolled)["code"] == "probation-failed"
+    assert "latency" in doc(rolled)["reason"]
+    entry = reported_where(reported, lambda e: e["last_failure"] is not None)
+    assert entry["version"] == "1.0.0"
+    assert "8.0.0" in versions_of(dev.results)
+    results = dev.results_after(5, len(dev.results))
+    assert set(versions_of(results)) == {"1.0.0"}
 
 
 # --- pinning, rollback, groups -----------------------------------------------------------

@@ -68,6 +68,7 @@ from edgeagent.models.signing import (
 from edgeagent.models.store import ModelStore, StoredModel
 from edgeagent.models.tflite import read_model
 from edgeagent.models.transfer import ChunkAssembler, TransferTimer, fsync_dir, write_file_durably
+from edgeagent.mqtt.payload import to_json
 from edgeagent.mqtt.topics import Topics
 from edgeagent.pipeline import PipelineStats, source_kind
 
@@ -912,7 +913,12 @@ class ModelDelivery:
         elif elapsed >= cfg.probation_s and results >= cfg.probation_min_results:
             p95 = _invoke_p95(stats, last=results)
             old = probation.old_p95
-            if old is not None and p95 is not None and p95 > cfg.latency_factor * old:
+            if (
+                old is not None
+                and p95 is not None
+                and p95 > cfg.latency_factor * old
+                and p95 - old > cfg.latency_floor_ms
+            ):
                 self._probation_failed(
                     name,
                     "latency",
@@ -1059,7 +1065,7 @@ class ModelDelivery:
             "version": version,
             **extra,
         }
-        self._publish_event(self._topics.events, _json(body))
+        self._publish_event(self._topics.events, to_json(body))
 
     def _publish_reported(self) -> None:
         pipelines: dict[str, Any] = {}
@@ -1074,7 +1080,7 @@ class ModelDelivery:
                 "last_failure": report.last_failure,
             }
         body = {"ts": round(time.time(), 3), "pipelines": pipelines}
-        self._link.publish(self._topics.reported, _json(body), qos=1, retain=True)
+        self._link.publish(self._topics.reported, to_json(body), qos=1, retain=True)
 
     # --- the probation marker (see the module doc) ------------------------------------
 
@@ -1096,7 +1102,7 @@ class ModelDelivery:
         body = {"model": model.name, "version": model.version, "attempts": attempts}
         try:
             self._marker_dir.mkdir(parents=True, exist_ok=True)
-            write_file_durably(self._marker_path(pipeline), _json(body))
+            write_file_durably(self._marker_path(pipeline), to_json(body))
             fsync_dir(self._marker_dir)
         except OSError as exc:
             _log.warning("cannot write the probation marker of %s: %s", pipeline, exc)
@@ -1125,10 +1131,6 @@ def _invoke_p95(stats: PipelineStats, last: int | None = None) -> float | None:
     (during probation: only the new model's)."""
     p95 = stats.percentiles(last).get("invoke", {}).get("p95")
     return float(p95) if p95 is not None else None
-
-
-def _json(body: Mapping[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 __all__ = [
