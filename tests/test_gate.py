@@ -79,6 +79,7 @@ def rejected(
     [
         ("digits-classifier", "image", FRAME),
         ("shapes-detector", "image", FRAME),
+        ("shapes-detector-ssd", "image", FRAME),
         ("vibration-anomaly", "window", WINDOW),
     ],
 )
