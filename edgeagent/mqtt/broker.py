@@ -81,8 +81,13 @@ class LocalBroker:
         if os.geteuid() == 0:
             lines.append("user root")  # as root, mosquitto drops to 'mosquitto' and loses its log
         conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        # Its own session: Ctrl-C reaches the demo, which stops the agent first and the
+        # broker last, so the view still sees the agent go offline.
         self._process = subprocess.Popen(
-            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [binary, "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         self.kind, self.protocol = "mosquitto", "5"
 
