@@ -255,11 +255,10 @@ class Agent:
 
     def _publish_durably(self, topic: str, payload: bytes) -> None:
         """Results and events: stored first, removed once the broker acknowledged them."""
-        if self.outbox is None or self._outbox_publisher is None:
+        if self._outbox_publisher is None:
             self._link.publish(topic, payload, qos=self.config.mqtt.qos)
-            return
-        self.outbox.put(topic, payload, qos=self.config.mqtt.qos)
-        self._outbox_publisher.notify()
+        else:
+            self._outbox_publisher.submit(topic, payload, qos=self.config.mqtt.qos)
 
     def _publish_result(self, pipeline: str, result: dict[str, Any]) -> None:
         self._publish_durably(self.topics.results(pipeline), to_json(result))

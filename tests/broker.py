@@ -32,23 +32,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgeagent.config import MqttConfig, TlsConfig
+from edgeagent.mqtt.broker import LOOPBACK, find_mosquitto, free_port
 
-LOOPBACK = "127.0.0.1"
-_SEARCH = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
-
-
-def find_mosquitto() -> str | None:
-    """The mosquitto binary's path, or None when it is not installed."""
-    return shutil.which("mosquitto") or next((p for p in _SEARCH if Path(p).exists()), None)
-
-
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago (another process may still take it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
+__all__ = ["LOOPBACK", "find_mosquitto", "free_port"]  # re-exported for the tests
 
 # --- TLS material ----------------------------------------------------------------------
 

@@ -22,6 +22,14 @@ log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 
 
+def find_mosquitto() -> str | None:
+    """The mosquitto binary (on PATH or where Debian puts it), or None."""
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()),
+        None,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
@@ -53,10 +61,7 @@ class LocalBroker:
         self._amqtt: Any = None
 
     def start(self) -> LocalBroker:
-        binary = shutil.which("mosquitto") or next(
-            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()),
-            None,
-        )
+        binary = find_mosquitto()
         if binary:
             self._start_mosquitto(binary)
         else:
