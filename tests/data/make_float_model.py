@@ -3,10 +3,10 @@
 
 It tells four synthetic 16x16 gray patterns apart: a horizontal bar, a vertical bar, a
 diagonal and a ring, drawn at random positions with noise by `pattern()` (also used by the
-tests to make calibration images). Run it once with the converter environment and commit
-the output; it is deterministic up to TensorFlow's own kernels:
+tests to make calibration images). Run it once in an environment with the `build`
+extra (TensorFlow) and commit the output; it is deterministic up to TensorFlow's kernels:
 
-    /work/buildenv/bin/python tests/data/make_float_model.py
+    .venv-build/bin/python tests/data/make_float_model.py
 
 The network: CONV_2D 3x3x8 + RELU, MAX_POOL_2D, CONV_2D 3x3x16 + RELU, MEAN (global
 average), FULLY_CONNECTED 4, SOFTMAX. Input float32 [1, 16, 16, 1] in [0, 1] (pixel / 255),
