@@ -44,6 +44,7 @@ from pydantic import ValidationError
 from edgeagent.config import AgentConfig, MqttConfig, PipelineConfig, load_config
 from edgeagent.errors import ConfigError, EdgeAgentError
 from edgeagent.hal.accel import Probe, ProbeState, probe_accelerators
+from edgeagent.mqtt.client import read_password
 from edgeagent.paths import model_store_root, outbox_path, state_dir
 
 log = logging.getLogger(__name__)
@@ -955,14 +956,6 @@ class _Connect:
     fix: str | None = None
 
 
-def _read_password(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8").rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(f"cannot read the MQTT password file {path}: {reason}") from exc
-
-
 def _mqtt_connect(mqtt: MqttConfig, device_id: str, timeout_s: float) -> _Connect:
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
@@ -976,7 +969,7 @@ def _mqtt_connect(mqtt: MqttConfig, device_id: str, timeout_s: float) -> _Connec
     client.connect_timeout = timeout_s
     try:
         if mqtt.password_file is not None:
-            client.username_pw_set(mqtt.username, _read_password(mqtt.password_file))
+            client.username_pw_set(mqtt.username, read_password(mqtt.password_file))
         elif mqtt.username is not None:
             client.username_pw_set(mqtt.username)
     except ConfigError as exc:

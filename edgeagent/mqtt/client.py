@@ -197,7 +197,9 @@ class _Dispatcher:
                     log.exception("the handler of an MQTT message on %s failed", item[0])
 
 
-def _read_password(path: Path) -> str:
+def read_password(path: Path) -> str:
+    """The password in `path` (one line; a systemd credential, say); ConfigError naming the
+    file when it cannot be read or is empty."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -303,7 +305,7 @@ class MqttLink:
         if config.password_file is not None:
             if config.username is None:
                 raise ConfigError("mqtt.password_file is set but mqtt.username is not")
-            client.username_pw_set(config.username, _read_password(config.password_file))
+            client.username_pw_set(config.username, read_password(config.password_file))
         elif config.username is not None:
             client.username_pw_set(config.username)
 

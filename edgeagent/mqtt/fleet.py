@@ -29,6 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeagent.config import MqttConfig
 from edgeagent.errors import ConfigError, EdgeAgentError
+from edgeagent.mqtt.client import read_password
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class FleetConnection:
             protocol=mqtt.MQTTv5 if config.protocol == "5" else mqtt.MQTTv311,
         )
         if config.username is not None:
-            password = _read_password(config.password_file) if config.password_file else None
+            password = read_password(config.password_file) if config.password_file else None
             self._client.username_pw_set(config.username, password)
         if config.tls is not None:
             try:
@@ -258,17 +259,6 @@ class FleetConnection:
                     return message.payload
         finally:
             self.unsubscribe(topic)
-
-
-def _read_password(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the MQTT password file {path}: {exc}") from exc
-    password = text.rstrip("\r\n")
-    if not password:
-        raise ConfigError(f"the MQTT password file {path} is empty")
-    return password
 
 
 def add_broker_options(parser: Any) -> None:
