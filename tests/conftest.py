@@ -5,12 +5,16 @@
   listener, a chosen port); every broker is stopped at teardown.
 - `mqtt_reader(broker, topic_filter, ...)`: a subscriber whose `wait_for(predicate)`
   returns a matching message or fails listing what arrived.
+- `agent_process(config, env=None)`: `edgeagent run --config CONFIG` as a subprocess
+  (stderr kept for the test to read); killed at teardown if the test left it running.
 - `_no_leaks` (automatic): a test fails if it leaves threads or child processes behind.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -129,3 +133,25 @@ def mqtt_reader() -> Iterator[Callable[..., MqttReader]]:
     yield subscribe
     for reader in readers:
         reader.close()
+
+
+@pytest.fixture
+def agent_process() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    processes: list[subprocess.Popen[str]] = []
+
+    def start(config: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "edgeagent.cli.main", "run", "--config", str(config)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=30)

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,27 +48,6 @@ ALL_PIPELINES = f"""\
     model: vibration-anomaly
     threads: 1
 """
-
-
-@pytest.fixture
-def agent_process() -> Iterator[Callable[..., subprocess.Popen[str]]]:
-    processes: list[subprocess.Popen[str]] = []
-
-    def start(config: Path) -> subprocess.Popen[str]:
-        process = subprocess.Popen(
-            [*AGENT, "run", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        processes.append(process)
-        return process
-
-    yield start
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=30)
 
 
 def payload(message: Received) -> dict[str, Any]:

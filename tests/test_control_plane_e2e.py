@@ -56,27 +56,6 @@ def write_config(tmp_path: Path, broker: Mosquitto, *, protocol: str = "5", fps:
     return path
 
 
-@pytest.fixture
-def agent_process() -> Iterator[Callable[[Path], subprocess.Popen[str]]]:
-    processes: list[subprocess.Popen[str]] = []
-
-    def start(config: Path) -> subprocess.Popen[str]:
-        process = subprocess.Popen(
-            [*AGENT, "run", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        processes.append(process)
-        return process
-
-    yield start
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=30)
-
-
 class Dashboard:
     """A fleet dashboard: sends commands, collects replies by request id."""
 

@@ -70,9 +70,9 @@ AgentStarter = Callable[..., subprocess.Popen[str]]
 
 
 @pytest.fixture
-def start_agent(notify: NotifySocket) -> Iterator[AgentStarter]:
-    processes: list[subprocess.Popen[str]] = []
-
+def start_agent(
+    notify: NotifySocket, agent_process: Callable[..., subprocess.Popen[str]]
+) -> AgentStarter:
     def start(
         config: Path, *, watchdog: bool = True, hang_after: int | None = None
     ) -> subprocess.Popen[str]:
@@ -86,21 +86,9 @@ def start_agent(notify: NotifySocket) -> Iterator[AgentStarter]:
             env["WATCHDOG_USEC"] = str(WATCHDOG_USEC)
         if hang_after is not None:
             env[HANG] = str(hang_after)
-        process = subprocess.Popen(
-            [*AGENT, "run", "--config", str(config)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        processes.append(process)
-        return process
+        return agent_process(config, env=env)
 
-    yield start
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=30)
+    return start
 
 
 def is_ready(n: Notification) -> bool:
