@@ -227,12 +227,30 @@ class DeliveryConfig(_Model):
         return value
 
 
+class AgentCommandsConfig(CommandsConfig):
+    """`commands:` as the agent reads it: the router's settings plus what a command may
+    name on this device's disk. Local-only, like every `commands.*` key."""
+
+    # Folders under which a file path set by `config.set` (an images or csv source's
+    # `path`, an opencv `uri` that is a file, a pipeline's `model`) or `bench`'s `model`
+    # must resolve, symlinks followed. Empty: remote commands may name no file at all.
+    remote_paths: tuple[Path, ...] = ()
+
+    @field_validator("remote_paths")
+    @classmethod
+    def _absolute(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
+        relative = [str(p) for p in value if not p.expanduser().is_absolute()]
+        if relative:
+            raise ValueError(f"must be absolute folders; relative: {', '.join(relative)}")
+        return tuple(p.expanduser() for p in value)
+
+
 class AgentConfig(_Model):
     device: DeviceConfig = Field(default_factory=DeviceConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     pipelines: tuple[PipelineConfig, ...] = ()
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
-    commands: CommandsConfig = Field(default_factory=CommandsConfig)
+    commands: AgentCommandsConfig = Field(default_factory=AgentCommandsConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     homeassistant: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
     models: DeliveryConfig = Field(default_factory=DeliveryConfig)

@@ -222,7 +222,9 @@ def test_every_command_round_trips(
     assert "mqtt.hots" in bad["reason"]
     assert config_path.read_text() == before
 
-    # One that would break a pipeline is rolled back and the pipeline keeps running.
+    # One that would break a pipeline is rolled back and the pipeline keeps running (a
+    # model name neither bundled nor delivered: a path would be refused before, as
+    # forbidden-path, since this device has no commands.remote_paths).
     broken = board.call(
         "config.set",
         {
@@ -231,7 +233,7 @@ def test_every_command_round_trips(
                     {
                         "name": "shapes",
                         "source": {"type": "synthetic", "fps": 20},
-                        "model": "/nonexistent.tflite",
+                        "model": "no-such-model",
                     }
                 ]
             }
