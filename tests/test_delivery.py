@@ -136,7 +136,7 @@ def publish_model(
     return data
 
 
-def set_desired(broker: Mosquitto, topic: str, pipelines: dict[str, dict[str, str]] | None) -> None:
+def set_desired(broker: Mosquitto, topic: str, pipelines: dict[str, dict[str, Any]] | None) -> None:
     payload = b"" if pipelines is None else json.dumps({"pipelines": pipelines, "ts": 1}).encode()
     fleet = Publisher(broker)
     try:
@@ -212,7 +212,7 @@ class Device:
         wait_until(lambda: len(self.results) >= since + count, f"{count} more results", timeout)
         return self.results[since:]
 
-    def desired(self, pipelines: dict[str, dict[str, str]] | None) -> None:
+    def desired(self, pipelines: dict[str, dict[str, Any]] | None) -> None:
         set_desired(self.broker, self.topics.desired, pipelines)
 
 
@@ -566,7 +566,8 @@ def test_a_bad_delivery_is_refused_and_the_old_model_keeps_running(
     assert failure["code"] in bad.codes, failure
     assert failure["version"] == bad.version
     assert failure["reason"]
-    assert (entry["version"], entry["state"], entry["staged"]) == ("1.0.0", "failed", None)
+    # `state` says what runs (the old model, fine); the refusal is in last_failure only.
+    assert (entry["version"], entry["state"], entry["staged"]) == ("1.0.0", "running", None)
     rejected = events.wait_for(lambda m: doc(m)["type"] == "rejected")
     assert doc(rejected)["code"] == failure["code"]
     assert doc(rejected)["pipeline"] == "digits"
@@ -698,7 +699,7 @@ def test_a_model_that_gives_nan_in_service_is_rolled_back_by_itself(
     assert main == ["downloaded", "validated", "activated", "rolled-back"]
     entry = reported_where(reported, lambda e: e["last_failure"] is not None)
     assert entry["version"] == "1.0.0"
-    assert entry["state"] == "failed"
+    assert entry["state"] == "running"  # 1.0.0 runs again
     assert entry["last_failure"]["code"] == "probation-failed"
     # The new model did run (and gave NaN), then the old one came back and stays.
     assert "9.0.0" in versions_of(dev.results)
@@ -763,9 +764,10 @@ def test_pinning_a_stored_version_activates_it_without_a_download(
     assert dev.store is not None
     assert dev.delivery is not None
 
-    for version in ["2.0.0", "3.0.0", "2.0.0"]:
+    for version, back in [("2.0.0", False), ("3.0.0", False), ("2.0.0", True)]:
         since = len(reported.messages)
-        dev.desired({"digits": {"model": MODEL, "version": version}})
+        # Going back from 3.0.0 to 2.0.0 is a downgrade: the desired state must say so.
+        dev.desired({"digits": {"model": MODEL, "version": version, "allow_downgrade": back}})
         reported_where(
             reported, lambda e, v=version: e["version"] == v and e["state"] == "running", since
         )
@@ -811,7 +813,9 @@ def test_device_desired_state_wins_over_groups_and_the_first_group_wins(
         assert versions_of(results)[-1] == version
 
     def group(name: str, version: str, **more: dict[str, str]) -> Callable[[], None]:
-        pipelines = {"digits": {"model": MODEL, "version": version}, **more}
+        # lab's 3.0.0 applies again after 4.0.0 ran: a downgrade the entry allows.
+        entry = {"model": MODEL, "version": version, "allow_downgrade": True}
+        pipelines = {"digits": entry, **more}
         return lambda: set_desired(dev.broker, topics.group_desired(name), pipelines)
 
     converges("2.0.0", group("all", "2.0.0"))
