@@ -15,6 +15,11 @@ The model, its engine and its pre/post-processing form one `Runner`. Only the in
 thread replaces it, between two frames: for a new model version (`swap`) and when the
 accelerator fails (failover to the next one, down to the CPU, and back when it returns).
 A frame prepared for the previous runner is prepared again, so no frame is lost.
+
+Every result carries `run` (the agent process's id) and `seq`, drawn from a
+`ResultSequence` the agent keeps per pipeline name for the life of its process: a
+pipeline that is restarted, reconfigured or rolled back continues the numbers of the one
+it replaces, so `(run, pipeline, seq)` never names two results (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -144,6 +149,25 @@ class _Inferred:
     runner: Runner
 
 
+class ResultSequence:
+    """The `seq` numbers of one pipeline name within one agent process: 0, 1, 2, ...,
+    each handed out once. Thread-safe: a pipeline being stopped may still number its last
+    result while its replacement numbers its first."""
+
+    def __init__(self, start: int = 0) -> None:
+        if start < 0:
+            raise ValueError(f"a sequence starts at 0 or above, not {start!r}")
+        self._next = start
+        self._lock = threading.Lock()
+
+    def take(self) -> int:
+        """The next number; never the same one twice."""
+        with self._lock:
+            value = self._next
+            self._next += 1
+            return value
+
+
 class NewestSlot:
     """A one-item hand-over that keeps the newest item; `put` replaces what is unread."""
 
@@ -214,7 +238,10 @@ class Pipeline:
         accelerators: dict[str, Accelerator] | None = None,
         on_event: Event | None = None,
         run_id: str = "",
+        sequence: ResultSequence | None = None,
     ) -> None:
+        """`sequence` numbers the results; pass the agent's one for this name so that a
+        replacement pipeline continues where the previous one stopped (default: from 0)."""
         self.config = config
         self.name = config.name
         self._publish = publish
@@ -232,7 +259,7 @@ class Pipeline:
         self._results: queue.Queue[_Inferred | None] = queue.Queue(_RESULT_QUEUE_SIZE)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._sequence = 0
+        self._sequence = sequence if sequence is not None else ResultSequence()
         self.last: tuple[Sample, dict[str, Any]] | None = None  # for snapshots
 
     @property
@@ -567,7 +594,7 @@ class Pipeline:
             "ts": round(time.time(), 6),
             "captured_at": round(sample.captured_at, 6),
             "run": self._run_id,
-            "seq": self._sequence,
+            "seq": self._sequence.take(),
             "frame": sample.sequence,
             "pipeline": self.name,
             "model": {"name": runner.model.name, "version": runner.model.version},
@@ -580,7 +607,6 @@ class Pipeline:
             payload["non_finite"] = True
         if sample.truth is not None:
             payload["truth"] = sample.truth
-        self._sequence += 1
         self.last = (sample, result)
         self.stats.results_out += 1
         self.stats.last_result_at = time.time()

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from edgeagent.config import MqttConfig
+from edgeagent.config import MqttConfig, TlsConfig
 from edgeagent.errors import ConfigError
 from edgeagent.mqtt import MqttLink, Topics
 from tests.broker import Mosquitto, MqttReader, free_port, publish_once
@@ -141,7 +141,7 @@ def test_qos0_ticket_is_complete_when_sent(mosquitto: Mosquitto, make_link: Any)
 
 _KILLED_AGENT = """
 import sys, threading
-from edgeagent.config import MqttConfig
+from edgeagent.config import MqttConfig, TlsConfig
 from edgeagent.mqtt import MqttLink
 host, port = sys.argv[1], int(sys.argv[2])
 ready = threading.Event()
@@ -349,6 +349,57 @@ def test_tls_with_an_untrusted_ca_fails_verification_and_keeps_retrying(
     assert link.last_error is not None
     assert "CERTIFICATE_VERIFY_FAILED" in link.last_error
     assert len(_link_warnings(caplog)) == 1
+
+
+def _wait_last_error(link: MqttLink, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while link.last_error is None:
+        assert time.monotonic() < deadline, "no connect error was recorded"
+        time.sleep(0.05)
+    return link.last_error
+
+
+def test_tls_against_a_plain_listener_says_so(
+    mosquitto_factory: Factory, make_link: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LINK_LOGGER)
+    plain = mosquitto_factory()
+    tls_broker = mosquitto_factory(tls=True)
+    assert tls_broker.tls is not None
+    config = plain.mqtt_config(tls=TlsConfig(ca_file=tls_broker.tls.ca_file))
+    link, _ = make_link(config)
+    link.start()
+    error = _wait_last_error(link)
+    assert not link.connected
+    assert f"TLS handshake with 127.0.0.1:{plain.port} failed" in error
+    assert "is this port a TLS listener?" in error
+    assert "mqtt.tls is set" in error
+    assert "8883" in error
+    time.sleep(1.0)  # several retries: still one warning for the outage
+    warnings = _link_warnings(caplog)
+    assert len(warnings) == 1, warnings
+    assert "TLS listener" in warnings[0]
+
+
+def test_plain_mqtt_against_a_tls_listener_says_so(
+    mosquitto_factory: Factory, make_link: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=LINK_LOGGER)
+    broker = mosquitto_factory(tls=True)
+    link, _ = make_link(broker.mqtt_config(tls=None))
+    link.start()
+    error = _wait_last_error(link)
+    assert not link.connected
+    assert f"the broker at 127.0.0.1:{broker.port} closed the connection before" in error
+    assert "is this port a TLS listener? mqtt.tls is not set" in error
+    assert "Set mqtt.tls" in error
+    time.sleep(1.0)
+    warnings = _link_warnings(caplog)
+    assert len(warnings) == 1, warnings
+    paho_errors = [
+        r for r in caplog.records if r.name.endswith(".paho") and r.levelno >= logging.ERROR
+    ]
+    assert paho_errors == [], "paho's per-retry socket errors are not logged as errors"
 
 
 # --- MQTT 5 properties -----------------------------------------------------------------

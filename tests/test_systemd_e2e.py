@@ -6,8 +6,9 @@ Marked `systemd_e2e` (`pytest -m systemd_e2e`). These tests assume the wiring of
 edgeagent/systemd.py into the daemon, which is done separately from that module:
 
 - `cli/run.py` creates a `Notifier()`, starts a `ReadyGate` before the pipelines and
-  calls `ReadyGate.result_published(pipeline)` after each published result (READY=1 then
-  comes with the first one); after `Agent.start()` it starts
+  tells it what became of each result: `result_stored(pipeline)` once it is in the
+  outbox, `result_sent(pipeline, acknowledged)` when the outbox is disabled (READY=1 then
+  comes with the first stored, or acknowledged, one); after `Agent.start()` it starts
   `Watchdog(notifier, PipelineProgress(lambda: agent.running))`; on SIGTERM it sends
   `STOPPING=1`, then stops the watchdog, the gate and the agent, and exits 0.
 - A config that does not validate sends `STATUS=<the error>` before the non-zero exit
@@ -118,7 +119,7 @@ def test_ready_after_the_first_result_pings_while_running_and_stopping_on_sigter
     process = start_agent(write_config(tmp_path, mosquitto))
 
     ready = notify.wait_for(is_ready, timeout=60)
-    assert (ready.get("STATUS") or "").startswith("running: first result from pipeline shapes")
+    assert ready.get("STATUS") == "running: first result from pipeline shapes stored in the outbox"
     first = reader.wait_for(is_result, timeout=10)
     assert json.loads(first.payload)["seq"] == 0
 

@@ -11,6 +11,11 @@ Threads (two, both started by `start()` and joined by `stop()`):
   because blocking would stall the network thread. A pending `on_connected` is never
   dropped (repeated connects before it ran are coalesced into one call).
 
+Errors say what went wrong and what to do: `last_error` (shown by `edgeagent status`)
+names a TLS client talking to a plain listener, a plain client talking to a TLS one, an
+untrusted certificate, a refused connection or refused credentials, with the config key
+to change (`explain_connect_error`).
+
 Publishing never blocks. QoS 1 messages are kept by paho in memory (unbounded) while the
 broker is away and are re-sent after the reconnect; `PublishTicket.acked` is set when
 the broker acknowledges one.
@@ -20,6 +25,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import socket
+import ssl
 import sys
 import threading
 import time
@@ -57,14 +64,20 @@ _AUTH_REFUSALS: Final = frozenset({0x86, 0x87})
 _MISSING: Final[Any] = object()  # a sentinel: "no early ack recorded"
 
 
+# TCP ports brokers usually listen on, for hints: plain MQTT and MQTT over TLS.
+_PLAIN_PORT: Final = 1883
+_TLS_PORT: Final = 8883
+# paho's ERROR lines that the link reports itself (as connection state or `last_error`).
+_DEMOTED: Final = ("Client is not connected", "failed to receive on socket")
+
+
 class _DemoteNotConnected(logging.Filter):
     """paho 2.x logs "Client is not connected" at ERROR when its loop runs once more after
-    a clean disconnect; the link reports connection state itself, so it is debug noise."""
+    a clean disconnect, and "failed to receive on socket" for every retry against a
+    listener that hangs up; the link reports both itself, so they are debug noise."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.ERROR and str(record.msg).startswith(
-            "Client is not connected"
-        ):
+        if record.levelno == logging.ERROR and str(record.msg).startswith(_DEMOTED):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return log.isEnabledFor(logging.DEBUG)
         return True
@@ -211,6 +224,61 @@ def read_password(path: Path) -> str:
     return password
 
 
+def _describe_os_error(exc: BaseException) -> str:
+    """'connection reset by peer' rather than '[Errno 104] Connection reset by peer'."""
+    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, ssl.SSLError):
+        return exc.strerror[:1].lower() + exc.strerror[1:]
+    return str(exc) or type(exc).__name__
+
+
+def explain_connect_error(exc: BaseException | None, *, where: str, tls: bool) -> str:
+    """One line for a failed connect to `where` ('host:port'): what went wrong and what to
+    change. `tls`: whether mqtt.tls is set (the link speaks TLS)."""
+    if exc is None:
+        return f"cannot connect to {where}: connection failed"
+    detail = _describe_os_error(exc)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"TLS handshake with {where} failed: the broker's certificate is not trusted "
+            f"({detail}): set mqtt.tls.ca_file to the CA that signed it, and make mqtt.host "
+            "match a name in the certificate"
+        )
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the broker's host name in {where} ({detail}): check mqtt.host"
+    if isinstance(exc, ConnectionRefusedError):
+        return (
+            f"connection to {where} refused: no broker listens there (is it running, and "
+            "are mqtt.host and mqtt.port right?)"
+        )
+    if tls and isinstance(
+        exc, ConnectionResetError | ConnectionAbortedError | ssl.SSLError | EOFError
+    ):
+        return (
+            f"TLS handshake with {where} failed ({detail}): is this port a TLS listener? "
+            f"mqtt.tls is set, so the agent speaks TLS; the usual TLS port is {_TLS_PORT} "
+            f"and {_PLAIN_PORT} is plain MQTT. Point mqtt.port at the broker's TLS listener, "
+            "or remove mqtt.tls for a plain one"
+        )
+    return f"cannot connect to {where}: {detail}"
+
+
+def explain_early_close(*, where: str, tls: bool) -> str:
+    """The broker closed the connection before it answered CONNECT: a plain client on a
+    TLS listener, most often."""
+    if tls:
+        return (
+            f"the broker at {where} closed the connection before answering MQTT CONNECT "
+            "(after the TLS handshake): check its log; it may require a client certificate "
+            "(mqtt.tls.cert_file, mqtt.tls.key_file) or refuse this client id"
+        )
+    return (
+        f"the broker at {where} closed the connection before answering MQTT CONNECT: is "
+        f"this port a TLS listener? mqtt.tls is not set, so the agent speaks plain MQTT; the "
+        f"usual TLS port is {_TLS_PORT}. Set mqtt.tls (mqtt.tls.ca_file for a private CA), "
+        f"or point mqtt.port at a plain listener (usually {_PLAIN_PORT})"
+    )
+
+
 def _to_paho_properties(properties: Mapping[str, Any]) -> Properties:
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     for key, value in properties.items():
@@ -274,6 +342,7 @@ class MqttLink:
         self._outage_since: float | None = None
         self._outage_errors: set[str] = set()
         self._last_error: str | None = None
+        self._answered = False  # the broker answered this attempt's CONNECT (CONNACK)
 
     # --- set-up --------------------------------------------------------------------------
 
@@ -525,6 +594,8 @@ class MqttLink:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
+        with self._lock:
+            self._answered = True
         if reason_code.is_failure:
             hint = ""
             if reason_code.value in _AUTH_REFUSALS:
@@ -551,7 +622,11 @@ class MqttLink:
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
         # paho calls this inside its `except OSError:` block and passes no error.
         exc = sys.exc_info()[1]
-        self._note_failure(str(exc) if exc is not None else "connection failed")
+        with self._lock:
+            self._answered = False
+        self._note_failure(
+            explain_connect_error(exc, where=self._where, tls=self._config.tls is not None)
+        )
 
     def _on_disconnect(
         self,
@@ -570,8 +645,14 @@ class MqttLink:
             if was_connected and not stopping:
                 self._outage_since = time.monotonic()
                 self._outage_errors.clear()
+            answered, self._answered = self._answered, False
         if stopping or not was_connected:
             log.debug("MQTT connection closed: %s", reason_code)
+            if not stopping and not answered:
+                # A TCP connection the broker closed without a CONNACK.
+                self._note_failure(
+                    explain_early_close(where=self._where, tls=self._config.tls is not None)
+                )
             return
         if flags.is_disconnect_packet_from_server:
             why = f"the broker disconnected us: {reason_code}"
