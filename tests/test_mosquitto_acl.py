@@ -19,7 +19,12 @@ from tests.broker import LOOPBACK, Mosquitto
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy" / "mosquitto"
-USERS = {"pi-a": "secret-a", "pi-b": "secret-b", "fleet": "secret-fleet"}
+USERS = {
+    "pi-a": "secret-a",
+    "pi-b": "secret-b",
+    "fleet": "secret-fleet",
+    "dashboard": "secret-dashboard",
+}
 
 pytestmark = pytest.mark.broker
 
@@ -227,6 +232,62 @@ def test_a_wildcard_subscription_does_not_leak_other_devices_commands(
     fleet.publish("edgeagent/pi-a/cmd/reboot", b"for a")
 
     assert device.wait_for("edgeagent/pi-a/cmd/reboot") == [("edgeagent/pi-a/cmd/reboot", b"for a")]
+
+
+def test_the_operator_commands_devices_but_cannot_speak_for_them(login: type[Client]) -> None:
+    viewer = login("dashboard")
+    assert viewer.wait_connected()
+    assert not viewer.subscribe("edgeagent/#").is_failure
+    fleet = login("fleet")
+    assert fleet.wait_connected()
+
+    # What a device says about itself cannot come from the operator's credentials.
+    for topic in [
+        "edgeagent/pi-a/status",
+        "edgeagent/pi-a/results/shapes",
+        "edgeagent/pi-a/events",
+        "edgeagent/pi-a/telemetry",
+        "edgeagent/pi-a/reported",
+        "edgeagent/pi-a/reply",
+    ]:
+        fleet.publish(topic, b"forged")
+    allowed = [
+        "edgeagent/pi-a/cmd/ping",
+        "edgeagent/pi-a/desired",
+        "edgeagent/group/kitchen/cmd/ping",
+        "edgeagent/group/kitchen/desired",
+        "edgeagent/models/shapes/2.0.0/manifest",
+    ]
+    for topic in allowed:
+        fleet.publish(topic, b"ok")
+
+    received = viewer.wait_for(allowed[-1])
+    assert [topic for topic, _ in received] == allowed
+
+
+def test_the_read_only_dashboard_reads_everything_and_writes_nothing(
+    login: type[Client],
+) -> None:
+    device = login("pi-a")
+    assert device.wait_connected()
+    assert not device.subscribe("edgeagent/pi-a/cmd/#").is_failure
+    assert not device.subscribe("edgeagent/pi-a/desired").is_failure
+    viewer = login("dashboard")
+    assert viewer.wait_connected()
+    assert not viewer.subscribe("edgeagent/#").is_failure
+
+    for topic in ["edgeagent/pi-a/cmd/restart", "edgeagent/pi-a/desired"]:
+        viewer.publish(topic, b"forged")
+    device.publish("edgeagent/pi-a/results/shapes", b"ok")
+    assert viewer.wait_for("edgeagent/pi-a/results/shapes")[-1] == (
+        "edgeagent/pi-a/results/shapes",
+        b"ok",
+    )
+    fleet = login("fleet")
+    assert fleet.wait_connected()
+    fleet.publish("edgeagent/pi-a/cmd/ping", b"marker")
+    # The viewer's commands, published before the marker, never reached the device.
+    assert device.wait_for("edgeagent/pi-a/cmd/ping") == [("edgeagent/pi-a/cmd/ping", b"marker")]
 
 
 def test_logins_need_the_right_password(login: type[Client]) -> None:
