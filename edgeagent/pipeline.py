@@ -35,7 +35,8 @@ from edgeagent.config import PipelineConfig
 from edgeagent.errors import EdgeAgentError, ModelError, SourceError
 from edgeagent.hal.accel import AUTO_ORDER, get_accelerator
 from edgeagent.hal.accel.base import Accelerator, ProbeState
-from edgeagent.hal.source import Sample, SampleKind, Source
+from edgeagent.hal.settings import SampleKind
+from edgeagent.hal.source import Sample, Source
 from edgeagent.hal.sources import open_source
 from edgeagent.inference import Decoder, Engine, Prepared, make_decoder, make_preprocessor
 from edgeagent.models.catalog import ModelDescription, describe_model
@@ -57,11 +58,9 @@ _HEALTH_CHECK_S = 0.5  # how often the active accelerator's probe is consulted
 # many invokes, as a hung delegate does. Unset in production.
 _HANG_AFTER = int(os.environ.get("EDGEAGENT_FAULT_HANG_INVOKE_AFTER", "0") or 0)
 
-_WINDOW_SOURCES = frozenset({"synthetic-vibration", "csv", "mpu6050"})
-
 
 def source_kind(config: PipelineConfig) -> SampleKind:
-    return "window" if config.source.type in _WINDOW_SOURCES else "image"
+    return config.source.kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,8 +322,7 @@ class Pipeline:
 
     def _capture_loop(self) -> None:
         assert self._source is not None
-        source = self.config.source
-        unpaced = getattr(source, "fps", None) == 0 or getattr(source, "realtime", True) is False
+        unpaced = not self.config.source.paced()
         backoff = 1.0
         while not self._stopping.is_set():
             try:

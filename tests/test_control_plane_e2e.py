@@ -18,12 +18,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgeagent.control import ask
-from tests.broker import Mosquitto, MqttReader, Received
+from tests.broker import Mosquitto, MqttReader, Received, subscriber
 
 AGENT = [sys.executable, "-m", "edgeagent.cli.main"]
 ROOT = "edgeagent/cp"
@@ -64,19 +63,15 @@ class Dashboard:
         self.response_topic = f"dashboard/{uuid.uuid4().hex[:8]}/replies"
         self._cond = threading.Condition()
         self.replies: list[Received] = []
-        subscribed = threading.Event()
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311,
-        )
-        self._client.on_message = self._on_message
-        self._client.on_subscribe = lambda *_a: subscribed.set()
         # `X/#` matches X itself too: one filter each, or replies arrive twice.
         filters = [(f"{ROOT}/reply/#", 1), (f"{self.response_topic}/#", 1)]
-        self._client.on_connect = lambda c, *_a: c.subscribe(filters)
-        self._client.connect(broker.host, broker.port)
-        self._client.loop_start()
-        assert subscribed.wait(10)
+        self._client = subscriber(
+            broker,
+            filters,
+            self._on_message,
+            client_id=f"dashboard-{uuid.uuid4().hex[:8]}",
+            protocol=protocol,
+        )
 
     def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
         props = {}

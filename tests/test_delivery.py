@@ -18,13 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 import yaml
 from ai_edge_litert import schema_py_generated as s
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from paho.mqtt.enums import CallbackAPIVersion
 from PIL import Image
 
 from edgeagent.config import ImagesCamera, PipelineConfig
@@ -42,7 +40,7 @@ from edgeagent.models.store import ModelStore
 from edgeagent.mqtt import MqttLink, Topics
 from edgeagent.pipeline import Pipeline
 from tests import modelfactory
-from tests.broker import Mosquitto, MqttReader
+from tests.broker import Mosquitto, MqttReader, Publisher
 
 BUNDLED = Path(__file__).resolve().parents[1] / "models" / "bundled"
 DIGITS = BUNDLED / "digits-classifier.tflite"
@@ -53,28 +51,6 @@ MODEL = "digits-classifier"
 FAST = {"probation_s": 0.5, "probation_min_results": 5}
 
 # --- publishing as the fleet does --------------------------------------------------------
-
-
-class Publisher:
-    """One paho client that publishes retained messages and waits for their acks."""
-
-    def __init__(self, broker: Mosquitto) -> None:
-        self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"test-fleet-{time.monotonic_ns():x}",
-            protocol=mqtt.MQTTv5,
-        )
-        self._client.connect(broker.host, broker.port, keepalive=10)
-        self._client.loop_start()
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool = True) -> None:
-        info = self._client.publish(topic, payload, qos=1, retain=retain)
-        info.wait_for_publish(10)
-        assert info.is_published(), f"publish to {topic} was not acknowledged"
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
 
 
 def make_manifest(

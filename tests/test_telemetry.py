@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from edgeagent.config import PrometheusConfig, TelemetryConfig
 from edgeagent.errors import ConfigError
 from edgeagent.hal.system import CpuSampler, read_system_facts
 from edgeagent.mqtt import MqttLink, Topics
@@ -26,10 +27,8 @@ from edgeagent.mqtt.telemetry import (
     LatencyWindow,
     MqttSnapshot,
     PipelineSnapshot,
-    PrometheusConfig,
     PrometheusExporter,
     StagePercentiles,
-    TelemetryConfig,
     TelemetryPublisher,
     build_telemetry,
     render_prometheus,
