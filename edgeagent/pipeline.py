@@ -20,7 +20,6 @@ A frame prepared for the previous runner is prepared again, so no frame is lost.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -54,9 +53,6 @@ _RESULT_QUEUE_SIZE = 8
 # that is being retried is alive to the watchdog, not hung.
 _SOURCE_BACKOFF_MAX_S = 10.0
 _HEALTH_CHECK_S = 0.5  # how often the active accelerator's probe is consulted
-# Fault injection for the watchdog test: the inference thread blocks for good after this
-# many invokes, as a hung delegate does. Unset in production.
-_HANG_AFTER = int(os.environ.get("EDGEAGENT_FAULT_HANG_INVOKE_AFTER", "0") or 0)
 
 
 def source_kind(config: PipelineConfig) -> SampleKind:
@@ -372,7 +368,6 @@ class Pipeline:
         next_due = time.monotonic()
         next_health = time.monotonic() + _HEALTH_CHECK_S
         next_reprobe = time.monotonic() + self._reprobe_s
-        invokes = 0
         try:
             while not self._stopping.is_set():
                 self._take_pending()
@@ -391,10 +386,6 @@ class Pipeline:
                 captured = self._slot.take(timeout=0.2)
                 if captured is None:
                     continue
-                invokes += 1
-                if _HANG_AFTER and invokes > _HANG_AFTER:
-                    log.warning("fault injection: the inference thread of %s hangs", self.name)
-                    threading.Event().wait()
                 try:
                     self._infer(captured)
                 except Exception as exc:  # one failed frame must not end the thread

@@ -299,6 +299,10 @@ class Mosquitto:
         return MqttConfig(**values)
 
 
+# What the `mosquitto_factory` fixture (conftest.py) yields: start(users=, tls=, port=, ...).
+MosquittoFactory = Callable[..., Mosquitto]
+
+
 # --- a subscriber that collects --------------------------------------------------------
 
 

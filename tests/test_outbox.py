@@ -24,6 +24,7 @@ from edgeagent.config import MqttConfig, OutboxConfig
 from edgeagent.mqtt import MqttLink
 from edgeagent.mqtt.outbox import Outbox, OutboxPublisher
 from tests.broker import Mosquitto, durable_subscriber, free_port
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 BIG = 1 << 30
@@ -288,14 +289,6 @@ class FakeLink:
             return [payload for _topic, payload in self.sent]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.01)
-
-
 @contextmanager
 def publishing(outbox: Outbox, link: Any, **options: Any) -> Iterator[OutboxPublisher]:
     publisher = OutboxPublisher(outbox, link, **options)
@@ -331,7 +324,7 @@ def test_unacknowledged_messages_are_bounded_by_the_window(tmp_path: Path) -> No
         for i in range(50):
             publisher.submit("t", b"%d" % i)
         wait_until(lambda: len(link.payloads()) == 16)
-        time.sleep(0.2)
+        time.sleep(0.2)  # lets time pass to show that no 17th is sent while none is acked
         assert len(link.payloads()) == 16
         assert publisher.in_flight == 16
 

@@ -455,7 +455,7 @@ def test_the_publisher_publishes_on_the_broker_every_interval(
         publisher.stop()
         link.stop()
     stopped_at = publisher.published
-    time.sleep(0.2)
+    time.sleep(0.2)  # lets time pass to show that nothing is published after stop
 
     assert publisher.published == stopped_at  # nothing after stop
     for message in got:
