@@ -26,19 +26,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgeagent import __version__
-from edgeagent.config import (
-    AgentConfig,
-    CsvSensor,
-    ImagesCamera,
-    OpenCVCamera,
-    PipelineConfig,
-    validate_config_data,
-)
+from edgeagent.config import AgentConfig, PipelineConfig, validate_config_data
 from edgeagent.errors import ConfigError, EdgeAgentError
+from edgeagent.hal.camera.settings import ImagesCamera, OpenCVCamera
+from edgeagent.hal.sensor.settings import CsvSensor
 from edgeagent.inference.benchmark import measure
 from edgeagent.models.catalog import bundled_dir
 from edgeagent.mqtt.commands import BinaryResult, CommandRouter, Progress, Request
-from edgeagent.mqtt.topics import SAFE_NAME
+from edgeagent.names import SAFE_NAME
 from edgeagent.snapshot import render_snapshot
 
 if TYPE_CHECKING:

@@ -25,7 +25,6 @@ it replaces, so `(run, pipeline, seq)` never names two results (docs/protocol.md
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -40,7 +39,8 @@ from edgeagent.config import PipelineConfig
 from edgeagent.errors import EdgeAgentError, ModelError, SourceError
 from edgeagent.hal.accel import AUTO_ORDER, get_accelerator
 from edgeagent.hal.accel.base import Accelerator, ProbeState
-from edgeagent.hal.source import Sample, SampleKind, Source
+from edgeagent.hal.settings import SampleKind
+from edgeagent.hal.source import Sample, Source
 from edgeagent.hal.sources import open_source
 from edgeagent.inference import Decoder, Engine, Prepared, make_decoder, make_preprocessor
 from edgeagent.models.catalog import ModelDescription, describe_model
@@ -58,15 +58,10 @@ _RESULT_QUEUE_SIZE = 8
 # that is being retried is alive to the watchdog, not hung.
 _SOURCE_BACKOFF_MAX_S = 10.0
 _HEALTH_CHECK_S = 0.5  # how often the active accelerator's probe is consulted
-# Fault injection for the watchdog test: the inference thread blocks for good after this
-# many invokes, as a hung delegate does. Unset in production.
-_HANG_AFTER = int(os.environ.get("EDGEAGENT_FAULT_HANG_INVOKE_AFTER", "0") or 0)
-
-_WINDOW_SOURCES = frozenset({"synthetic-vibration", "csv", "mpu6050"})
 
 
 def source_kind(config: PipelineConfig) -> SampleKind:
-    return "window" if config.source.type in _WINDOW_SOURCES else "image"
+    return config.source.kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,8 +345,7 @@ class Pipeline:
 
     def _capture_loop(self) -> None:
         assert self._source is not None
-        source = self.config.source
-        unpaced = getattr(source, "fps", None) == 0 or getattr(source, "realtime", True) is False
+        unpaced = not self.config.source.paced()
         backoff = 1.0
         while not self._stopping.is_set():
             try:
@@ -401,7 +395,6 @@ class Pipeline:
         next_due = time.monotonic()
         next_health = time.monotonic() + _HEALTH_CHECK_S
         next_reprobe = time.monotonic() + self._reprobe_s
-        invokes = 0
         try:
             while not self._stopping.is_set():
                 self._take_pending()
@@ -420,10 +413,6 @@ class Pipeline:
                 captured = self._slot.take(timeout=0.2)
                 if captured is None:
                     continue
-                invokes += 1
-                if _HANG_AFTER and invokes > _HANG_AFTER:
-                    log.warning("fault injection: the inference thread of %s hangs", self.name)
-                    threading.Event().wait()
                 try:
                     self._infer(captured)
                 except Exception as exc:  # one failed frame must not end the thread

@@ -18,15 +18,14 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from edgeagent.config import BUILTIN_COMMANDS, CommandsConfig
 from edgeagent.errors import EdgeAgentError
 from edgeagent.mqtt import MqttLink, Topics
 from edgeagent.mqtt.commands import (
-    BUILTIN_COMMANDS,
     MAX_PENDING,
     BinaryResult,
     CommandRejected,
     CommandRouter,
-    CommandsConfig,
     Progress,
     Request,
     parse_request,

@@ -18,13 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 import yaml
 from ai_edge_litert import schema_py_generated as s
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from paho.mqtt.enums import CallbackAPIVersion
 from PIL import Image
 
 from edgeagent.config import ImagesCamera, PipelineConfig
@@ -42,7 +40,8 @@ from edgeagent.models.store import ModelStore
 from edgeagent.mqtt import MqttLink, Topics
 from edgeagent.pipeline import Pipeline
 from tests import modelfactory
-from tests.broker import Mosquitto, MqttReader
+from tests.broker import Mosquitto, MqttReader, Publisher
+from tests.waiting import wait_until
 
 BUNDLED = Path(__file__).resolve().parents[1] / "models" / "bundled"
 DIGITS = BUNDLED / "digits-classifier.tflite"
@@ -53,28 +52,6 @@ MODEL = "digits-classifier"
 FAST = {"probation_s": 0.5, "probation_min_results": 5}
 
 # --- publishing as the fleet does --------------------------------------------------------
-
-
-class Publisher:
-    """One paho client that publishes retained messages and waits for their acks."""
-
-    def __init__(self, broker: Mosquitto) -> None:
-        self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"test-fleet-{time.monotonic_ns():x}",
-            protocol=mqtt.MQTTv5,
-        )
-        self._client.connect(broker.host, broker.port, keepalive=10)
-        self._client.loop_start()
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool = True) -> None:
-        info = self._client.publish(topic, payload, qos=1, retain=retain)
-        info.wait_for_publish(10)
-        assert info.is_published(), f"publish to {topic} was not acknowledged"
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
 
 
 def make_manifest(
@@ -191,7 +168,9 @@ class Device:
             self.pipeline.start(self.delivery.startup_model(self.pipeline_config))
         self.link.start()
         self.delivery.start()
-        wait_until(lambda: self.link is not None and self.link.connected, "the link connects")
+        wait_until(
+            lambda: self.link is not None and self.link.connected, message="the link connects"
+        )
 
     def stop_delivery(self) -> None:
         """Stops delivery and the link (the pipeline runs on), as a restart would begin."""
@@ -209,20 +188,11 @@ class Device:
         self.results.append(result)
 
     def results_after(self, count: int, since: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-        wait_until(lambda: len(self.results) >= since + count, f"{count} more results", timeout)
+        wait_until(lambda: len(self.results) >= since + count, timeout, f"{count} more results")
         return self.results[since:]
 
     def desired(self, pipelines: dict[str, dict[str, Any]] | None) -> None:
         set_desired(self.broker, self.topics.desired, pipelines)
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting until {what}")
 
 
 def doc(message: Any) -> dict[str, Any]:
@@ -248,7 +218,7 @@ def reported_where(
                 return True
         return False
 
-    wait_until(arrived, "a matching reported state", timeout)
+    wait_until(arrived, timeout, "a matching reported state")
     return found[0]
 
 
@@ -580,7 +550,7 @@ def test_a_bad_delivery_is_refused_and_the_old_model_keeps_running(
     assert [v.version for v in dev.store.versions(MODEL)] == []
     # Not retried in a loop: the same desired state arriving again changes nothing.
     dev.desired({"digits": {"model": MODEL, "version": bad.version}})
-    time.sleep(0.5)
+    time.sleep(0.5)  # lets time pass to show that no second attempt (and rejection) follows
     assert sum(1 for k in event_types(events) if k == "rejected") == 1
 
 
@@ -602,10 +572,14 @@ def test_a_transfer_resumes_after_the_broker_goes_away(
     publish_model(mosquitto, PREFIX, MODEL, "2.0.0", DIGITS, keys[0], chunks=pieces[:half])
     dev.desired({"digits": {"model": MODEL, "version": "2.0.0"}})
     staging = dev.config.store / "staging"
-    wait_until(lambda: len(list(staging.glob("*/chunk-*"))) == half, "half the chunks are staged")
+    wait_until(
+        lambda: len(list(staging.glob("*/chunk-*"))) == half, message="half the chunks are staged"
+    )
 
     mosquitto.stop()  # without persistence: every retained message is gone with it
-    time.sleep(0.5)
+    link = dev.link
+    assert link is not None
+    wait_until(lambda: not link.connected, message="the device to notice the broker is gone")
     if restart_agent:
         dev.stop_delivery()
     staged_bytes = sum(p.stat().st_size for p in staging.glob("*/chunk-*"))
@@ -621,8 +595,8 @@ def test_a_transfer_resumes_after_the_broker_goes_away(
 
     wait_until(
         lambda: bool(dev.results) and dev.results[-1]["model"]["version"] == "2.0.0",
-        "the pipeline runs 2.0.0",
         20.0,
+        "the pipeline runs 2.0.0",
     )
     stats = dev.delivery.last_transfer
     assert stats is not None
@@ -785,7 +759,7 @@ def test_pinning_a_stored_version_activates_it_without_a_download(
     assert (entry["version"], entry["state"]) == ("3.0.0", "running")
     assert entry["last_failure"]["code"] == "rolled-back"
     assert entry["last_failure"]["version"] == "2.0.0"
-    time.sleep(1.0)
+    time.sleep(1.0)  # lets time pass to show that 2.0.0 does not come back
     results = dev.results_after(5, len(dev.results))
     assert set(versions_of(results)) == {"3.0.0"}
     active = dev.store.active(MODEL)

@@ -29,6 +29,7 @@ from edgeagent.inference import Engine
 from edgeagent.models.store import ModelStore
 from tests import modelfactory
 from tests.broker import Mosquitto, MqttReader, Received, publish_once
+from tests.waiting import wait_until
 
 CLI = [sys.executable, "-m", "edgeagent.cli.main"]
 REPO = Path(__file__).resolve().parents[1]
@@ -227,7 +228,7 @@ def event(
 ) -> dict[str, Any]:
     """The first delivery event `kind` of `version` after message `since`."""
     return dict(
-        poll(
+        wait_until(
             lambda: next(
                 (
                     e
@@ -236,25 +237,16 @@ def event(
                 ),
                 None,
             ),
-            f"a {kind} event for {version}",
             timeout,
+            f"a {kind} event for {version}",
         )
     )
-
-
-def poll(found: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    """The first truthy value of `found()`, asked every 50 ms; fails naming `what`."""
-    deadline = time.monotonic() + timeout
-    while not (value := found()):
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.05)
-    return value
 
 
 def fresh_results(reader: MqttReader, count: int) -> list[dict[str, Any]]:
     """The next `count` results, published from now on."""
     since = len(reader.messages)
-    poll(lambda: len(results(reader, since)) >= count, f"{count} more results")
+    wait_until(lambda: len(results(reader, since)) >= count, 30, f"{count} more results")
     return results(reader, since)[:count]
 
 
@@ -640,10 +632,12 @@ def test_kill_9_during_download_and_activation_always_restarts_into_a_working_mo
     print(distribution)
     assert phases["download"] >= 3, distribution
     assert phases["gate"] + phases["probation"] >= 3, distribution
-    deadline = time.monotonic() + 30
-    while not all(ended(pid) for pid in orphans) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert all(ended(pid) for pid in orphans), "a gate orphaned by a kill ended on its own"
+    wait_until(
+        lambda: all(ended(pid) for pid in orphans),
+        30,
+        "every gate orphaned by a kill to end on its own",
+        interval=0.1,
+    )
 
     # A clean start on whatever the kills left runs a working model and converges on the
     # last desired version. Unless the kills struck that version's probation twice in a
@@ -662,7 +656,7 @@ def test_kill_9_during_download_and_activation_always_restarts_into_a_working_mo
     else:
         watched = watch_until_converged(mosquitto, 60)
         assert watched.returncode == 0, watched.stdout + watched.stderr + agent.stderr()
-    run = poll(
+    run = wait_until(
         lambda: next(
             (
                 body(m)["run"]
@@ -671,13 +665,15 @@ def test_kill_9_during_download_and_activation_always_restarts_into_a_working_mo
             ),
             None,
         ),
+        30,
         "the restarted agent is online",
     )
-    poll(
+    wait_until(
         lambda: (
             len([r for r in results(reader, since) if (r["run"], version_of(r)) == (run, running)])
             >= 5
         ),
+        30,
         f"results of {running} from the restarted agent",
     )
     assert agent.stop() == 0

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeagent.config import load_config
+from edgeagent.mqtt.client import make_client
 from tests.broker import LOOPBACK, Mosquitto
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,23 +75,19 @@ class Client:
     """A TLS MQTT 5 client logged in as one user; keeps what it receives."""
 
     def __init__(self, broker: Mosquitto, username: str, password: str | None = None) -> None:
-        assert broker.tls is not None
         self.messages: list[tuple[str, bytes]] = []
         self._cond = threading.Condition()
         self._connected = threading.Event()
         self._suback: dict[int, list[ReasonCode]] = {}
         self.connect_reason: ReasonCode | None = None
-        self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
+        self._client = make_client(
+            broker.mqtt_config(username=username, password=password),
             client_id=f"acl-test-{username}-{id(self):x}",
-            protocol=mqtt.MQTTv5,
         )
-        self._client.username_pw_set(username, USERS[username] if password is None else password)
-        self._client.tls_set(ca_certs=str(broker.tls.ca_file))
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
-        self._client.connect(broker.host, broker.port, keepalive=10)
+        self._client.reconnect()
         self._client.loop_start()
 
     def _on_connect(

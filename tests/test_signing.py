@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgeagent.config import ClassificationTask, ImagePreprocess, WindowPreprocess
 from edgeagent.errors import ConfigError
-from edgeagent.inference.spec import ClassificationTask, ImagePreprocess, WindowPreprocess
 from edgeagent.models.signing import (
     MAX_CHUNKS,
     MIN_CHUNK_SIZE,

@@ -13,10 +13,11 @@ edgeagent/systemd.py into the daemon, which is done separately from that module:
   `STOPPING=1`, then stops the watchdog, the gate and the agent, and exits 0.
 - A config that does not validate sends `STATUS=<the error>` before the non-zero exit
   (`edgeagent.systemd.notify_failure`).
-- Test-only hang injection in `pipeline.py` (as implemented there): with
-  `EDGEAGENT_FAULT_HANG_INVOKE_AFTER=N` (N >= 1) in the environment, a pipeline's
-  inference thread blocks forever after N invokes of its own, so exactly N results are
-  published, as with a hung delegate or driver. Unset or 0, nothing changes.
+- Test-only hang injection: `hang_after=N` starts the agent through tests/fault_agent.py
+  (`python -m tests.fault_agent --hang-invoke-after N run ...`), in which a pipeline's
+  inference thread blocks forever inside LiteRT's invoke() after N invokes of its own, so
+  exactly N results are published, as with a hung delegate or driver. The agent itself
+  reads no fault-injection switch.
 
 Until that wiring lands these tests fail (no READY=1 arrives); that is expected.
 """
@@ -42,7 +43,6 @@ pytestmark = [pytest.mark.systemd_e2e, pytest.mark.broker]
 
 AGENT = [sys.executable, "-m", "edgeagent.cli.main"]
 WATCHDOG_USEC = 2_000_000  # systemd's WatchdogSec=2s: pings expected every ~1 s
-HANG = "EDGEAGENT_FAULT_HANG_INVOKE_AFTER"
 
 
 def write_config(tmp_path: Path, broker: Mosquitto) -> Path:
@@ -80,14 +80,15 @@ def start_agent(
         env = {
             k: v
             for k, v in os.environ.items()
-            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", HANG)
+            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
         }
         env["NOTIFY_SOCKET"] = notify.env
         if watchdog:
             env["WATCHDOG_USEC"] = str(WATCHDOG_USEC)
-        if hang_after is not None:
-            env[HANG] = str(hang_after)
-        return agent_process(config, env=env)
+        if hang_after is None:
+            return agent_process(config, env=env)
+        fault = ("-m", "tests.fault_agent", "--hang-invoke-after", str(hang_after))
+        return agent_process(config, env=env, entry=fault)
 
     return start
 

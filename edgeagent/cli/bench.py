@@ -17,7 +17,6 @@ from edgeagent.inference import benchmark
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "bench",
-        help="measure load time and invoke latency of a model on this device",
         description="Load MODEL on each available accelerator with each thread count, and "
         "measure load time and invoke latency (median, p95) on random inputs.",
     )

@@ -53,7 +53,6 @@ SETTLE_S = 0.5  # retained messages arrive right after the SUBACK; judge only af
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "fleet",
-        help="deploy model versions to devices and follow the rollout",
         description="Set the desired model version of a device's or a group's pipeline "
         "(retained desired state), and watch devices converge to it.",
     )

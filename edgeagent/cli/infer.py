@@ -14,7 +14,7 @@ import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
 from edgeagent.errors import SourceError
-from edgeagent.hal.source import SampleKind
+from edgeagent.hal.settings import SampleKind
 from edgeagent.inference import Engine, make_decoder, make_preprocessor
 from edgeagent.models.catalog import describe_model
 
@@ -22,7 +22,6 @@ from edgeagent.models.catalog import describe_model
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "infer",
-        help="run one inference on an image or a CSV window and print the result",
         description="Run MODEL (a bundled name or a .tflite path) once on INPUT: an image "
         "file for camera models, a CSV file (one row per sample, one column per channel, "
         "optional header) for sensor models.",

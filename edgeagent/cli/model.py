@@ -102,7 +102,6 @@ FLEET_TOOL_ID = "fleet-cli"  # Topics needs a device id; fleet tools use only fl
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "model",
-        help="inspect, quantise, sign and publish models",
         description="Inspect a .tflite, quantise a float model to int8, and deliver models "
         "to devices over MQTT (signed manifest plus retained chunks).",
     )

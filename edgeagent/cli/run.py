@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "run",
-        help="run the agent in the foreground (as systemd does)",
         description="Run the agent in the foreground until SIGTERM or Ctrl-C; then publish "
         "the results in flight, mark the device offline and exit 0. Under systemd "
         "(Type=notify) it reports READY once the first result is stored in the outbox "

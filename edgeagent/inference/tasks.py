@@ -36,10 +36,10 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from edgeagent.config import AnomalyTask, ClassificationTask, DetectionTask, RawTask
 from edgeagent.errors import ModelError
 from edgeagent.inference.engine import TensorInfo
 from edgeagent.inference.preprocess import Prepared
-from edgeagent.inference.spec import AnomalyTask, ClassificationTask, DetectionTask, RawTask
 
 _log = logging.getLogger(__name__)
 

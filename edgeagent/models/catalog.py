@@ -11,8 +11,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeagent.config import ImagePreprocess, RawTask, Task, WindowPreprocess
 from edgeagent.errors import ModelError
-from edgeagent.inference.spec import ImagePreprocess, RawTask, Task, WindowPreprocess
 from edgeagent.models.manifest import Manifest, load_manifest
 from edgeagent.models.tflite import read_model
 

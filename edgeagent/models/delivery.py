@@ -1158,13 +1158,7 @@ def _source_shape(pipeline: DeliveryPipeline) -> tuple[int, ...]:
     last = pipeline.last
     if last is not None:
         return tuple(int(d) for d in last[0].data.shape)
-    source = pipeline.config.source
-    if source_kind(pipeline.config) == "window":
-        columns = getattr(source, "columns", None)
-        return (int(getattr(source, "window", 256)), len(columns) if columns else 3)
-    width = getattr(source, "width", None) or 640
-    height = getattr(source, "height", None) or 480
-    return (int(height), int(width), 3)
+    return pipeline.config.source.sample_shape()
 
 
 def _invoke_p95(stats: PipelineStats, last: int | None = None) -> float | None:

@@ -70,9 +70,9 @@ from pydantic import (
 )
 
 from edgeagent import __version__ as AGENT_VERSION  # noqa: N812 - a constant, named as one
+from edgeagent.config import Preprocess, RawTask, Task
 from edgeagent.errors import ConfigError, EdgeAgentError
-from edgeagent.inference.spec import Preprocess, RawTask, Task
-from edgeagent.mqtt.topics import SAFE_NAME
+from edgeagent.names import SAFE_NAME
 
 _log = logging.getLogger(__name__)
 

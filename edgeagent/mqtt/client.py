@@ -19,6 +19,12 @@ to change (`explain_connect_error`).
 Publishing never blocks. QoS 1 messages are kept by paho in memory (unbounded) while the
 broker is away and are re-sent after the reconnect; `PublishTicket.acked` is set when
 the broker acknowledges one.
+
+`make_client` is the one place a paho client is set up from an `MqttConfig` (client id,
+protocol, credentials, TLS, last will, back-off, keepalive): the link, the fleet CLI's
+connection, doctor's broker check, the demo's view, the tests and the bench all use it,
+so they log in the same way. It trusts the validated config (the cross-field rules live
+in `MqttConfig`/`TlsConfig`) and only reports what cannot be known before run time.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -44,7 +51,7 @@ from edgeagent.errors import ConfigError
 from edgeagent.mqtt.topics import Topics
 
 if TYPE_CHECKING:  # config.py imports this package's config models: no cycle at run time
-    from edgeagent.config import MqttConfig
+    from edgeagent.config import MqttConfig, TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -210,17 +217,25 @@ class _Dispatcher:
                     log.exception("the handler of an MQTT message on %s failed", item[0])
 
 
+class PasswordFileError(ConfigError):
+    """`mqtt.password_file` cannot be read or is empty."""
+
+
+class TlsSetupError(ConfigError):
+    """The TLS files in `mqtt.tls` cannot be used (missing, not PEM, key not matching)."""
+
+
 def read_password(path: Path) -> str:
-    """The password in `path` (one line; a systemd credential, say); ConfigError naming the
-    file when it cannot be read or is empty."""
+    """The password in `path` (one line; a systemd credential, say); PasswordFileError
+    naming the file when it cannot be read or is empty."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(f"cannot read the MQTT password file {path}: {reason}") from exc
+        raise PasswordFileError(f"cannot read the MQTT password file {path}: {reason}") from exc
     password = text.rstrip("\r\n")
     if not password:
-        raise ConfigError(f"the MQTT password file {path} is empty")
+        raise PasswordFileError(f"the MQTT password file {path} is empty")
     return password
 
 
@@ -279,6 +294,92 @@ def explain_early_close(*, where: str, tls: bool) -> str:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Will:
+    """The message the broker publishes for a client that vanishes without a DISCONNECT."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+def agent_client_id(config: MqttConfig, device_id: str) -> str:
+    """The client id the agent connects with: `mqtt.client_id`, else edgeagent-<device id>."""
+    return config.client_id or f"edgeagent-{device_id}"
+
+
+def make_client(
+    config: MqttConfig,
+    *,
+    client_id: str,
+    will: Will | None = None,
+    session_expiry_s: int | None = None,
+    connect_timeout_s: float | None = None,
+) -> mqtt.Client:
+    """A paho client (callback API 2) set up as `config` says: protocol, credentials (the
+    password is read from `password_file` now), TLS, reconnect back-off, and `will`.
+
+    It is told where to connect but does no network I/O: `loop_start()` then connects in
+    the background and retries with the back-off; `reconnect()` connects now (blocking;
+    OSError or ssl.SSLError when it cannot). `session_expiry_s`: the broker keeps the
+    session (subscriptions, queued QoS 1 messages) while the client is away (MQTT 5: for
+    that long; 3.1.1: as long as the broker keeps sessions); None: a clean session on
+    every connect. `connect_timeout_s`: how long one connect attempt may take (default:
+    paho's 5 s). Raises PasswordFileError or TlsSetupError (both ConfigError)."""
+    v5 = config.protocol == "5"
+    keep_session = session_expiry_s is not None
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        clean_session=None if v5 else not keep_session,
+    )
+    if connect_timeout_s is not None:
+        client.connect_timeout = connect_timeout_s
+    client.enable_logger(_paho_log)
+    # An exception escaping a callback would end paho's network thread for good.
+    client.suppress_exceptions = True
+    low = config.reconnect_min_s
+    # paho annotates the delays as int but sleeps for float seconds.
+    client.reconnect_delay_set(low, max(config.reconnect_max_s, low))  # type: ignore[arg-type]
+    if will is not None:
+        client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+    if config.username is not None:
+        password = read_password(config.password_file) if config.password_file else None
+        client.username_pw_set(config.username, password)
+    if config.tls is not None:
+        _set_tls(client, config.tls)
+    properties = None
+    if v5 and keep_session:
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = session_expiry_s
+    client.connect_async(
+        config.host,
+        config.port,
+        keepalive=config.keepalive,
+        clean_start=not keep_session if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+        properties=properties,
+    )
+    return client
+
+
+def _set_tls(client: mqtt.Client, tls: TlsConfig) -> None:
+    try:
+        client.tls_set(
+            ca_certs=str(tls.ca_file) if tls.ca_file else None,
+            certfile=str(tls.cert_file) if tls.cert_file else None,
+            keyfile=str(tls.key_file) if tls.key_file else None,
+        )
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        files = ", ".join(str(p) for p in (tls.ca_file, tls.cert_file, tls.key_file) if p)
+        raise TlsSetupError(
+            f"cannot set up MQTT TLS with {files or 'the system trust store'}: {exc}"
+        ) from exc
+    if tls.insecure:
+        client.tls_insecure_set(True)
+
+
 def _to_paho_properties(properties: Mapping[str, Any]) -> Properties:
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     for key, value in properties.items():
@@ -324,8 +425,15 @@ class MqttLink:
         self.topics = Topics(config.prefix, device_id)
         self._config = config
         self._v5 = config.protocol == "5"
-        self.client_id = config.client_id or f"edgeagent-{device_id}"
-        self._client = self._make_client(config, will_payload)
+        self.client_id = agent_client_id(config, device_id)
+        self._client = make_client(
+            config, client_id=self.client_id, will=Will(self.topics.status, will_payload)
+        )
+        self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_connect_fail
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
         self._dispatcher = _Dispatcher(on_connected, on_message)
 
         # Everything below is guarded by _lock, which is only ever held for a few
@@ -343,65 +451,6 @@ class MqttLink:
         self._outage_errors: set[str] = set()
         self._last_error: str | None = None
         self._answered = False  # the broker answered this attempt's CONNECT (CONNACK)
-
-    # --- set-up --------------------------------------------------------------------------
-
-    def _make_client(self, config: MqttConfig, will_payload: bytes) -> mqtt.Client:
-        if self._v5:
-            client = mqtt.Client(
-                callback_api_version=CallbackAPIVersion.VERSION2,
-                client_id=self.client_id,
-                protocol=mqtt.MQTTv5,
-            )
-        else:
-            client = mqtt.Client(
-                callback_api_version=CallbackAPIVersion.VERSION2,
-                client_id=self.client_id,
-                protocol=mqtt.MQTTv311,
-                clean_session=True,
-            )
-        client.enable_logger(_paho_log)
-        # An exception escaping a callback would end paho's network thread for good.
-        client.suppress_exceptions = True
-        # Results come from the outbox, which keeps at most its window (256) in flight here.
-        client.max_queued_messages_set(0)
-        low = config.reconnect_min_s
-        high = max(config.reconnect_max_s, low)
-        # paho annotates the delays as int but sleeps for float seconds.
-        client.reconnect_delay_set(low, high)  # type: ignore[arg-type]
-        client.will_set(self.topics.status, will_payload, qos=1, retain=True)
-
-        if config.password_file is not None:
-            if config.username is None:
-                raise ConfigError("mqtt.password_file is set but mqtt.username is not")
-            client.username_pw_set(config.username, read_password(config.password_file))
-        elif config.username is not None:
-            client.username_pw_set(config.username)
-
-        tls = config.tls
-        if tls is not None:
-            if tls.key_file is not None and tls.cert_file is None:
-                raise ConfigError("mqtt.tls.key_file is set but mqtt.tls.cert_file is not")
-            try:
-                client.tls_set(
-                    ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                    certfile=str(tls.cert_file) if tls.cert_file else None,
-                    keyfile=str(tls.key_file) if tls.key_file else None,
-                )
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                files = ", ".join(str(p) for p in (tls.ca_file, tls.cert_file, tls.key_file) if p)
-                raise ConfigError(
-                    f"cannot set up MQTT TLS with {files or 'the system trust store'}: {exc}"
-                ) from exc
-            if tls.insecure:
-                client.tls_insecure_set(True)
-
-        client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_publish = self._on_publish
-        return client
 
     # --- state for telemetry -------------------------------------------------------------
 
@@ -450,19 +499,9 @@ class MqttLink:
             self._state = "running"
             self._outage_since = time.monotonic()
         self._dispatcher.start()
-        if self._v5:
-            self._client.connect_async(
-                self._config.host,
-                self._config.port,
-                keepalive=self._config.keepalive,
-                clean_start=True,
-            )
-        else:
-            self._client.connect_async(
-                self._config.host, self._config.port, keepalive=self._config.keepalive
-            )
-        # paho 2.x retries a failed first connect in loop_start's thread as well
-        # (loop_forever(retry_first_connection=True)); tests/test_mqtt.py proves it.
+        # make_client told paho where to connect (connect_async). paho 2.x retries a failed
+        # first connect in loop_start's thread as well (loop_forever(
+        # retry_first_connection=True)); tests/test_mqtt.py proves it.
         self._client.loop_start()
         log.info(
             "connecting to MQTT broker %s (MQTT %s) as %s",

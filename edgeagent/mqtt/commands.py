@@ -53,11 +53,13 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar, cast, overload
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError
 
+from edgeagent.config import BUILTIN_COMMANDS, CommandsConfig
 from edgeagent.errors import EdgeAgentError
 from edgeagent.mqtt.payload import to_json
-from edgeagent.mqtt.topics import SAFE_NAME, Topics
+from edgeagent.mqtt.topics import Topics
+from edgeagent.names import check_name
 
 log = logging.getLogger(__name__)
 
@@ -65,28 +67,8 @@ MAX_ID_LENGTH: Final = 128
 MAX_PENDING: Final = 32
 """Commands queued or running at once; more are refused with a `busy` reason."""
 WORKERS: Final = 2
-DEDUP_MAX_BYTES: Final = 1024 * 1024
-"""The default byte budget of the repeat-id cache (`commands.dedup_max_bytes`)."""
 DEDUP_ENTRY_SHARE: Final = 16
 """A terminal reply larger than `dedup_max_bytes / DEDUP_ENTRY_SHARE` is not kept whole."""
-
-BUILTIN_COMMANDS: Final = frozenset(
-    {
-        "ping",
-        "status",
-        "config.get",
-        "config.set",
-        "pipeline.start",
-        "pipeline.stop",
-        "pipeline.restart",
-        "model.rollback",
-        "snapshot",
-        "bench",
-        "logs",
-        "restart",
-    }
-)
-"""Every command the agent knows; `CommandsConfig.allow` picks from these."""
 
 Stage = Literal["accepted", "progress", "succeeded", "failed"]
 ReplyPublisher = Callable[[str, bytes, dict[str, Any] | None], None]
@@ -98,49 +80,6 @@ _WORKER_PREFIX = "edgeagent-cmd-worker"
 _MAX_TOPIC_BYTES = 65535
 
 M = TypeVar("M", bound=BaseModel)
-
-
-def _name_rule(value: str, what: str) -> str:
-    if not SAFE_NAME.fullmatch(value):
-        raise ValueError(
-            f"{what} {value!r} must be 1-64 characters of letters, digits, '_', '-' or '.', "
-            "starting with a letter or digit (it becomes an MQTT topic level)"
-        )
-    return value
-
-
-class CommandsConfig(BaseModel):
-    """The `commands:` section: which commands run here and how requests are bounded."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    allow: tuple[str, ...] | None = None  # None: every built-in command
-    max_payload_bytes: int = Field(default=64 * 1024, ge=256, le=16 * 1024 * 1024)
-    groups: tuple[str, ...] = ()  # fan-out groups this device answers in
-    dedup_size: int = Field(default=1024, ge=1, le=1_000_000)  # request ids remembered
-    dedup_ttl_s: float = Field(default=3600.0, gt=0)
-    # Bytes of recorded replies (and ids) the repeat-id cache may hold; see the docstring.
-    dedup_max_bytes: int = Field(default=DEDUP_MAX_BYTES, ge=16 * 1024, le=1024 * 1024 * 1024)
-
-    @field_validator("allow")
-    @classmethod
-    def _known_commands(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        unknown = sorted(set(value or ()) - BUILTIN_COMMANDS)
-        if unknown:
-            raise ValueError(
-                f"unknown command(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(BUILTIN_COMMANDS))}"
-            )
-        return value
-
-    @field_validator("groups")
-    @classmethod
-    def _group_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for group in value:
-            _name_rule(group, "group name")
-        if len(set(value)) != len(value):
-            raise ValueError("group names must be unique")
-        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -585,7 +524,7 @@ class CommandRouter:
         an exception becomes `failed`. With `schema`, `args` must validate against it and
         the handler finds the model in `request.params`. Raises ValueError for a bad or
         repeated name."""
-        _name_rule(name, "command name")
+        check_name(name, "command name")
         if name in self._commands:
             raise ValueError(f"command {name!r} is registered already")
         if schema is not None and not (isinstance(schema, type) and issubclass(schema, BaseModel)):
@@ -785,7 +724,7 @@ class CommandRouter:
 
     def _publish_binary(self, request: Request, binary: BinaryResult) -> dict[str, Any]:
         name = binary.name or request.name
-        _name_rule(name, "binary result name")
+        check_name(name, "binary result name")
         topic = f"{request.reply_to.topic}/{name}"
         properties: dict[str, Any] | None = None
         if request.reply_to.correlation_data is not None:
