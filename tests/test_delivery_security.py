@@ -41,7 +41,7 @@ from edgeagent.models.store import ModelStore
 from edgeagent.models.transfer import ChunkAssembler, ChunkBitmap
 from edgeagent.mqtt.rollout import Rollout, merge_desired
 from tests.broker import Mosquitto, MqttReader, publish_once
-from tests.test_delivery_e2e import (
+from tests.delivery_e2e import (
     BUNDLED,
     DELIVERY_STEPS,
     DETECTOR,
@@ -54,7 +54,6 @@ from tests.test_delivery_e2e import (
     event,
     fresh_results,
     keygen,
-    poll,
     publish,
     results,
     retained_report,
@@ -63,6 +62,7 @@ from tests.test_delivery_e2e import (
     watch_until_converged,
     write_config,
 )
+from tests.waiting import wait_until
 
 DIGITS = BUNDLED / "digits-classifier.tflite"
 MiB = 1 << 20
@@ -359,7 +359,9 @@ def runs_only(reader: MqttReader, version: str) -> None:
     """`version` gave a result, and then the next 10 results (those in flight at a swap are
     done)."""
     since = len(reader.messages)
-    poll(lambda: any(version_of(r) == version for r in results(reader, since)), f"{version} runs")
+    wait_until(
+        lambda: any(version_of(r) == version for r in results(reader, since)), 30, f"{version} runs"
+    )
     assert {version_of(r) for r in fresh_results(reader, 10)} == {version}
 
 
@@ -455,7 +457,7 @@ def test_a_trusted_manifest_of_134_million_chunks_is_refused_and_costs_no_memory
     config = agent_config(tmp_path, mosquitto, public)  # max_model_bytes: 128 MiB (default)
     reader = mqtt_reader(mosquitto, f"{TOPIC}/#")
     agent = agent_process(config)
-    poll(lambda: len(results(reader)) >= 40, "the agent settles into producing results")
+    wait_until(lambda: len(results(reader)) >= 40, 30, "the agent settles into producing results")
     before = peak_rss_kib(agent.pid)
 
     signed = sign_manifest(huge_manifest("3.0.0"), key.read_bytes())
