@@ -21,7 +21,7 @@ from edgeagent.config import AgentConfig, validate_config_data
 from edgeagent.errors import ConfigError, EdgeAgentError
 from edgeagent.inference.benchmark import measure
 from edgeagent.mqtt.commands import BinaryResult, CommandRouter, Progress, Request
-from edgeagent.snapshot import render_snapshot
+from edgeagent.snapshot import render_mask, render_snapshot
 
 if TYPE_CHECKING:
     from edgeagent.service import Agent
@@ -59,6 +59,7 @@ class BenchArgs(_Args):
 class SnapshotArgs(_Args):
     pipeline: str
     quality: int = Field(default=80, ge=10, le=95)
+    mask: bool = False  # segmentation: the class map as a PNG instead of the JPEG
 
 
 def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -280,6 +281,17 @@ class Operations:
         if pipeline is None or pipeline.last is None:
             raise EdgeAgentError(f"pipeline {args.pipeline!r} has no result to show yet")
         sample, result = pipeline.last
+        if args.mask:
+            mask = pipeline.last_mask
+            if mask is None:
+                raise EdgeAgentError(
+                    f"pipeline {args.pipeline!r} has no mask: only segmentation models give one"
+                )
+            return BinaryResult(
+                render_mask(mask),
+                "image/png",
+                meta={"pipeline": args.pipeline, "captured_at": sample.captured_at},
+            )
         jpeg = render_snapshot(sample.data, result, quality=args.quality)
         return BinaryResult(
             jpeg,

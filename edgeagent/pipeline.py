@@ -234,6 +234,8 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._sequence = 0
         self.last: tuple[Sample, dict[str, Any]] | None = None  # for snapshots
+        # A segmentation model's class map of that sample (the `snapshot` mask), else None.
+        self.last_mask: np.ndarray | None = None
 
     @property
     def model(self) -> ModelDescription | None:
@@ -582,6 +584,7 @@ class Pipeline:
             payload["truth"] = sample.truth
         self._sequence += 1
         self.last = (sample, result)
+        self.last_mask = getattr(runner.decode, "last_mask", None)
         self.stats.results_out += 1
         self.stats.last_result_at = time.time()
         self.stats.frames_dropped = self._slot.replaced

@@ -31,11 +31,11 @@ significant digits). The result of each task:
   score: the mean keypoint score) or [1, K, 56] (51 keypoint values, a box, the pose
   score); keypoints are (y, x, score) normalised to the model input, mapped to the source.
 - segmentation: {"classes": [{"index": int, "label": str | None, "fraction": float}, ...]}
-  largest first, each class's share (>= `min_fraction`, > 0) of the pixels that show the
-  source image (letterbox bars left out). [1, H, W, C >= 2]: the per-pixel argmax;
-  [1, H, W, 1]: foreground where the probability (a sigmoid of it when some value lies
-  outside [0, 1]) is >= `threshold`, reported as class 0. The last class map is kept
-  (`last_mask`) for the snapshot and never published.
+  largest first (ties by index), each class's share (>= `min_fraction`, > 0) of the
+  pixels that show the source image (letterbox bars left out). [1, H, W, C >= 2]: the
+  per-pixel argmax; [1, H, W, 1]: foreground where the probability (a sigmoid of it when
+  some value lies outside [0, 1]) is >= `threshold`, reported as class 0. The last class
+  map is kept (`last_mask`) for the snapshot and never published.
 - anomaly: {"score": float, "anomaly": bool, "threshold": float}; `anomaly` is
   score > threshold. `output`: the mean of the first output. `reconstruction`: the mean
   squared error between the normalised input and the first output (equal sizes).
