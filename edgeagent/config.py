@@ -113,6 +113,42 @@ class Mpu6050Sensor(_Model):
     hop: int | None = Field(default=None, ge=1)
 
 
+class SyntheticSounds(_Model):
+    """Labelled sounds (background, beep, siren, knock), one class per segment, at random."""
+
+    type: Literal["synthetic-sounds"]
+    rate_hz: float = Field(default=8000.0, gt=0)
+    window: int = Field(default=8000, ge=8)  # samples per window
+    hop: int | None = Field(default=None, ge=1)  # samples between windows; default: window
+    segment: int | None = Field(default=None, ge=1)  # samples per sound; default: window
+    sounds: tuple[str, ...] | None = None  # the classes to play; default: all
+    seed: int = 0
+    realtime: bool = True  # pace windows at rate_hz; false: as fast as read
+
+
+class WavAudio(_Model):
+    """Replays a PCM WAV file (8, 16, 24 or 32 bit) as mono windows in [-1, 1]."""
+
+    type: Literal["wav"]
+    path: str
+    window: int = Field(default=8000, ge=1)
+    hop: int | None = Field(default=None, ge=1)
+    loop: bool = True
+    realtime: bool = True  # pace windows at the file's sample rate
+
+
+class AlsaMicrophone(_Model):
+    """A microphone through ALSA (pyalsaaudio, the `audio` extra), mono windows in [-1, 1]."""
+
+    type: Literal["alsa"]
+    device: str = "default"
+    rate_hz: int = Field(default=16000, ge=1000, le=192000)
+    channels: int = Field(default=1, ge=1, le=8)  # captured, then mixed to mono
+    window: int = Field(default=16000, ge=1)
+    hop: int | None = Field(default=None, ge=1)
+    period: int = Field(default=1024, ge=32)  # frames per ALSA read
+
+
 SourceConfig = Annotated[
     SyntheticCamera
     | ImagesCamera
@@ -120,7 +156,10 @@ SourceConfig = Annotated[
     | PiCamera
     | SyntheticVibration
     | CsvSensor
-    | Mpu6050Sensor,
+    | Mpu6050Sensor
+    | SyntheticSounds
+    | WavAudio
+    | AlsaMicrophone,
     Field(discriminator="type"),
 ]
 

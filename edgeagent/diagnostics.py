@@ -62,7 +62,9 @@ SERVICE_USER = "edgeagent"
 
 _CAMERA_APPS = ("rpicam-hello", "libcamera-hello")
 _CAMERA_SOURCES = frozenset({"picamera2", "opencv"})
-_SENSOR_SOURCES = frozenset({"synthetic-vibration", "csv", "mpu6050"})
+_SENSOR_SOURCES = frozenset(
+    {"synthetic-vibration", "csv", "mpu6050", "synthetic-sounds", "wav", "alsa"}
+)
 _PICAMERA2_HINT = (
     "sudo apt install python3-picamera2 (libcamera comes only from apt); the venv must be "
     "created with --system-site-packages, as deploy/install.sh does"
@@ -1347,10 +1349,18 @@ def pipeline_source_result(pipeline: PipelineConfig, env: Environment) -> CheckR
         if not found:
             return fail(f"no files match {pattern}", "correct source.path (a folder or a glob)")
         return ok(f"{len(found)} file(s) at {pattern}")
-    if source.type == "csv":
+    if source.type in ("csv", "wav"):
         if not Path(source.path).is_file():
             return fail(f"{source.path} does not exist", "correct source.path")
         return ok(source.path)
+    if source.type == "alsa":
+        available = _importable("alsaaudio")
+        if available is not True:
+            return fail(
+                f"pyalsaaudio is not importable ({available})",
+                "sudo apt install libasound2-dev, then pip install 'edgeagent[audio]'",
+            )
+        return ok(f"pyalsaaudio imports; device {source.device}")
     return ok("built in")
 
 

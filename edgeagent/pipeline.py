@@ -57,7 +57,9 @@ _HEALTH_CHECK_S = 0.5  # how often the active accelerator's probe is consulted
 # many invokes, as a hung delegate does. Unset in production.
 _HANG_AFTER = int(os.environ.get("EDGEAGENT_FAULT_HANG_INVOKE_AFTER", "0") or 0)
 
-_WINDOW_SOURCES = frozenset({"synthetic-vibration", "csv", "mpu6050"})
+_WINDOW_SOURCES = frozenset(
+    {"synthetic-vibration", "csv", "mpu6050", "synthetic-sounds", "wav", "alsa"}
+)
 
 
 def source_kind(config: PipelineConfig) -> SampleKind:

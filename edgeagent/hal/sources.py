@@ -23,6 +23,9 @@ SOURCES: dict[str, str] = {
     "synthetic-vibration": "edgeagent.hal.sensor.synthetic_vibration:SyntheticVibration",
     "csv": "edgeagent.hal.sensor.csv:CsvSource",
     "mpu6050": "edgeagent.hal.sensor.mpu6050:Mpu6050Source",
+    "synthetic-sounds": "edgeagent.hal.audio.synthetic:SyntheticSoundsSource",
+    "wav": "edgeagent.hal.audio.wav:WavSource",
+    "alsa": "edgeagent.hal.audio.alsa:AlsaSource",
 }
 
 
