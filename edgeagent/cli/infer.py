@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import TypeAdapter, ValidationError
 
 from edgeagent.errors import ConfigError, SourceError
+from edgeagent.hal.audio.wav import read_wav
 from edgeagent.hal.source import SampleKind
 from edgeagent.inference import Engine, make_decoder, make_preprocessor
 from edgeagent.inference.spec import ImagePreprocess, Task, WindowPreprocess
@@ -37,10 +38,13 @@ def register(commands: Any) -> None:
         help="run one inference on an image or a CSV window and print the result",
         description="Run MODEL (a bundled name or a .tflite path) once on INPUT: an image "
         "file for camera models, a CSV file (one row per sample, one column per channel, "
-        "optional header) for sensor models.",
+        "optional header) for sensor models, a WAV file (mono samples in [-1, 1]) for audio "
+        "models.",
     )
     parser.add_argument("model", help="bundled model name or path to a .tflite file")
-    parser.add_argument("input", type=Path, help="image file, or CSV for sensor models")
+    parser.add_argument(
+        "input", type=Path, help="image file, CSV for sensor models, WAV for audio models"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--accelerator", default="auto", choices=["auto", "edgetpu", "gpu", "cpu"])
     parser.add_argument("--threads", type=int, default=2)
@@ -142,8 +146,15 @@ def execute(args: argparse.Namespace) -> int:
     description = describe_for(args)
     engine = Engine.load(description.path, accelerator=args.accelerator, threads=args.threads)
     try:
-        kind: SampleKind = "window" if args.input.suffix.lower() in (".csv", ".txt") else "image"
-        data = read_csv_window(args.input) if kind == "window" else read_image(args.input)
+        suffix = args.input.suffix.lower()
+        kind: SampleKind = "window" if suffix in (".csv", ".txt", ".wav") else "image"
+        data: npt.NDArray[Any]
+        if suffix == ".wav":
+            data = read_wav(args.input)[0][:, np.newaxis]
+        elif kind == "window":
+            data = read_csv_window(args.input)
+        else:
+            data = read_image(args.input)
         preprocess = make_preprocessor(description.preprocess, engine.inputs[0], kind)
         decode = make_decoder(
             description.task, engine.outputs, description.labels, inputs=engine.inputs

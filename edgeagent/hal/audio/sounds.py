@@ -33,11 +33,11 @@ class SoundGenerator:
             raise ValueError(f"unknown sound {label!r}; expected one of {SOUNDS}")
         rng = self._rng
         t = np.arange(n) / self.rate_hz
-        noise_level = rng.uniform(0.005, 0.05)
+        noise_level = rng.uniform(0.01, 0.2)
         signal = noise_level * rng.normal(0.0, 1.0, n)
         hum = rng.uniform(0.0, 0.02) * np.sin(2 * np.pi * rng.choice([50.0, 60.0]) * t)
         signal += hum
-        level = rng.uniform(0.2, 0.8)
+        level = rng.uniform(0.03, 0.8)
         if label == "beep":
             frequency = rng.uniform(500.0, 2500.0)
             rate = rng.uniform(1.0, 4.0)
