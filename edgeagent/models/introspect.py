@@ -236,7 +236,7 @@ def _from_quantisation(tensor: TensorDescription) -> tuple[float, float, str]:
     std = 255.0 / (high - low)
     mean = -low * std
     return (
-        round(mean, 4),
+        round(mean, 4) + 0.0,  # + 0.0: no "-0" in messages
         round(std, 4),
         f"no normalisation in the metadata: pixels 0..255 mapped onto the {tensor.dtype} "
         f"input's range {low:.4g}..{high:.4g} (scale {tensor.scale:.6g}, zero point "
