@@ -55,7 +55,6 @@ import flatbuffers
 import numpy as np
 import paho.mqtt.client as mqtt
 from ai_edge_litert import schema_py_generated as s
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeagent.cli.model import build_manifest
 from edgeagent.models.manifest import load_manifest
@@ -63,7 +62,7 @@ from edgeagent.models.signing import sign_manifest
 from edgeagent.models.tflite import read_model
 from edgeagent.models.transfer import write_file_durably
 from edgeagent.mqtt.topics import Topics
-from tests.broker import Mosquitto, find_mosquitto
+from tests.broker import Mosquitto, Publisher, find_mosquitto, subscriber
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "models" / "bundled"
@@ -127,21 +126,13 @@ class Watcher:
     def __init__(self, broker: Mosquitto) -> None:
         self.cond = threading.Condition()
         self.messages: list[Message] = []
-        subscribed = threading.Event()
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
+        self.client = subscriber(
+            broker,
+            [(f"{PREFIX}/+/{kind}", 1) for kind in ("events", "desired", "results/+")],
+            self._on_message,
             client_id=f"bench-watcher-{os.getpid()}",
-            protocol=mqtt.MQTTv5,
+            keepalive=30,
         )
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *_a: subscribed.set()
-        self.client.connect(broker.host, broker.port, keepalive=30)
-        self.client.subscribe(
-            [(f"{PREFIX}/+/{kind}", 1) for kind in ("events", "desired", "results/+")]
-        )
-        self.client.loop_start()
-        if not subscribed.wait(10):
-            raise BenchError("the bench's subscriber could not subscribe")
 
     def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
         if not message.payload:
@@ -538,29 +529,6 @@ def swap(bench: Bench) -> dict[str, Any]:
 # --- (3) resume ------------------------------------------------------------------------------
 
 
-class Publisher:
-    """A fleet-side paho client publishing retained QoS 1 messages, waiting for each ack."""
-
-    def __init__(self, broker: Mosquitto) -> None:
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"bench-publisher-{os.getpid()}",
-            protocol=mqtt.MQTTv5,
-        )
-        self.client.connect(broker.host, broker.port, keepalive=30)
-        self.client.loop_start()
-
-    def publish(self, topic: str, payload: bytes) -> None:
-        info = self.client.publish(topic, payload, qos=1, retain=True)
-        info.wait_for_publish(10)
-        if not info.is_published():
-            raise BenchError(f"the broker did not acknowledge {topic}")
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 def resume(bench: Bench, chunk_rate: float) -> dict[str, Any]:
     """How "fetched again" is counted: the staging directory is listed right after the
     SIGKILL (a chunk file exists only once it was fsynced and renamed, so the listing is
@@ -592,7 +560,7 @@ def resume(bench: Bench, chunk_rate: float) -> dict[str, Any]:
     signed = sign_manifest(manifest, key.read_bytes()).to_json_bytes()
     chunks = [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
     half = len(chunks) // 2
-    fleet = Publisher(broker)
+    fleet = Publisher(broker, client_id=f"bench-publisher-{os.getpid()}")
     try:
         agent.start(watcher)
         # Manifest first, chunks later: the agent subscribes to them and receives each one

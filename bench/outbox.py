@@ -37,12 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeagent.config import MqttConfig
 from edgeagent.mqtt import MqttLink
 from edgeagent.mqtt.outbox import Outbox, OutboxPublisher
-from tests.broker import Mosquitto, find_mosquitto
+from tests.broker import Mosquitto, durable_subscriber, find_mosquitto
 
 REPO = Path(__file__).resolve().parents[1]
 TOPIC_FILTER = "edgeagent/bench/results/#"
@@ -56,21 +55,12 @@ class Consumer:
     def __init__(self, broker: Mosquitto) -> None:
         self.cond = threading.Condition()
         self.arrivals: list[tuple[int, float, float]] = []  # seq, ts in payload, arrived
-        subscribed = threading.Event()
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
+        self.client = durable_subscriber(
+            broker,
+            TOPIC_FILTER,
+            self._on_message,
             client_id=f"bench-consumer-{time.monotonic_ns():x}",
-            protocol=mqtt.MQTTv311,
-            clean_session=False,
         )
-        self.client.reconnect_delay_set(0.05, 0.2)
-        self.client.on_connect = lambda client, *_a: client.subscribe(TOPIC_FILTER, 1)
-        self.client.on_subscribe = lambda *_a: subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port, keepalive=10)
-        self.client.loop_start()
-        if not subscribed.wait(10):
-            raise TimeoutError("the consumer could not subscribe")
 
     def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
         payload = json.loads(message.payload)

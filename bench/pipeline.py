@@ -21,14 +21,15 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from PIL import Image
 
-from edgeagent.config import SyntheticCamera as SyntheticCameraConfig
+from edgeagent.config import MqttConfig
+from edgeagent.hal.camera.settings import SyntheticCamera as SyntheticCameraConfig
 from edgeagent.hal.camera.synthetic import SyntheticCamera
 from edgeagent.inference import Engine, make_decoder, make_preprocessor
 from edgeagent.models.catalog import describe_model
 from edgeagent.mqtt.broker import LOOPBACK, LocalBroker
+from edgeagent.mqtt.client import make_client
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -49,9 +50,10 @@ class Counter:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        settings = MqttConfig(host=LOOPBACK, port=self.port)
+        self.client = make_client(settings, client_id=f"bench-counter-{id(self):x}")
         self.client.on_message = self._on_message
-        self.client.connect(LOOPBACK, self.port)
+        self.client.reconnect()
         self.client.subscribe(self.topic, qos=1)
         self.client.loop_start()
 
@@ -171,8 +173,8 @@ def naive_loop(model: str, threads: int, seconds: float, port: int) -> float:
     camera = SyntheticCamera(SyntheticCameraConfig(type="synthetic", width=640, height=480, fps=0))
     camera.open()
     counter = Counter(port, "bench/naive/results/p")
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.connect(LOOPBACK, port)
+    client = make_client(MqttConfig(host=LOOPBACK, port=port), client_id="bench-naive-loop")
+    client.reconnect()
     client.loop_start()
     _, height, width, _ = tensor.shape
     from edgeagent.inference import Prepared

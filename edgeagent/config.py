@@ -2,166 +2,176 @@
 
 Unknown keys are rejected. Every error names the key path and the line in the file, and
 says what was expected. Each key is documented in docs/configuration.md.
+
+A leaf: every section is defined here (a source's settings in its backend's light
+settings module), and nothing here imports the runtime (the MQTT client, LiteRT, SQLite,
+numpy), so a command that only reads the configuration starts fast. Runtime modules
+import their section from here, never the reverse.
 """
 
 from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from edgeagent.errors import ConfigError
-from edgeagent.inference.spec import Preprocess, Task
-from edgeagent.mqtt.commands import CommandsConfig
-from edgeagent.mqtt.discovery import DiscoveryConfig
-from edgeagent.mqtt.outbox import OutboxConfig
-from edgeagent.mqtt.telemetry import TelemetryConfig
-from edgeagent.mqtt.topics import SAFE_NAME
+from edgeagent.hal.audio.settings import AlsaMicrophone, SyntheticSounds, WavAudio
+from edgeagent.hal.camera.settings import ImagesCamera, OpenCVCamera, PiCamera, SyntheticCamera
+from edgeagent.hal.sensor.settings import CsvSensor, Mpu6050Sensor, SyntheticVibration
+from edgeagent.hal.settings import SourceSettings
+from edgeagent.names import check_device_id, check_name
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _topic_safe(value: str) -> str:
-    if not SAFE_NAME.fullmatch(value):
-        raise ValueError(
-            "must be 1-64 characters of letters, digits, '_', '-' or '.', "
-            "starting with a letter or digit (it becomes an MQTT topic level)"
-        )
+def _topic_prefix(value: str) -> str:
+    if not value or value.startswith("/") or any(c in value for c in "#+\0"):
+        raise ValueError("must be a non-empty topic without '#', '+' or a leading '/'")
+    return value.rstrip("/")
+
+
+def _group_names(value: tuple[str, ...]) -> tuple[str, ...]:
+    for group in value:
+        check_name(group, "group name")
     return value
 
 
 # --- sources -------------------------------------------------------------------------
 
 
-class SyntheticCamera(_Model):
-    """A deterministic scene of moving shapes on a noisy background."""
+SOURCE_BACKENDS: tuple[type[SourceSettings], ...] = (
+    SyntheticCamera,
+    ImagesCamera,
+    OpenCVCamera,
+    PiCamera,
+    SyntheticVibration,
+    CsvSensor,
+    Mpu6050Sensor,
+    SyntheticSounds,
+    WavAudio,
+    AlsaMicrophone,
+)
+"""Every camera, sensor and audio backend, by its settings model: the one list that the
+`source:` union and the backend registry (edgeagent/hal/sources.py) are built from."""
 
-    type: Literal["synthetic"]
-    width: int = Field(default=640, ge=32, le=4096)
-    height: int = Field(default=480, ge=32, le=4096)
-    fps: float = Field(default=30.0, ge=0)  # 0: as fast as the consumer reads
-    seed: int = 0
-    shapes: int = Field(default=3, ge=0, le=16)
+if TYPE_CHECKING:
+    # Code past the configuration uses only what every backend declares.
+    SourceConfig = SourceSettings
+else:
+    SourceConfig = Annotated[Union[SOURCE_BACKENDS], Field(discriminator="type")]  # noqa: UP007
 
-
-class ImagesCamera(_Model):
-    """Image files from a folder or a glob, played in name order and looped."""
-
-    type: Literal["images"]
-    path: str
-    fps: float = Field(default=1.0, ge=0)
-    loop: bool = True
-
-
-class OpenCVCamera(_Model):
-    """A video file, a V4L2 device (/dev/video0 or an index) or an RTSP URL via OpenCV."""
-
-    type: Literal["opencv"]
-    uri: str
-    fps: float = Field(default=0, ge=0)  # 0: the stream's own pace
-    width: int | None = None
-    height: int | None = None
+# --- inference specs (also in a model's manifest) -------------------------------------------
 
 
-class PiCamera(_Model):
-    """The Raspberry Pi camera through picamera2 (libcamera)."""
+class ImagePreprocess(_Model):
+    """Camera frames -> input tensor: resize, colour order, then (pixel - mean) / std.
 
-    type: Literal["picamera2"]
-    width: int = 640
-    height: int = 480
-    fps: float = Field(default=30.0, gt=0)
-    camera: int = 0
+    The float result is quantised with the input tensor's own scale and zero point, so the
+    same spec serves float, int8 and uint8 models.
+    """
 
-
-class SyntheticVibration(_Model):
-    """An accelerometer-like signal with faults that can be injected."""
-
-    type: Literal["synthetic-vibration"]
-    rate_hz: float = Field(default=1000.0, gt=0)
-    window: int = Field(default=256, ge=8)  # samples per window
-    hop: int | None = Field(default=None, ge=1)  # samples between windows; default: window
-    seed: int = 0
-    fault_rate: float = Field(default=0.1, ge=0, le=1)  # fraction of windows with a fault
-    realtime: bool = True  # pace windows at rate_hz; false: as fast as read
+    type: Literal["image"] = "image"
+    resize: Literal["stretch", "letterbox", "crop"] = "stretch"
+    color: Literal["rgb", "bgr", "gray"] = "rgb"
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (255.0,)
 
 
-class CsvSensor(_Model):
-    """Replays a CSV file, one row per sample, one numeric column per channel."""
+class WindowPreprocess(_Model):
+    """Sensor windows -> input tensor: the last `length` samples (the model's length when
+    omitted), then (value - mean) / std per channel."""
 
-    type: Literal["csv"]
-    path: str
-    rate_hz: float = Field(default=100.0, gt=0)
-    window: int = Field(default=256, ge=1)
-    hop: int | None = Field(default=None, ge=1)
-    columns: tuple[str, ...] | None = None  # default: every numeric column
-    loop: bool = True
+    type: Literal["window"] = "window"
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
 
 
-class Mpu6050Sensor(_Model):
-    """An MPU-6050 accelerometer on the I2C bus via smbus2."""
-
-    type: Literal["mpu6050"]
-    bus: int = 1
-    address: int = 0x68
-    rate_hz: float = Field(default=200.0, gt=0, le=1000)
-    window: int = Field(default=256, ge=1)
-    hop: int | None = Field(default=None, ge=1)
+Preprocess = Annotated[ImagePreprocess | WindowPreprocess, Field(discriminator="type")]
 
 
-class SyntheticSounds(_Model):
-    """Labelled sounds (background, beep, siren, knock), one class per segment, at random."""
-
-    type: Literal["synthetic-sounds"]
-    rate_hz: float = Field(default=8000.0, gt=0)
-    window: int = Field(default=8000, ge=8)  # samples per window
-    hop: int | None = Field(default=None, ge=1)  # samples between windows; default: window
-    segment: int | None = Field(default=None, ge=1)  # samples per sound; default: window
-    sounds: tuple[str, ...] | None = None  # the classes to play; default: all
-    seed: int = 0
-    realtime: bool = True  # pace windows at rate_hz; false: as fast as read
+class ClassificationTask(_Model):
+    type: Literal["classification"] = "classification"
+    top_k: int = Field(default=3, ge=1)
+    threshold: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
-class WavAudio(_Model):
-    """Replays a PCM WAV file (8, 16, 24 or 32 bit) as mono windows in [-1, 1]."""
+class DetectionTask(_Model):
+    """`postprocess`: the four outputs of TFLite_Detection_PostProcess (boxes, classes,
+    scores, count); `box_index` gives the positions of left, top, right and bottom in each
+    box (the op's own order, ymin xmin ymax xmax, by default). `yolov8` (also called `raw`):
+    one head of (cx, cy, w, h) then one score per class, as [1, N, 4 + C] or transposed
+    [1, 4 + C, N] (YOLOv8/v11). `yolov5`: [1, N, 5 + C] with an objectness score after the
+    box. Box coordinates are normalised to the model input or, with `coordinates: pixels`,
+    in input pixels (`auto` tells them apart by their size); the agent runs class-wise
+    non-maximum suppression on YOLO heads. `auto` picks postprocess for four outputs and
+    a YOLO layout for one."""
 
-    type: Literal["wav"]
-    path: str
-    window: int = Field(default=8000, ge=1)
-    hop: int | None = Field(default=None, ge=1)
-    loop: bool = True
-    realtime: bool = True  # pace windows at the file's sample rate
+    type: Literal["detection"] = "detection"
+    layout: Literal["auto", "postprocess", "raw", "yolov8", "yolov5"] = "auto"
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    iou_threshold: float = Field(default=0.45, gt=0.0, le=1.0)
+    max_detections: int = Field(default=20, ge=1)
+    coordinates: Literal["auto", "normalized", "pixels"] = "auto"
+    box_index: tuple[int, int, int, int] = (1, 0, 3, 2)
+
+    @field_validator("box_index")
+    @classmethod
+    def _permutation(cls, value: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        if sorted(value) != [0, 1, 2, 3]:
+            raise ValueError("must hold the positions 0, 1, 2 and 3, each once")
+        return value
 
 
-class AlsaMicrophone(_Model):
-    """A microphone through ALSA (pyalsaaudio, the `audio` extra), mono windows in [-1, 1]."""
+class PoseTask(_Model):
+    """MoveNet: one [1, 1, 17, 3] pose (SinglePose) or [1, K, 56] poses (MultiPose), each
+    keypoint (y, x, score) normalised to the model input, in COCO order. A pose is reported
+    when its score (MultiPose's own, SinglePose's mean keypoint score) is >= `threshold`."""
 
-    type: Literal["alsa"]
-    device: str = "default"
-    rate_hz: int = Field(default=16000, ge=1000, le=192000)
-    channels: int = Field(default=1, ge=1, le=8)  # captured, then mixed to mono
-    window: int = Field(default=16000, ge=1)
-    hop: int | None = Field(default=None, ge=1)
-    period: int = Field(default=1024, ge=32)  # frames per ALSA read
+    type: Literal["pose"] = "pose"
+    threshold: float = Field(default=0.2, ge=0.0, le=1.0)
+    max_poses: int = Field(default=6, ge=1)
 
 
-SourceConfig = Annotated[
-    SyntheticCamera
-    | ImagesCamera
-    | OpenCVCamera
-    | PiCamera
-    | SyntheticVibration
-    | CsvSensor
-    | Mpu6050Sensor
-    | SyntheticSounds
-    | WavAudio
-    | AlsaMicrophone,
-    Field(discriminator="type"),
-]
+class SegmentationTask(_Model):
+    """One [1, H, W, C] output: C class scores per pixel (argmax), or C = 1 foreground
+    probability (or logit) compared with `threshold`. The result is each class's fraction
+    of the source image; the mask itself is kept for the snapshot, never published."""
+
+    type: Literal["segmentation"] = "segmentation"
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    min_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class AnomalyTask(_Model):
+    """`output`: the model's first output is the anomaly score. `reconstruction`: the model
+    is an autoencoder and the score is the mean squared error between its (normalised)
+    input and its output."""
+
+    type: Literal["anomaly"] = "anomaly"
+    score: Literal["output", "reconstruction"] = "output"
+    threshold: float
+
+
+class RawTask(_Model):
+    type: Literal["raw"] = "raw"
+
+
+AnyTask = ClassificationTask | DetectionTask | PoseTask | SegmentationTask | AnomalyTask | RawTask
+Task = Annotated[AnyTask, Field(discriminator="type")]
+
 
 AcceleratorName = Literal["auto", "edgetpu", "gpu", "cpu"]
 
@@ -181,7 +191,10 @@ class PipelineConfig(_Model):
     preprocess: Preprocess | None = None
     enabled: bool = True
 
-    _name = field_validator("name")(_topic_safe)
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name(value)
 
 
 # --- MQTT ----------------------------------------------------------------------------
@@ -189,9 +202,19 @@ class PipelineConfig(_Model):
 
 class TlsConfig(_Model):
     ca_file: Path | None = None  # default: the system's trust store
-    cert_file: Path | None = None  # client certificate (mutual TLS)
-    key_file: Path | None = None
+    cert_file: Path | None = None  # client certificate (mutual TLS); may hold its key too
+    key_file: Path | None = None  # needs cert_file; default: the key is in cert_file
     insecure: bool = False  # skip host name verification (test brokers only)
+
+    @field_validator("key_file")
+    @classmethod
+    def _key_needs_certificate(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # cert_file is declared first, so it is in info.data unless it was itself invalid.
+        if value is not None and "cert_file" in info.data and info.data["cert_file"] is None:
+            raise ValueError(
+                "a client key needs its certificate: set cert_file as well (or remove key_file)"
+            )
+        return value
 
 
 class MqttConfig(_Model):
@@ -214,6 +237,16 @@ class MqttConfig(_Model):
         # YAML reads `protocol: 5` as an int and `3.1.1` as a string.
         return str(value) if isinstance(value, int | float) else value
 
+    @field_validator("password_file")
+    @classmethod
+    def _password_needs_username(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # username is declared first, so it is in info.data unless it was itself invalid.
+        if value is not None and "username" in info.data and info.data["username"] is None:
+            raise ValueError(
+                "a password needs a user name: set username as well (or remove password_file)"
+            )
+        return value
+
     @field_validator("prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
@@ -228,11 +261,7 @@ class DeviceConfig(_Model):
     @field_validator("id")
     @classmethod
     def _id(cls, value: str) -> str:
-        from edgeagent.mqtt.topics import Topics  # the topic rules live there; lazy: no cycle
-
-        _topic_safe(value)
-        Topics("edgeagent", value)  # raises ValueError for reserved ids
-        return value
+        return check_device_id(value)
 
 
 _MIB = 1 << 20
@@ -258,12 +287,107 @@ class DeliveryConfig(_Model):
     latency_floor_ms: float = Field(default=2.0, ge=0)
     groups: tuple[str, ...] = ()  # this device's groups; the first that names a pipeline wins
 
+    _groups = field_validator("groups")(_group_names)
+
+
+# --- outbox, commands, telemetry, Home Assistant ----------------------------------------
+
+_DAY_S = 24 * 3600.0
+
+
+class OutboxConfig(_Model):
+    """`outbox:`: the durable store of results and events (edgeagent/mqtt/outbox.py)."""
+
+    path: Path | None = None  # default: <state_dir>/outbox.db (edgeagent/paths.py)
+    max_bytes: int = Field(default=256 * _MIB, gt=0)  # topic + payload bytes stored
+    max_rows: int | None = Field(default=None, gt=0)
+    max_age_s: float | None = Field(default=7 * _DAY_S, gt=0)
+    backlog_rate: float = Field(default=200.0, gt=0)  # backlog messages/s after a reconnect
+    enabled: bool = True
+
+
+BUILTIN_COMMANDS = frozenset(
+    {
+        "ping",
+        "status",
+        "config.get",
+        "config.set",
+        "pipeline.start",
+        "pipeline.stop",
+        "pipeline.restart",
+        "model.rollback",
+        "snapshot",
+        "bench",
+        "logs",
+        "restart",
+    }
+)
+"""Every command the agent knows (edgeagent/mqtt/commands.py routes them); `commands.allow`
+picks from these."""
+
+
+class CommandsConfig(_Model):
+    """`commands:`: which commands run here and how requests are bounded."""
+
+    allow: tuple[str, ...] | None = None  # None: every built-in command
+    max_payload_bytes: int = Field(default=64 * 1024, ge=256, le=16 * 1024 * 1024)
+    groups: tuple[str, ...] = ()  # fan-out groups this device answers in
+    dedup_size: int = Field(default=1024, ge=1, le=1_000_000)  # request ids remembered
+    dedup_ttl_s: float = Field(default=3600.0, gt=0)
+    # Bytes of recorded replies (and ids) the repeat-id cache may hold (mqtt/commands.py).
+    dedup_max_bytes: int = Field(default=1024 * 1024, ge=16 * 1024, le=1024 * 1024 * 1024)
+    # Folders under which a file path set by `config.set` (an images, csv or wav source's
+    # `path`, an opencv `uri` that is a file, a pipeline's `model`) or `bench`'s `model`
+    # must resolve, symlinks followed. Empty: remote commands may name no file at all.
+    remote_paths: tuple[Path, ...] = ()
+
+    @field_validator("allow")
+    @classmethod
+    def _known_commands(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        unknown = sorted(set(value or ()) - BUILTIN_COMMANDS)
+        if unknown:
+            raise ValueError(
+                f"unknown command(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(BUILTIN_COMMANDS))}"
+            )
+        return value
+
     @field_validator("groups")
     @classmethod
     def _groups(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for group in value:
-            _topic_safe(group)
+        _group_names(value)
+        if len(set(value)) != len(value):
+            raise ValueError("group names must be unique")
         return value
+
+    @field_validator("remote_paths")
+    @classmethod
+    def _absolute(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
+        relative = [str(p) for p in value if not p.expanduser().is_absolute()]
+        if relative:
+            raise ValueError(f"must be absolute folders; relative: {', '.join(relative)}")
+        return tuple(p.expanduser() for p in value)
+
+
+class PrometheusConfig(_Model):
+    host: str = "127.0.0.1"  # loopback: expose it wider on purpose, not by default
+    port: int = Field(default=9108, ge=0, le=65535)  # 0: any free port
+
+
+class TelemetryConfig(_Model):
+    """`telemetry:` (edgeagent/mqtt/telemetry.py)."""
+
+    interval_s: float = Field(default=30.0, gt=0)
+    prometheus: PrometheusConfig | None = None  # None: no HTTP endpoint
+
+
+class DiscoveryConfig(_Model):
+    """`homeassistant:`: Home Assistant MQTT discovery (edgeagent/mqtt/discovery.py)."""
+
+    enabled: bool = False
+    prefix: str = "homeassistant"  # HA's discovery prefix; its birth topic is <prefix>/status
+
+    _prefix = field_validator("prefix")(_topic_prefix)
 
 
 class AgentConfig(_Model):

@@ -44,7 +44,10 @@ from pydantic import ValidationError
 from edgeagent.config import AgentConfig, MqttConfig, PipelineConfig, load_config
 from edgeagent.errors import ConfigError, EdgeAgentError
 from edgeagent.hal.accel import Probe, ProbeState, probe_accelerators
-from edgeagent.mqtt.client import read_password
+from edgeagent.hal.sensor.settings import I2C_ENABLE_HINT as _I2C_ENABLE
+from edgeagent.hal.settings import DeviceFamily, DeviceUse
+from edgeagent.hal.settings import importable as _importable
+from edgeagent.mqtt.client import PasswordFileError, TlsSetupError, agent_client_id, make_client
 from edgeagent.paths import model_store_root, outbox_path, state_dir
 
 log = logging.getLogger(__name__)
@@ -61,15 +64,6 @@ MIN_PYTHON = (3, 11)
 SERVICE_USER = "edgeagent"
 
 _CAMERA_APPS = ("rpicam-hello", "libcamera-hello")
-_CAMERA_SOURCES = frozenset({"picamera2", "opencv"})
-_SENSOR_SOURCES = frozenset(
-    {"synthetic-vibration", "csv", "mpu6050", "synthetic-sounds", "wav", "alsa"}
-)
-_PICAMERA2_HINT = (
-    "sudo apt install python3-picamera2 (libcamera comes only from apt); the venv must be "
-    "created with --system-site-packages, as deploy/install.sh does"
-)
-_I2C_ENABLE = "enable I2C with `sudo raspi-config nonint do_i2c 0` (Interface Options > I2C)"
 _EDGETPU_PACKAGES = ("libedgetpu1-std", "libedgetpu1-max")
 # libedgetpu 16.0 (2021, the last Coral release) was built against TensorFlow 2.5-era
 # TFLite; LiteRT keeps the external-delegate C API, but nobody publishes which LiteRT
@@ -480,17 +474,12 @@ def _libedgetpu_version(library: str, env: Environment) -> tuple[str | None, str
 # --- camera and I2C -------------------------------------------------------------------
 
 
-def _camera_pipelines(context: _Context) -> list[PipelineConfig]:
-    found = []
-    for p in context.pipelines():
-        source = p.source
-        if source.type == "picamera2":
-            found.append(p)
-        elif source.type == "opencv":
-            uri = source.uri
-            if uri.startswith("/dev/video") or uri.isdigit():
-                found.append(p)
-    return found
+def _device_users(
+    context: _Context, family: DeviceFamily
+) -> list[tuple[PipelineConfig, DeviceUse]]:
+    """The enabled pipelines whose source uses a device of `family`, as its backend says."""
+    uses = [(p, p.source.device()) for p in context.pipelines()]
+    return [(p, use) for p, use in uses if use is not None and use.family == family]
 
 
 def _group_members(group: str) -> tuple[bool, set[str]]:
@@ -533,7 +522,8 @@ def _check_camera(context: _Context) -> list[CheckResult]:
     media = env.dev("media*")
     apps = {app: env.which(app) for app in _CAMERA_APPS}
     picamera2 = _importable("picamera2")
-    users = _camera_pipelines(context)
+    uses = _device_users(context, "camera")
+    users = [p for p, _use in uses]
     details: dict[str, Any] = {
         "video_devices": [str(p) for p in video],
         "media_devices": [str(p) for p in media],
@@ -589,13 +579,15 @@ def _check_camera(context: _Context) -> list[CheckResult]:
     details.update(user_details)
     if warning:
         problems.append(warning)
-    if any(p.source.type == "picamera2" for p in users) and not media:
+    lacking = [(p, use.node) for p, use in uses if use.node and not env.dev(use.node)]
+    if lacking:
+        needs = ", ".join(f"{p.source.type} (pipeline {p.name}) needs /dev/{n}" for p, n in lacking)
         return [
             CheckResult(
                 "camera",
                 Verdict.FAIL,
                 True,
-                f"{summary}; picamera2 needs libcamera's /dev/media* nodes and there are none",
+                f"{summary}; {needs} (libcamera's media nodes) and there are none",
                 "enable the camera (camera_auto_detect=1 in /boot/firmware/config.txt), "
                 "reboot, and check `rpicam-hello --list-cameras`",
                 details,
@@ -619,7 +611,8 @@ def _check_camera(context: _Context) -> list[CheckResult]:
 def _check_i2c(context: _Context) -> list[CheckResult]:
     env = context.env
     buses = env.dev("i2c-*")
-    users = [p for p in context.pipelines() if p.source.type == "mpu6050"]
+    uses = _device_users(context, "i2c")
+    users = [p for p, _use in uses]
     on_pi = env.is_raspberry_pi()
     details: dict[str, Any] = {
         "buses": [str(p) for p in buses],
@@ -649,11 +642,11 @@ def _check_i2c(context: _Context) -> list[CheckResult]:
                 details,
             )
         ]
-    missing = []
-    for p in users:
-        bus = getattr(p.source, "bus", 1)
-        if not (env.root / f"dev/i2c-{bus}").exists():
-            missing.append(f"/dev/i2c-{bus} (pipeline {p.name})")
+    missing = [
+        f"/dev/{use.node} (pipeline {p.name})"
+        for p, use in uses
+        if use.node and not env.dev(use.node)
+    ]
     if missing:
         fix = (
             f"{_I2C_ENABLE} and reboot"
@@ -666,7 +659,7 @@ def _check_i2c(context: _Context) -> list[CheckResult]:
                 "i2c",
                 Verdict.FAIL,
                 True,
-                f"missing {', '.join(missing)}, needed by the mpu6050 source",
+                f"missing {', '.join(missing)}, needed by the I2C sources",
                 fix,
                 details,
             )
@@ -924,9 +917,11 @@ def broker_tcp_result(mqtt: MqttConfig, env: Environment) -> CheckResult:
 
 
 def broker_mqtt_result(mqtt: MqttConfig, device_id: str, env: Environment) -> CheckResult:
-    """A real CONNECT with the configured credentials and TLS; the verdict names the
-    CONNACK reason. The client id is the doctor's own, so the running agent's session is
-    not taken over."""
+    """A real CONNECT through the agent's own client factory with the agent's settings
+    (credentials, TLS, protocol, keepalive); the verdict names the CONNACK reason. The
+    client id is the agent's with `-doctor-<pid>` appended: the same prefix (a broker that
+    restricts client ids treats both alike), but never the same id, so the running agent's
+    session is not taken over. No last will: a doctor run never marks the device offline."""
     outcome = _mqtt_connect(mqtt, device_id, env.timeout_s)
     details = {
         "host": mqtt.host,
@@ -960,39 +955,20 @@ class _Connect:
 
 def _mqtt_connect(mqtt: MqttConfig, device_id: str, timeout_s: float) -> _Connect:
     import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
 
     where = f"{mqtt.host}:{mqtt.port}"
-    client = paho.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=f"edgeagent-doctor-{device_id}-{os.getpid()}",
-        protocol=paho.MQTTv5 if mqtt.protocol == "5" else paho.MQTTv311,
-    )
-    client.connect_timeout = timeout_s
+    client_id = f"{agent_client_id(mqtt, device_id)}-doctor-{os.getpid()}"
     try:
-        if mqtt.password_file is not None:
-            client.username_pw_set(mqtt.username, read_password(mqtt.password_file))
-        elif mqtt.username is not None:
-            client.username_pw_set(mqtt.username)
-    except ConfigError as exc:
+        client = make_client(mqtt, client_id=client_id, connect_timeout_s=timeout_s)
+    except PasswordFileError as exc:
         return _Connect(False, "password-file", str(exc), "create the file with the password")
-    if mqtt.tls is not None:
-        tls = mqtt.tls
-        try:
-            client.tls_set(
-                ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                certfile=str(tls.cert_file) if tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls.key_file else None,
-            )
-        except (OSError, ValueError) as exc:
-            return _Connect(
-                False,
-                "tls-setup",
-                f"TLS failure: the TLS files cannot be used: {exc}",
-                "check mqtt.tls.ca_file, cert_file and key_file (PEM, readable, key matches cert)",
-            )
-        if tls.insecure:
-            client.tls_insecure_set(True)
+    except TlsSetupError as exc:
+        return _Connect(
+            False,
+            "tls-setup",
+            f"TLS failure: {exc}",
+            "check mqtt.tls.ca_file, cert_file and key_file (PEM, readable, key matches cert)",
+        )
 
     answer: dict[str, Any] = {}
 
@@ -1003,7 +979,7 @@ def _mqtt_connect(mqtt: MqttConfig, device_id: str, timeout_s: float) -> _Connec
 
     client.on_connect = on_connect
     try:
-        client.connect(mqtt.host, mqtt.port, keepalive=max(10, int(timeout_s * 2)))
+        client.reconnect()  # the first connect: make_client recorded where to
     except ssl.SSLCertVerificationError as exc:
         return _Connect(
             False,
@@ -1300,82 +1276,19 @@ def pipeline_model_result(pipeline: PipelineConfig) -> CheckResult:
 
 def pipeline_source_result(pipeline: PipelineConfig, env: Environment) -> CheckResult:
     """Whether the source's backend and what it reads are there (without opening it)."""
-    name = f"pipeline.{pipeline.name}.source"
-    source = pipeline.source
-    kind = source.type
-    details: dict[str, Any] = {"type": kind}
-
-    def fail(finding: str, fix: str) -> CheckResult:
-        return CheckResult(name, Verdict.FAIL, True, f"{kind}: {finding}", fix, details)
-
-    def ok(finding: str) -> CheckResult:
-        return CheckResult(name, Verdict.OK, True, f"{kind}: {finding}", None, details)
-
-    if source.type == "picamera2":
-        available = _importable("picamera2")
-        if available is not True:
-            return fail(f"picamera2 is not importable ({available})", _PICAMERA2_HINT)
-        return ok("picamera2 imports")
-    if source.type == "opencv":
-        available = _importable("cv2")
-        if available is not True:
-            return fail(
-                f"OpenCV is not importable ({available})", "pip install 'edgeagent[opencv]'"
-            )
-        uri = source.uri
-        if uri.startswith("/dev/") and not (env.root / uri.lstrip("/")).exists():
-            return fail(f"{uri} does not exist", "plug in the camera or correct source.uri")
-        if "://" not in uri and not uri.isdigit() and not Path(uri).exists():
-            return fail(f"{uri} does not exist", "correct source.uri")
-        return ok(f"OpenCV imports; {uri}")
-    if source.type == "mpu6050":
-        available = _importable("smbus2")
-        if available is not True:
-            return fail(f"smbus2 is not importable ({available})", "pip install 'edgeagent[i2c]'")
-        device = env.root / f"dev/i2c-{source.bus}"
-        if not device.exists():
-            hint = f"{_I2C_ENABLE} and reboot" if env.is_raspberry_pi() else "use a board with I2C"
-            return fail(f"/dev/i2c-{source.bus} does not exist", hint)
-        return ok(f"smbus2 imports; /dev/i2c-{source.bus} at 0x{source.address:02x}")
-    if source.type == "images":
-        import glob
-
-        pattern = source.path
-        path = Path(pattern)
-        # A glob such as /srv/frames/*.jpg is absolute, which Path.glob does not take.
-        matches = [Path(p) for p in glob.glob(pattern)]  # noqa: PTH207
-        found = sorted(path.iterdir()) if path.is_dir() else matches
-        details["files"] = len(found)
-        if not found:
-            return fail(f"no files match {pattern}", "correct source.path (a folder or a glob)")
-        return ok(f"{len(found)} file(s) at {pattern}")
-    if source.type in ("csv", "wav"):
-        if not Path(source.path).is_file():
-            return fail(f"{source.path} does not exist", "correct source.path")
-        return ok(source.path)
-    if source.type == "alsa":
-        available = _importable("alsaaudio")
-        if available is not True:
-            return fail(
-                f"pyalsaaudio is not importable ({available})",
-                "sudo apt install libasound2-dev, then pip install 'edgeagent[audio]'",
-            )
-        return ok(f"pyalsaaudio imports; device {source.device}")
-    return ok("built in")
+    kind = pipeline.source.type
+    found = pipeline.source.preflight(env)
+    return CheckResult(
+        f"pipeline.{pipeline.name}.source",
+        Verdict.OK if found.ok else Verdict.FAIL,
+        True,
+        f"{kind}: {found.finding}",
+        found.fix,
+        {"type": kind, **found.details},
+    )
 
 
 # --- small helpers ---------------------------------------------------------------------
-
-
-def _importable(module: str) -> bool | str:
-    """True, or why the module cannot be imported (it is imported when it is found)."""
-    if importlib.util.find_spec(module) is None:
-        return "not installed"
-    try:
-        importlib.import_module(module)
-    except Exception as exc:  # noqa: BLE001 - vendor imports fail in many ways
-        return f"{type(exc).__name__}: {exc}"
-    return True
 
 
 def _whoami() -> str:

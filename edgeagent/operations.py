@@ -1,26 +1,40 @@
 """What the agent can be asked to do, by the fleet over MQTT (`cmd/<name>`) and by a
 person at the device over the control socket (`edgeagent status`). One implementation
-serves both, so a command behaves the same wherever it comes from."""
+serves both, so a command behaves the same wherever it comes from, and both check their
+arguments with the same strict models (no "100" for 100, no `true` for 1).
+
+What a command sender can change is bounded: `config.set` may change only the keys in
+`REMOTE_CONFIG_KEYS` (anything else fails with `forbidden-key: ...` and changes nothing),
+and a file path it sets, like `bench`'s `model`, must resolve under
+`commands.remote_paths` (else `forbidden-path: ...`). Whom the device trusts, where it
+connects and where it writes change only in the local file, by root (docs/security.md).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgeagent import __version__
-from edgeagent.config import AgentConfig, validate_config_data
+from edgeagent.config import AgentConfig, PipelineConfig, validate_config_data
 from edgeagent.errors import ConfigError, EdgeAgentError
+from edgeagent.hal.audio.settings import WavAudio
+from edgeagent.hal.camera.settings import ImagesCamera, OpenCVCamera
+from edgeagent.hal.sensor.settings import CsvSensor
 from edgeagent.inference.benchmark import measure
+from edgeagent.models.catalog import bundled_dir
 from edgeagent.mqtt.commands import BinaryResult, CommandRouter, Progress, Request
+from edgeagent.names import SAFE_NAME
 from edgeagent.snapshot import render_mask, render_snapshot
 
 if TYPE_CHECKING:
@@ -32,17 +46,48 @@ log = logging.getLogger(__name__)
 # takes effect at the next restart (the reply says so).
 _LIVE_KEYS = frozenset({"pipelines", "log_level"})
 
+REMOTE_CONFIG_KEYS: Final = frozenset(
+    {
+        "pipelines",
+        "log_level",
+        "telemetry.interval_s",
+        "homeassistant.enabled",
+        "homeassistant.prefix",
+    }
+)
+"""The configuration a command sender may change with `config.set`: a changed key path is
+allowed when it is one of these or lies below one. `pipelines` is allowed whole (sources,
+models, task and thresholds, pre-processing, accelerator, rate, enabled), but the file
+paths in it must resolve under `commands.remote_paths`. Everything else is local-only
+(`mqtt.*`, `models.*`, `device.*`, `commands.*`, `outbox.*`, `state_dir`,
+`control_socket`, `telemetry.prometheus`, and any key added later until it is listed
+here): it decides whom the device trusts, where it connects or what it writes, and only
+root changes it, in the file. Documented in docs/protocol.md."""
+
+_NETWORK_STREAM = re.compile(r"(?:rtsps?|https?)://\S+", re.IGNORECASE)
+_VIDEO_DEVICE = re.compile(r"/dev/video[0-9]{1,3}")
+_GLOB_MAGIC = re.compile(r"[*?\[]")
+
+A = TypeVar("A", bound=BaseModel)
+
 
 class _Args(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: JSON's "100" is no int, `true` no 1; a wrong type is refused, not coerced.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class NoArgs(_Args):
+    """A command without arguments: any argument is refused."""
 
 
 class PipelineArgs(_Args):
-    pipeline: str
+    pipeline: str = Field(min_length=1, max_length=64)
 
 
 class ConfigSetArgs(_Args):
-    config: dict[str, Any]  # merged into the running configuration; lists are replaced
+    # Merged into the running configuration; lists are replaced. Its size is bounded by
+    # `commands.max_payload_bytes`.
+    config: dict[str, Any]
 
 
 class LogsArgs(_Args):
@@ -50,16 +95,30 @@ class LogsArgs(_Args):
 
 
 class BenchArgs(_Args):
-    model: str | None = None  # default: the pipeline's model
-    pipeline: str | None = None
+    # default: the pipeline's model; a path must be under commands.remote_paths
+    model: str | None = Field(default=None, min_length=1, max_length=4096)
+    pipeline: str | None = Field(default=None, min_length=1, max_length=64)
     threads: int = Field(default=1, ge=1, le=16)
     runs: int = Field(default=30, ge=1, le=1000)
 
 
 class SnapshotArgs(_Args):
-    pipeline: str
+    pipeline: str = Field(min_length=1, max_length=64)
     quality: int = Field(default=80, ge=10, le=95)
     mask: bool = False  # segmentation: the class map as a PNG instead of the JPEG
+
+
+def parse_args(schema: type[A], args: dict[str, Any], command: str) -> A:
+    """`args` validated by `schema`; EdgeAgentError naming each bad argument. The router
+    does the same for MQTT requests, in the same words."""
+    try:
+        return schema.model_validate(args)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'args'}: {error['msg']}"
+            for error in exc.errors(include_url=False)
+        )
+        raise EdgeAgentError(f"invalid args for {command!r}: {problems}") from None
 
 
 def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -72,6 +131,148 @@ def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+# --- what a command sender may change ------------------------------------------------
+
+
+def _changed_paths(old: Any, new: Any, path: tuple[str, ...] = ()) -> Iterator[str]:
+    """The dotted key paths whose values differ between two JSON-like trees."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(old.keys() | new.keys(), key=str):
+            if key in old and key in new:
+                yield from _changed_paths(old[key], new[key], (*path, str(key)))
+            else:
+                yield ".".join((*path, str(key)))
+    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for index, (before, after) in enumerate(zip(old, new, strict=True)):
+            yield from _changed_paths(before, after, (*path, str(index)))
+    elif old != new:
+        yield ".".join(path) or "(the whole configuration)"
+
+
+def _remotely_allowed(path: str) -> bool:
+    return any(path == key or path.startswith(key + ".") for key in REMOTE_CONFIG_KEYS)
+
+
+def forbidden_changes(old: AgentConfig, new: AgentConfig) -> list[str]:
+    """The key paths `new` changes that a command sender may not change."""
+    changed = _changed_paths(old.model_dump(mode="json"), new.model_dump(mode="json"))
+    return [path for path in changed if not _remotely_allowed(path)]
+
+
+def _resolved(path: Path) -> Path | None:
+    """`path` with `~` expanded and symlinks followed; None when it cannot be (a symlink
+    loop, an unknown user, a NUL byte)."""
+    try:
+        return path.expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
+def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
+    """Whether `path`, symlinks followed, lies in one of `roots` (also resolved)."""
+    resolved = _resolved(path)
+    if resolved is None:
+        return False
+    return any(
+        (root_resolved := _resolved(root)) is not None and resolved.is_relative_to(root_resolved)
+        for root in roots
+    )
+
+
+def _roots_text(roots: tuple[Path, ...]) -> str:
+    return ", ".join(str(r) for r in roots) if roots else "none configured"
+
+
+def _file_refusal(value: str, roots: tuple[Path, ...]) -> str | None:
+    """Why a file path set by a command may not be used, or None when it lies in a root."""
+    target = Path(value)
+    if ".." in target.parts:
+        return "'..' is not allowed in a path set by a command"
+    if not roots:
+        return "this device accepts no file path from commands (commands.remote_paths is empty)"
+    if not _inside(target, roots):
+        return f"it resolves to {_resolved(target) or 'nothing'}, outside commands.remote_paths"
+    return None
+
+
+def _images_refusal(pattern: str, roots: tuple[Path, ...]) -> str | None:
+    """An images source reads a folder, a file or a glob: its fixed part and every file it
+    matches now must lie in a root (a symlink inside a root may not lead out of it)."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if _GLOB_MAGIC.search(part)), len(parts))
+    base = Path(*parts[:fixed]) if fixed else Path()
+    refusal = _file_refusal(str(base), roots) or _file_refusal(pattern, roots)
+    if refusal is not None:
+        return refusal
+    from edgeagent.hal.camera.images import find_images  # Pillow, only when needed
+
+    for file in find_images(pattern):
+        if not _inside(file, roots):
+            return f"{file} resolves to {_resolved(file)}, outside commands.remote_paths"
+    return None
+
+
+def _opencv_refusal(uri: str, roots: tuple[Path, ...]) -> str | None:
+    """Network streams, device indexes and /dev/videoN are fine; a file must be in a root."""
+    if uri.isdigit() or _NETWORK_STREAM.fullmatch(uri) or _VIDEO_DEVICE.fullmatch(uri):
+        return None
+    if "://" in uri or uri.startswith("/dev/"):
+        return "a command may name an rtsp(s)/http(s) stream, /dev/videoN, a device index or a file"
+    return _file_refusal(uri, roots)
+
+
+def model_is_path(ref: str) -> bool:
+    """Whether a pipeline's or bench's `model` names a file: not a bundled model, and not a
+    plain name (a model delivered over MQTT) without a file of that name at hand."""
+    if "/" not in ref and not ref.endswith(".tflite"):
+        if (bundled_dir() / f"{ref}.tflite").is_file():
+            return False
+        if SAFE_NAME.fullmatch(ref) and ".." not in ref:
+            return Path(ref).expanduser().exists()
+    return True
+
+
+def _model_refusal(ref: str, roots: tuple[Path, ...]) -> str | None:
+    return _file_refusal(ref, roots) if model_is_path(ref) else None
+
+
+def forbidden_paths(old: AgentConfig, new: AgentConfig) -> list[str]:
+    """The file paths `new` sets, not already set the same way in `old`, that do not
+    resolve under `old.commands.remote_paths`; each as `key.path 'value': why`."""
+    roots = old.commands.remote_paths
+    before = {p.name: p for p in old.pipelines}
+    problems = []
+    for index, pipeline in enumerate(new.pipelines):
+        previous = before.get(pipeline.name)
+        unchanged = (
+            {key: value for key, value, _ in _pipeline_files(previous, roots)}
+            if previous is not None
+            else {}
+        )
+        for key, value, check in _pipeline_files(pipeline, roots):
+            if unchanged.get(key) == value:
+                continue  # the pipeline had it already: set in the local file, or checked
+            why = check()
+            if why is not None:
+                problems.append(f"pipelines.{index}.{key} {value!r}: {why}")
+    return problems
+
+
+def _pipeline_files(
+    pipeline: PipelineConfig, roots: tuple[Path, ...]
+) -> Iterator[tuple[str, str, Callable[[], str | None]]]:
+    """(key, value, check) for every file a pipeline may name; `check` says why it may
+    not be set by a command, or None."""
+    source = pipeline.source
+    if isinstance(source, ImagesCamera):
+        yield "source.path", source.path, lambda: _images_refusal(source.path, roots)
+    elif isinstance(source, CsvSensor | WavAudio):
+        yield "source.path", source.path, lambda: _file_refusal(source.path, roots)
+    elif isinstance(source, OpenCVCamera):
+        yield "source.uri", source.uri, lambda: _opencv_refusal(source.uri, roots)
+    yield "model", pipeline.model, lambda: _model_refusal(pipeline.model, roots)
+
+
 class Operations:
     """The agent's operations; each raises EdgeAgentError with a reason on failure."""
 
@@ -81,8 +282,8 @@ class Operations:
         self._changing = threading.Lock()
 
     def register_commands(self, router: CommandRouter) -> None:
-        router.register("status", lambda _r: self.status())
-        router.register("config.get", lambda _r: self.config_get())
+        router.register("status", lambda _r: self.status(), schema=NoArgs)
+        router.register("config.get", lambda _r: self.config_get(), schema=NoArgs)
         router.register(
             "config.set",
             lambda r: self.config_set(r.params_as(ConfigSetArgs)),
@@ -104,15 +305,18 @@ class Operations:
         )
         router.register("bench", self._bench_command, long=True, schema=BenchArgs)
         router.register("logs", lambda r: self.logs(r.params_as(LogsArgs).lines), schema=LogsArgs)
-        router.register("restart", lambda _r: self.restart())
+        router.register("restart", lambda _r: self.restart(), schema=NoArgs)
 
     def local_handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
-        """Operations the local control socket offers (read-mostly, no MQTT needed)."""
+        """Operations the local control socket offers (read-mostly, no MQTT needed); their
+        arguments are checked by the same models as the MQTT commands'."""
         return {
-            "status": lambda _args: self.status(),
-            "logs": lambda args: self.logs(int(args.get("lines", 100))),
-            "config.get": lambda _args: self.config_get(),
-            "pipeline.restart": lambda args: self.pipeline("restart", str(args["pipeline"])),
+            "status": _local("status", NoArgs, lambda _a: self.status()),
+            "logs": _local("logs", LogsArgs, lambda a: self.logs(a.lines)),
+            "config.get": _local("config.get", NoArgs, lambda _a: self.config_get()),
+            "pipeline.restart": _local(
+                "pipeline.restart", PipelineArgs, lambda a: self.pipeline("restart", a.pipeline)
+            ),
         }
 
     # --- the operations --------------------------------------------------------------
@@ -170,8 +374,10 @@ class Operations:
         return self._agent.config.model_dump(mode="json")
 
     def config_set(self, args: ConfigSetArgs) -> dict[str, Any]:
-        """Validates the merged config, applies what can be applied live (rolling back if
-        a pipeline then fails to start), and persists it. Raises EdgeAgentError."""
+        """Validates the merged config, refuses it whole when it changes a key outside
+        `REMOTE_CONFIG_KEYS` or names a file outside `commands.remote_paths`, applies what
+        can be applied live (rolling back if a pipeline then fails to start), and persists
+        it. Raises EdgeAgentError; a refused change changes nothing."""
         with self._changing:
             return self._config_set(args)
 
@@ -185,6 +391,20 @@ class Operations:
             raise EdgeAgentError(
                 f"the new configuration is invalid, nothing changed: {exc}"
             ) from exc
+        forbidden = forbidden_changes(agent.config, new)
+        if forbidden:
+            raise EdgeAgentError(
+                f"forbidden-key: {', '.join(forbidden)}: local-only, changed only in the "
+                "configuration file on the device; a command may change "
+                f"{', '.join(sorted(REMOTE_CONFIG_KEYS))}; nothing changed"
+            )
+        files = forbidden_paths(agent.config, new)
+        if files:
+            raise EdgeAgentError(
+                f"forbidden-path: {'; '.join(files)}; a file a command names must lie under "
+                f"commands.remote_paths ({_roots_text(agent.config.commands.remote_paths)}); "
+                "nothing changed"
+            )
         changed = sorted(
             key
             for key in AgentConfig.model_fields
@@ -302,7 +522,11 @@ class Operations:
     def _bench_command(self, request: Request, progress: Progress) -> dict[str, Any]:
         args = request.params_as(BenchArgs)
         model = args.model
-        if model is None:
+        if model is not None:
+            why = _model_refusal(model, self._agent.config.commands.remote_paths)
+            if why is not None:
+                raise EdgeAgentError(f"forbidden-path: model {model!r}: {why}")
+        else:
             pipeline = self._agent.pipelines.get(args.pipeline or "")
             if pipeline is None or pipeline.runner is None:
                 raise EdgeAgentError("bench needs 'model' or the name of a running 'pipeline'")
@@ -322,3 +546,10 @@ class Operations:
     def restart(self) -> dict[str, Any]:
         self._agent.restart_requested.set()
         return {"restarting": True, "pid": os.getpid()}
+
+
+def _local(
+    command: str, schema: type[A], run: Callable[[A], Any]
+) -> Callable[[dict[str, Any]], Any]:
+    """A control socket handler: `args` checked by `schema` (as over MQTT), then `run`."""
+    return lambda args: run(parse_args(schema, args, command))

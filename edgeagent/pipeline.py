@@ -15,12 +15,16 @@ The model, its engine and its pre/post-processing form one `Runner`. Only the in
 thread replaces it, between two frames: for a new model version (`swap`) and when the
 accelerator fails (failover to the next one, down to the CPU, and back when it returns).
 A frame prepared for the previous runner is prepared again, so no frame is lost.
+
+Every result carries `run` (the agent process's id) and `seq`, drawn from a
+`ResultSequence` the agent keeps per pipeline name for the life of its process: a
+pipeline that is restarted, reconfigured or rolled back continues the numbers of the one
+it replaces, so `(run, pipeline, seq)` never names two results (docs/protocol.md).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -35,7 +39,8 @@ from edgeagent.config import PipelineConfig
 from edgeagent.errors import EdgeAgentError, ModelError, SourceError
 from edgeagent.hal.accel import AUTO_ORDER, get_accelerator
 from edgeagent.hal.accel.base import Accelerator, ProbeState
-from edgeagent.hal.source import Sample, SampleKind, Source
+from edgeagent.hal.settings import SampleKind
+from edgeagent.hal.source import Sample, Source
 from edgeagent.hal.sources import open_source
 from edgeagent.inference import Decoder, Engine, Prepared, make_decoder, make_preprocessor
 from edgeagent.models.catalog import ModelDescription, describe_model
@@ -53,17 +58,10 @@ _RESULT_QUEUE_SIZE = 8
 # that is being retried is alive to the watchdog, not hung.
 _SOURCE_BACKOFF_MAX_S = 10.0
 _HEALTH_CHECK_S = 0.5  # how often the active accelerator's probe is consulted
-# Fault injection for the watchdog test: the inference thread blocks for good after this
-# many invokes, as a hung delegate does. Unset in production.
-_HANG_AFTER = int(os.environ.get("EDGEAGENT_FAULT_HANG_INVOKE_AFTER", "0") or 0)
-
-_WINDOW_SOURCES = frozenset(
-    {"synthetic-vibration", "csv", "mpu6050", "synthetic-sounds", "wav", "alsa"}
-)
 
 
 def source_kind(config: PipelineConfig) -> SampleKind:
-    return "window" if config.source.type in _WINDOW_SOURCES else "image"
+    return config.source.kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +144,25 @@ class _Inferred:
     runner: Runner
 
 
+class ResultSequence:
+    """The `seq` numbers of one pipeline name within one agent process: 0, 1, 2, ...,
+    each handed out once. Thread-safe: a pipeline being stopped may still number its last
+    result while its replacement numbers its first."""
+
+    def __init__(self, start: int = 0) -> None:
+        if start < 0:
+            raise ValueError(f"a sequence starts at 0 or above, not {start!r}")
+        self._next = start
+        self._lock = threading.Lock()
+
+    def take(self) -> int:
+        """The next number; never the same one twice."""
+        with self._lock:
+            value = self._next
+            self._next += 1
+            return value
+
+
 class NewestSlot:
     """A one-item hand-over that keeps the newest item; `put` replaces what is unread."""
 
@@ -216,7 +233,10 @@ class Pipeline:
         accelerators: dict[str, Accelerator] | None = None,
         on_event: Event | None = None,
         run_id: str = "",
+        sequence: ResultSequence | None = None,
     ) -> None:
+        """`sequence` numbers the results; pass the agent's one for this name so that a
+        replacement pipeline continues where the previous one stopped (default: from 0)."""
         self.config = config
         self.name = config.name
         self._publish = publish
@@ -234,7 +254,7 @@ class Pipeline:
         self._results: queue.Queue[_Inferred | None] = queue.Queue(_RESULT_QUEUE_SIZE)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._sequence = 0
+        self._sequence = sequence if sequence is not None else ResultSequence()
         self.last: tuple[Sample, dict[str, Any]] | None = None  # for snapshots
         # A segmentation model's class map of that sample (the `snapshot` mask), else None.
         self.last_mask: np.ndarray | None = None
@@ -327,8 +347,7 @@ class Pipeline:
 
     def _capture_loop(self) -> None:
         assert self._source is not None
-        source = self.config.source
-        unpaced = getattr(source, "fps", None) == 0 or getattr(source, "realtime", True) is False
+        unpaced = not self.config.source.paced()
         backoff = 1.0
         while not self._stopping.is_set():
             try:
@@ -378,7 +397,6 @@ class Pipeline:
         next_due = time.monotonic()
         next_health = time.monotonic() + _HEALTH_CHECK_S
         next_reprobe = time.monotonic() + self._reprobe_s
-        invokes = 0
         try:
             while not self._stopping.is_set():
                 self._take_pending()
@@ -397,10 +415,6 @@ class Pipeline:
                 captured = self._slot.take(timeout=0.2)
                 if captured is None:
                     continue
-                invokes += 1
-                if _HANG_AFTER and invokes > _HANG_AFTER:
-                    log.warning("fault injection: the inference thread of %s hangs", self.name)
-                    threading.Event().wait()
                 try:
                     self._infer(captured)
                 except Exception as exc:  # one failed frame must not end the thread
@@ -571,7 +585,7 @@ class Pipeline:
             "ts": round(time.time(), 6),
             "captured_at": round(sample.captured_at, 6),
             "run": self._run_id,
-            "seq": self._sequence,
+            "seq": self._sequence.take(),
             "frame": sample.sequence,
             "pipeline": self.name,
             "model": {"name": runner.model.name, "version": runner.model.version},
@@ -584,7 +598,6 @@ class Pipeline:
             payload["non_finite"] = True
         if sample.truth is not None:
             payload["truth"] = sample.truth
-        self._sequence += 1
         self.last = (sample, result)
         self.last_mask = getattr(runner.decode, "last_mask", None)
         self.stats.results_out += 1

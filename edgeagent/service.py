@@ -2,6 +2,11 @@
 telemetry, Home Assistant discovery and the local control socket, and stops them cleanly.
 
 Each concern lives in its own module; this one only connects them (docs/architecture.md).
+
+Result identity: every result carries `run`, a 64-bit random id of this process, and a
+`seq` per pipeline name that the agent keeps for the life of the process (a restarted or
+reconfigured pipeline continues its numbers), so `(run, pipeline, seq)` names one result
+for the life of the device (docs/protocol.md, "De-duplication").
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -27,6 +33,7 @@ from edgeagent.hal.system import CpuSampler, read_system_facts
 from edgeagent.logbuffer import install as install_log_buffer
 from edgeagent.models.delivery import ModelDelivery, open_store
 from edgeagent.mqtt import MqttLink, Topics
+from edgeagent.mqtt.client import PublishTicket
 from edgeagent.mqtt.commands import CommandRouter
 from edgeagent.mqtt.discovery import DiscoveryAnnouncer, discovery_messages
 from edgeagent.mqtt.outbox import Outbox, OutboxPublisher
@@ -40,9 +47,33 @@ from edgeagent.mqtt.telemetry import (
 )
 from edgeagent.operations import Operations
 from edgeagent.paths import control_socket, model_store_root, outbox_path
-from edgeagent.pipeline import Pipeline, SourceFactory
+from edgeagent.pipeline import Pipeline, ResultSequence, SourceFactory
 
 log = logging.getLogger(__name__)
+
+RUN_ID_BYTES = 8
+"""`run` is this many random bytes (hex): 64 bits. A device that restarts every 5 s for
+ten years draws about 6e7 ids; the chance that any two of them collide is about 1e-4.
+With 32 bits the odds of a collision reach even after about 77,000 restarts: four and a
+half days of such a crash loop."""
+
+
+def new_run_id() -> str:
+    """A fresh random id for one agent process: `(run, pipeline, seq)` keys its results."""
+    return secrets.token_hex(RUN_ID_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
+class ResultHandoff:
+    """What became of one result the agent was given: stored in the outbox (`stored`;
+    `durable` unless the outbox file was unusable and it fell back to memory), or, with
+    `outbox.enabled: false`, handed to the MQTT link, whose `ticket` says when the broker
+    acknowledged it. A result the outbox could not store (disk full) is not reported."""
+
+    pipeline: str
+    stored: bool
+    durable: bool = False
+    ticket: PublishTicket | None = None
 
 
 class Agent:
@@ -55,18 +86,20 @@ class Agent:
         config_path: Path | None = None,
         source_factory: SourceFactory = open_source,
         accelerators: dict[str, Accelerator] | None = None,
-        on_result: Callable[[str], None] | None = None,
+        on_result: Callable[[ResultHandoff], None] | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.device_id = config.device.id
         self.topics = Topics(config.mqtt.prefix, self.device_id)
         self.started_at = time.time()
-        # (run, seq) identifies a result across restarts; seq alone restarts at 0.
-        self.run_id = secrets.token_hex(4)
+        # (run, pipeline, seq) names one result for the life of the device: run is new
+        # for each process, seq continues per pipeline name within it.
+        self.run_id = new_run_id()
+        self._sequences: dict[str, ResultSequence] = {}
         self.restart_requested = threading.Event()
         self.logs = install_log_buffer()
-        self._on_result = on_result  # told the pipeline's name after each published result
+        self._on_result = on_result  # told what became of each result
         self._source_factory = source_factory
         self._accelerators = accelerators
         self._stopped = threading.Event()
@@ -193,7 +226,10 @@ class Agent:
     # --- pipelines -------------------------------------------------------------------
 
     def start_pipeline(self, config: PipelineConfig) -> Pipeline | None:
-        """Starts a pipeline; on failure records why and returns None."""
+        """Starts a pipeline; on failure records why and returns None. Its results
+        continue the `seq` numbers of every earlier pipeline of that name in this run."""
+        with self._pipelines_lock:
+            sequence = self._sequences.setdefault(config.name, ResultSequence())
         pipeline = Pipeline(
             config,
             self._publish_result,
@@ -201,6 +237,7 @@ class Agent:
             accelerators=self._accelerators,
             on_event=self._publish_event,
             run_id=self.run_id,
+            sequence=sequence,
         )
         with self._pipelines_lock:
             previous = self.pipelines.get(config.name)
@@ -261,9 +298,18 @@ class Agent:
             self._outbox_publisher.submit(topic, payload, qos=self.config.mqtt.qos)
 
     def _publish_result(self, pipeline: str, result: dict[str, Any]) -> None:
-        self._publish_durably(self.topics.results(pipeline), to_json(result))
-        if self._on_result is not None:
-            self._on_result(pipeline)
+        topic, payload = self.topics.results(pipeline), to_json(result)
+        handoff: ResultHandoff | None
+        if self._outbox_publisher is None:
+            ticket = self._link.publish(topic, payload, qos=self.config.mqtt.qos)
+            handoff = ResultHandoff(pipeline, stored=False, ticket=ticket)
+        elif self._outbox_publisher.submit(topic, payload, qos=self.config.mqtt.qos) is None:
+            handoff = None  # not stored (disk full, storage error): counted by the outbox
+        else:
+            durable = self.outbox is not None and self.outbox.durable
+            handoff = ResultHandoff(pipeline, stored=True, durable=durable)
+        if handoff is not None and self._on_result is not None:
+            self._on_result(handoff)
 
     def _publish_event(self, pipeline: str, kind: str, details: dict[str, Any]) -> None:
         event = {"ts": round(time.time(), 3), "type": kind, "pipeline": pipeline, **details}
@@ -304,6 +350,27 @@ class Agent:
                 ],
             )
         return status
+
+    def readiness_reasons(self) -> str:
+        """Why no result is stored or acknowledged yet, per running pipeline (for the
+        STATUS line that goes with a READY sent on the timeout)."""
+        parts = []
+        for pipeline in self.running:
+            stats = pipeline.stats
+            if stats.results_out == 0:
+                parts.append(f"{pipeline.name}: {stats.last_error or 'no result yet'}")
+            elif self._outbox_publisher is None:
+                link = self._link
+                state = "connected" if link.connected else f"not connected: {link.last_error}"
+                mqtt = self.config.mqtt
+                parts.append(
+                    f"{pipeline.name}: {stats.results_out} result(s), none acknowledged by "
+                    f"the broker at {mqtt.host}:{mqtt.port} ({state}); the outbox is "
+                    "disabled, so results are not stored"
+                )
+            else:
+                parts.append(f"{pipeline.name}: {stats.results_out} result(s), none stored")
+        return "; ".join(parts) or "no pipeline is running"
 
     def describe_pipeline(self, name: str) -> dict[str, Any]:
         with self._pipelines_lock:

@@ -10,13 +10,15 @@ systemd) every call is a no-op, so the daemon behaves the same in a terminal.
 - `Watchdog` is a thread that pings WATCHDOG=1 every half interval, but only while every
   pipeline makes progress; a hung `invoke()` or a stuck camera withholds the ping and
   systemd restarts the service (`WatchdogSec=`, `Restart=on-failure`).
-- `ReadyGate` sends READY=1 once the first result of any pipeline was published, or after
-  a timeout with a STATUS that says why no result came (see the class for the choice).
+- `ReadyGate` sends READY=1 once the first result of any pipeline is safe: stored in the
+  outbox or, with the outbox disabled, acknowledged by the broker; or after a timeout with
+  a STATUS that says why none is (see the class for the choice).
 - `PipelineProgress` is the progress function the agent gives the `Watchdog`.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 
 # systemd reads at most this much of one notification; STATUS= texts are kept far below.
 _STATUS_MAX = 1024
+_ACK_POLL_S = 0.1  # how often ReadyGate checks results waiting for the broker's ack
+_SENT_KEPT = 16  # unacknowledged results ReadyGate watches (the newest)
 
 
 def _one_line(text: str) -> str:
@@ -306,15 +310,21 @@ class Watchdog:
 
 
 class ReadyGate:
-    """Sends READY=1 when the first result of any pipeline was published
-    (`result_published`), so `systemctl start` returns once the device really works.
+    """Sends READY=1 once the first result of any pipeline is safe, so `systemctl start`
+    returns when the device really works:
 
-    If no result comes within `timeout` seconds it still sends READY=1, with
-    `STATUS=running, but no pipeline has produced a result yet: <reasons()>`. The choice:
-    READY must come eventually or `TimeoutStartSec=` kills the service, and a device whose
-    camera is unplugged or whose broker is away is better up (reachable over MQTT, its
-    status saying why) than in a restart loop that ends in `failed` once the start limit
-    hits. A hung pipeline is still caught: that is the `Watchdog`'s job, not this one's.
+    - `result_stored(pipeline)`: the result is in the durable outbox. It will reach the
+      broker whenever the broker is there, so a device whose broker is away is ready.
+    - `result_sent(pipeline, acknowledged)`: with `outbox.enabled: false` nothing is
+      stored, so READY waits until `acknowledged()` is true for one of the recent
+      results (the broker's PUBACK; polled by the gate's thread).
+
+    If none is within `timeout` seconds it still sends READY=1, with `STATUS=running, but
+    no result has been stored or acknowledged yet: <reasons()>`. The choice: READY must
+    come eventually or `TimeoutStartSec=` kills the service, and a device whose camera is
+    unplugged or whose broker is away is better up (reachable over MQTT, its status
+    saying why) than in a restart loop that ends in `failed` once the start limit hits.
+    A hung pipeline is still caught: that is the `Watchdog`'s job, not this one's.
     Keep `timeout` below the unit's `TimeoutStartSec=`.
     """
 
@@ -332,6 +342,11 @@ class ReadyGate:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Results handed to the broker and not yet acknowledged: the newest few, each
+        # with its pipeline's name. Older ones make room (a newer one will do as well).
+        self._sent: collections.deque[tuple[str, Callable[[], bool]]] = collections.deque(
+            maxlen=_SENT_KEPT
+        )
 
     @property
     def is_ready(self) -> bool:
@@ -341,15 +356,33 @@ class ReadyGate:
         """Starts the timeout (a thread `edgeagent-ready`); call before the pipelines."""
         if self._thread is not None or self.is_ready:
             return
-        self._thread = threading.Thread(target=self._expire, name="edgeagent-ready", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="edgeagent-ready", daemon=True)
         self._thread.start()
 
-    def result_published(self, pipeline: str) -> None:
-        """Call after every published result; sends READY=1 on the first. Costs one flag
-        check afterwards, so the decode threads may call it unconditionally."""
+    def result_stored(self, pipeline: str, *, durable: bool = True) -> None:
+        """A result of `pipeline` is in the outbox; sends READY=1 on the first. `durable`
+        False: the outbox fell back to memory (its file is unusable), which the STATUS
+        says. Costs one flag check afterwards, so decode threads may call it always."""
         if self._ready.is_set():
             return
-        self.release(f"running: first result from pipeline {pipeline}")
+        if durable:
+            self.release(f"running: first result from pipeline {pipeline} stored in the outbox")
+        else:
+            self.release(
+                f"running: first result from pipeline {pipeline} kept in the outbox in "
+                "memory only (the outbox file is unusable; see the log)"
+            )
+
+    def result_sent(self, pipeline: str, acknowledged: Callable[[], bool]) -> None:
+        """A result of `pipeline` went to the broker unstored (the outbox is disabled);
+        READY=1 follows once `acknowledged()` returns True (checked every 0.1 s)."""
+        if self._ready.is_set():
+            return
+        if acknowledged():
+            self._release_acknowledged(pipeline)
+            return
+        with self._lock:
+            self._sent.append((pipeline, acknowledged))
 
     def release(self, status: str) -> bool:
         """Sends READY=1 with `status` now, unless already sent (e.g. no pipeline is
@@ -358,6 +391,7 @@ class ReadyGate:
             if self._ready.is_set():
                 return False
             self._ready.set()
+            self._sent.clear()
         self._stop.set()
         self._notifier.ready(status)
         log.info("ready: %s", status)
@@ -371,12 +405,35 @@ class ReadyGate:
                 self._thread.join(timeout=5.0)
             self._thread = None
 
-    def _expire(self) -> None:
-        if self._stop.wait(self.timeout):
-            return
+    def _release_acknowledged(self, pipeline: str) -> None:
+        self.release(f"running: first result from pipeline {pipeline} acknowledged by the broker")
+
+    def _check_sent(self) -> bool:
+        with self._lock:
+            sent = list(self._sent)
+        for pipeline, acknowledged in sent:
+            try:
+                done = acknowledged()
+            except Exception:  # a broken check must not end the gate
+                log.exception("checking a result's acknowledgement failed")
+                done = False
+            if done:
+                self._release_acknowledged(pipeline)
+                return True
+        return False
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if self._stop.wait(min(left, _ACK_POLL_S)):
+                return
+            if self._check_sent():
+                return
         try:
             reasons = self._reasons()
         except Exception as exc:  # noqa: BLE001 - READY must still be sent
             reasons = f"(could not tell why: {exc!r})"
-        if self.release(f"running, but no pipeline has produced a result yet: {reasons}"):
-            log.warning("no pipeline produced a result within %.0f s: %s", self.timeout, reasons)
+        if self.release(f"running, but no result has been stored or acknowledged yet: {reasons}"):
+            log.warning(
+                "no result was stored or acknowledged within %.0f s: %s", self.timeout, reasons
+            )

@@ -3,6 +3,7 @@
 `Mosquitto` runs one broker process with a generated config (anonymous, password file or
 TLS listener) and can be stopped and started again on the same port for outage tests.
 `MqttReader` subscribes with its own paho client and lets a test wait for messages.
+`Dashboard` plays the fleet: sends commands to a device and collects the replies.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -17,7 +19,8 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +30,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgeagent.config import MqttConfig, TlsConfig
 from edgeagent.mqtt.broker import LOOPBACK, find_mosquitto, free_port
+from edgeagent.mqtt.client import make_client
+from tests.waiting import wait_until
 
 __all__ = ["LOOPBACK", "find_mosquitto", "free_port"]  # re-exported for the tests
 
@@ -299,6 +303,10 @@ class Mosquitto:
         return MqttConfig(**values)
 
 
+# What the `mosquitto_factory` fixture (conftest.py) yields: start(users=, tls=, port=, ...).
+MosquittoFactory = Callable[..., Mosquitto]
+
+
 # --- a subscriber that collects --------------------------------------------------------
 
 
@@ -312,6 +320,57 @@ class Received:
 
     def text(self) -> str:
         return self.payload.decode("utf-8", errors="replace")
+
+
+OnMessage = Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]
+
+
+def subscriber(
+    broker: Mosquitto,
+    filters: Sequence[tuple[str, int]],
+    on_message: OnMessage,
+    *,
+    client_id: str,
+    session_expiry_s: int | None = None,
+    timeout: float = 10.0,
+    **settings: Any,
+) -> mqtt.Client:
+    """A running client (`make_client` with `broker.mqtt_config(**settings)`) that
+    subscribes to `filters` on every connect and hands each message to `on_message` (on
+    paho's thread); returns once the broker acknowledged the first subscription,
+    TimeoutError otherwise. Stop it with `disconnect()` and `loop_stop()`."""
+    subscribed = threading.Event()
+    client = make_client(
+        broker.mqtt_config(**settings), client_id=client_id, session_expiry_s=session_expiry_s
+    )
+    client.on_message = on_message
+    client.on_subscribe = lambda *_args: subscribed.set()
+    client.on_connect = lambda c, *_args: c.subscribe(list(filters))
+    client.reconnect()
+    client.loop_start()
+    if not subscribed.wait(timeout):
+        client.disconnect()
+        client.loop_stop()
+        raise TimeoutError(f"could not subscribe to {[f for f, _ in filters]} on {broker}")
+    return client
+
+
+def durable_subscriber(
+    broker: Mosquitto, topic_filter: str, on_message: OnMessage, *, client_id: str
+) -> mqtt.Client:
+    """A QoS 1 `subscriber` whose session the broker keeps while it is away (MQTT 3.1.1,
+    clean session off) and that reconnects within 0.2 s: a results consumer that must
+    miss nothing across a broker outage (the outbox tests and bench)."""
+    return subscriber(
+        broker,
+        [(topic_filter, 1)],
+        on_message,
+        client_id=client_id,
+        session_expiry_s=3600,
+        protocol="3.1.1",
+        reconnect_min_s=0.05,
+        reconnect_max_s=0.2,
+    )
 
 
 class MqttReader:
@@ -334,36 +393,17 @@ class MqttReader:
         (clean session off), so it queues what is published meanwhile."""
         self._lock = threading.Condition()
         self._messages: list[Received] = []
-        self._subscribed = threading.Event()
-        self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
+        self._client = subscriber(
+            broker,
+            [(topic_filter, qos)],
+            self._on_message,
             client_id=session or f"test-reader-{id(self):x}",
-            protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311,
-            clean_session=None if protocol == "5" else session is None,
+            session_expiry_s=None if session is None else 3600,
+            timeout=timeout,
+            username=username,
+            password=password,
+            protocol=protocol,
         )
-        self._client.reconnect_delay_set(0.1, 0.5)
-        if username is not None:
-            self._client.username_pw_set(username, password)
-        if broker.tls is not None:
-            self._client.tls_set(ca_certs=str(broker.tls.ca_file))
-        self._client.on_message = self._on_message
-        self._client.on_subscribe = lambda *_args: self._subscribed.set()
-        self._client.on_connect = lambda client, *_args: client.subscribe(topic_filter, qos)
-        connect_props = None
-        if session is not None and protocol == "5":
-            connect_props = Properties(PacketTypes.CONNECT)
-            connect_props.SessionExpiryInterval = 3600
-        self._client.connect(
-            broker.host,
-            broker.port,
-            keepalive=10,
-            clean_start=session is None if protocol == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
-            properties=connect_props,
-        )
-        self._client.loop_start()
-        if not self._subscribed.wait(timeout):
-            self.close()
-            raise TimeoutError(f"reader could not subscribe to {topic_filter} on {broker}")
 
     def _on_message(self, _client: Any, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         props: dict[str, Any] = {}
@@ -414,6 +454,45 @@ class MqttReader:
         self._client.loop_stop()
 
 
+class Publisher:
+    """An MQTT 5 client that publishes and waits for each message to be sent and (QoS 1)
+    acknowledged, as the fleet side does; `close()` disconnects."""
+
+    def __init__(self, broker: Mosquitto, *, client_id: str | None = None) -> None:
+        self.broker = broker
+        self._client = make_client(
+            broker.mqtt_config(), client_id=client_id or f"test-publisher-{time.monotonic_ns():x}"
+        )
+        self._client.reconnect()
+        self._client.loop_start()
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = True,
+        properties: Mapping[str, Any] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        """`properties` uses paho's names (ResponseTopic, CorrelationData...); TimeoutError
+        when the broker did not acknowledge within `timeout` seconds."""
+        props = None
+        if properties:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            for name, value in properties.items():
+                setattr(props, name, value)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        info.wait_for_publish(timeout)
+        if not info.is_published():
+            raise TimeoutError(f"publish to {topic} on {self.broker} was not acknowledged")
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
 def publish_once(
     broker: Mosquitto,
     topic: str,
@@ -424,27 +503,97 @@ def publish_once(
     properties: Mapping[str, Any] | None = None,
     timeout: float = 10.0,
 ) -> None:
-    """Publishes one message from a fresh MQTT 5 client and returns once it was sent and
-    (QoS 1) acknowledged. `properties` uses paho's names (ResponseTopic, CorrelationData...)."""
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=f"test-publisher-{time.monotonic_ns():x}",
-        protocol=mqtt.MQTTv5,
-    )
-    if broker.tls is not None:
-        client.tls_set(ca_certs=str(broker.tls.ca_file))
-    props = None
-    if properties:
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        for name, value in properties.items():
-            setattr(props, name, value)
-    client.connect(broker.host, broker.port, keepalive=10)
-    client.loop_start()
+    """Publishes one message from a fresh `Publisher` and returns once it was sent and
+    (QoS 1) acknowledged."""
+    publisher = Publisher(broker)
     try:
-        info = client.publish(topic, payload, qos=qos, retain=retain, properties=props)
-        info.wait_for_publish(timeout)
-        if not info.is_published():
-            raise TimeoutError(f"publish to {topic} on {broker} was not acknowledged")
+        publisher.publish(
+            topic, payload, qos=qos, retain=retain, properties=properties, timeout=timeout
+        )
     finally:
-        client.disconnect()
-        client.loop_stop()
+        publisher.close()
+
+
+class Dashboard:
+    """A fleet dashboard: sends commands, collects replies by request id."""
+
+    def __init__(self, broker: Mosquitto, protocol: str, root: str = "edgeagent/cp") -> None:
+        self.protocol = protocol
+        self.root = root  # the device's topic root: <prefix>/<device id>
+        self.response_topic = f"dashboard/{uuid.uuid4().hex[:8]}/replies"
+        self._cond = threading.Condition()
+        self.replies: list[Received] = []
+        # `X/#` matches X itself too: one filter each, or replies arrive twice.
+        filters = [(f"{self.root}/reply/#", 1), (f"{self.response_topic}/#", 1)]
+        self._client = subscriber(
+            broker,
+            filters,
+            self._on_message,
+            client_id=f"dashboard-{uuid.uuid4().hex[:8]}",
+            protocol=protocol,
+        )
+
+    def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        props = {}
+        if getattr(message, "properties", None) is not None and hasattr(
+            message.properties, "CorrelationData"
+        ):
+            props["CorrelationData"] = message.properties.CorrelationData
+        with self._cond:
+            self.replies.append(
+                Received(message.topic, bytes(message.payload), message.qos, message.retain, props)
+            )
+            self._cond.notify_all()
+
+    def send(
+        self,
+        name: str,
+        args: dict[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+        raw: bytes | None = None,
+    ) -> str:
+        request_id = request_id or uuid.uuid4().hex
+        payload = (
+            raw if raw is not None else json.dumps({"id": request_id, "args": args or {}}).encode()
+        )
+        properties = None
+        if self.protocol == "5":
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.ResponseTopic = self.response_topic
+            properties.CorrelationData = request_id.encode()
+        self._client.publish(f"{self.root}/cmd/{name}", payload, qos=1, properties=properties)
+        return request_id
+
+    def json_replies(self, request_id: str | None) -> list[dict[str, Any]]:
+        out = []
+        with self._cond:
+            messages = list(self.replies)
+        for message in messages:
+            try:
+                body = json.loads(message.payload)
+            except ValueError:
+                continue
+            if isinstance(body, dict) and body.get("id") == request_id and "stage" in body:
+                out.append(body)
+        return out
+
+    def terminal_replies(self, request_id: str | None) -> list[dict[str, Any]]:
+        return [r for r in self.json_replies(request_id) if r["stage"] in ("succeeded", "failed")]
+
+    def wait_terminal(self, request_id: str | None, timeout: float = 60) -> dict[str, Any]:
+        terminal = wait_until(
+            lambda: self.terminal_replies(request_id),
+            timeout,
+            lambda: f"a terminal reply to {request_id}; got {self.json_replies(request_id)}",
+        )
+        return terminal[0]
+
+    def call(
+        self, name: str, args: dict[str, Any] | None = None, timeout: float = 60
+    ) -> dict[str, Any]:
+        return self.wait_terminal(self.send(name, args), timeout)
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()

@@ -5,8 +5,9 @@
   listener, a chosen port); every broker is stopped at teardown.
 - `mqtt_reader(broker, topic_filter, ...)`: a subscriber whose `wait_for(predicate)`
   returns a matching message or fails listing what arrived.
-- `agent_process(config, env=None)`: `edgeagent run --config CONFIG` as a subprocess
-  (stderr kept for the test to read); killed at teardown if the test left it running.
+- `agent_process(config, env=None, entry=...)`: `edgeagent run --config CONFIG` as a
+  subprocess (stderr kept for the test to read); killed at teardown if the test left it
+  running. `entry` replaces `-m edgeagent.cli.main`, e.g. with tests/fault_agent.py.
 - `_no_leaks` (automatic): a test fails if it leaves threads or child processes behind.
 """
 
@@ -17,13 +18,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.broker import Mosquitto, MqttReader, find_mosquitto
+from tests.broker import Mosquitto, MosquittoFactory, MqttReader, find_mosquitto
 
 # Threads our code and paho start are daemons, so a leaked one would not hang the run;
 # they are named so that a leak is still caught.
@@ -82,9 +83,6 @@ def mosquitto_binary() -> str:
     return binary
 
 
-MosquittoFactory = Callable[..., Mosquitto]
-
-
 @pytest.fixture
 def mosquitto_factory(mosquitto_binary: str, tmp_path: Path) -> Iterator[MosquittoFactory]:
     brokers: list[Mosquitto] = []
@@ -139,9 +137,14 @@ def mqtt_reader() -> Iterator[Callable[..., MqttReader]]:
 def agent_process() -> Iterator[Callable[..., subprocess.Popen[str]]]:
     processes: list[subprocess.Popen[str]] = []
 
-    def start(config: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    def start(
+        config: Path,
+        env: dict[str, str] | None = None,
+        *,
+        entry: Sequence[str] = ("-m", "edgeagent.cli.main"),
+    ) -> subprocess.Popen[str]:
         process = subprocess.Popen(
-            [sys.executable, "-m", "edgeagent.cli.main", "run", "--config", str(config)],
+            [sys.executable, *entry, "run", "--config", str(config)],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -1,6 +1,7 @@
 """Builds tiny, real .tflite models with the schema object API (no TensorFlow needed).
 
-Each builder returns the model's bytes; `save` writes them where a test wants them.
+Each builder returns the model's bytes; `save` writes them where a test wants them; `run`
+puts one image through a saved model as a pipeline would.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Any
 import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as s
+
+from edgeagent.inference import Engine, make_decoder, make_preprocessor
+from edgeagent.models.catalog import ModelDescription, describe_model
 
 _TYPES = {
     "float32": s.TensorType.FLOAT32,
@@ -455,3 +459,21 @@ def quantized_head(
     y = g.tensor("head", list(arr.shape), "int8", scale=scale, zero_point=zero_point)
     g.op(s.BuiltinOperator.QUANTIZE, [shaped], [y])
     return g.build([x], [y])
+
+
+# --- running a built model --------------------------------------------------------------
+
+
+def run(path: Path, image: np.ndarray, **overrides: Any) -> tuple[ModelDescription, dict[str, Any]]:
+    """What a pipeline does with `path` and one frame: describe, load, prepare, decode."""
+    description = describe_model(str(path), **overrides)
+    engine = Engine.load(description.path, accelerator="cpu")
+    try:
+        prepare = make_preprocessor(description.preprocess, engine.inputs[0], "image")
+        decode = make_decoder(
+            description.task, engine.outputs, description.labels, inputs=engine.inputs
+        )
+        prepared = prepare(image)
+        return description, decode(engine.invoke([prepared.tensor]), prepared)
+    finally:
+        engine.close()

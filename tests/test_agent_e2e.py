@@ -7,15 +7,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from edgeagent.control import ask
+from edgeagent.errors import EdgeAgentError
 from edgeagent.models.catalog import samples_dir
 from tests.broker import Mosquitto, MqttReader, Received, free_port
+from tests.waiting import wait_until
 
 AGENT = [sys.executable, "-m", "edgeagent.cli.main"]
 
@@ -162,7 +164,12 @@ def test_unreachable_broker_at_start_keeps_running_and_connects_later(
 ) -> None:
     broker = mosquitto_factory(started=False, port=free_port())
     process = agent_process(write_config(tmp_path, broker, ALL_PIPELINES))
-    time.sleep(3)
+    # Running without the broker: its pipelines produce into the outbox while it retries.
+    wait_until(
+        lambda: process.poll() is not None or away_with_a_backlog(tmp_path),
+        60,
+        lambda: f"results queued while the broker is away: {status_or_none(tmp_path)}",
+    )
     assert process.poll() is None, "the agent must not exit when the broker is away"
     broker.start()
     reader = mqtt_reader(broker, "edgeagent/e2e/#")
@@ -172,6 +179,20 @@ def test_unreachable_broker_at_start_keeps_running_and_connects_later(
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 0
     assert f"{broker.host}:{broker.port}" in stderr, "the outage was logged with the address"
+
+
+def status_or_none(tmp_path: Path) -> dict[str, Any] | None:
+    """The agent's status over its control socket; None while the socket is not up yet."""
+    try:
+        status: dict[str, Any] = ask(tmp_path / "control.sock", "status")
+    except EdgeAgentError:  # the socket appears once the agent started
+        return None
+    return status
+
+
+def away_with_a_backlog(tmp_path: Path) -> bool:
+    status = status_or_none(tmp_path)
+    return status is not None and not status["mqtt"]["connected"] and status["outbox"]["depth"] > 0
 
 
 def test_a_pipeline_that_cannot_start_is_skipped_with_its_reason(

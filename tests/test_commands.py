@@ -9,6 +9,7 @@ import json
 import logging
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,15 +18,14 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from edgeagent.config import BUILTIN_COMMANDS, CommandsConfig
 from edgeagent.errors import EdgeAgentError
 from edgeagent.mqtt import MqttLink, Topics
 from edgeagent.mqtt.commands import (
-    BUILTIN_COMMANDS,
     MAX_PENDING,
     BinaryResult,
     CommandRejected,
     CommandRouter,
-    CommandsConfig,
     Progress,
     Request,
     parse_request,
@@ -399,6 +399,99 @@ def test_ids_are_forgotten_after_the_ttl_and_beyond_the_size(make_router: Any) -
     send("c", 1)  # only two ids are kept: "a" drops out
     send("a", 4)
     assert [r.id for r in spy.calls] == ["a", "a", "b", "c", "a"]
+
+
+class Lines:
+    """A `logs`-like handler whose reply is about `size` bytes; counts its calls."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.calls: list[str] = []
+
+    def __call__(self, request: Request) -> object:
+        self.calls.append(request.id)
+        return {"lines": ["x" * 99] * (self.size // 100)}
+
+
+def test_a_reply_too_large_to_keep_is_not_run_again_and_its_repeat_says_so(
+    make_router: Any,
+) -> None:
+    router, replies = make_router(dedup_max_bytes=64 * 1024)  # keeps replies up to 4 KiB
+    logs = Lines(20_000)
+    router.register("logs", logs)
+
+    router.handle_message(TOPICS.cmd("logs"), request("big"), {})
+    [first] = replies.terminal("big")
+    assert first["stage"] == "succeeded"
+    assert len(first["result"]["lines"]) == 200
+    router.handle_message(TOPICS.cmd("logs"), request("big"), {})
+
+    [_, repeat] = replies.terminal("big", count=2)
+    assert logs.calls == ["big"], "the command ran once"
+    assert repeat["stage"] == "failed"
+    assert repeat["original_stage"] == "succeeded"
+    assert "too large to keep" in repeat["reason"]
+    assert "send a new id" in repeat["reason"]
+    assert router.remembered[1] < 4 * 1024, "only the id is kept, not the 20 KB reply"
+
+
+def test_the_repeat_cache_gives_up_the_oldest_replies_first_and_stays_within_its_bytes(
+    make_router: Any,
+) -> None:
+    now = [1000.0]
+    budget = 64 * 1024
+    router, replies = make_router(dedup_max_bytes=budget, clock=lambda: now[0])
+    logs = Lines(3_000)  # under the 4 KiB a reply may have: each is kept, at first
+    router.register("logs", logs)
+
+    for i in range(100):  # 300 KB of replies into a 64 KiB budget
+        router.handle_message(TOPICS.cmd("logs"), request(f"r{i}"), {})
+        replies.terminal(f"r{i}")
+        assert router.remembered[1] <= budget
+    assert router.remembered[0] == 100, "every id is still remembered"
+
+    for request_id in ("r0", "r99"):
+        router.handle_message(TOPICS.cmd("logs"), request(request_id), {})
+    old, recent = replies.terminal("r0", count=2)[1], replies.terminal("r99", count=2)[1]
+    assert len(logs.calls) == 100, "no repeat ran again"
+    assert old["stage"] == "failed", "the oldest reply was given up for the budget"
+    assert old["original_stage"] == "succeeded"
+    assert recent == replies.terminal("r99")[0], "the newest is answered in full"
+
+    now[0] += 3601  # dedup_ttl_s
+    assert router.remembered == (0, 0)
+
+
+def test_many_large_replies_do_not_grow_memory_beyond_the_budget() -> None:
+    """1,000 replies of 100 KB (the issue's 147 KB `logs` replies, scaled): without a byte
+    bound the cache alone would hold 100 MB; measured with tracemalloc."""
+    sent = [0]
+
+    def discard(_topic: str, payload: bytes, _properties: dict[str, Any] | None) -> None:
+        sent[0] += len(payload)
+
+    router = CommandRouter(TOPICS, CommandsConfig(), discard)  # the default 1 MiB budget
+    logs = Lines(100_000)
+    router.register("logs", logs)
+    try:
+        tracemalloc.start()
+        baseline = tracemalloc.get_traced_memory()[0]
+        for i in range(1000):
+            router.handle_message(TOPICS.cmd("logs"), request(f"r{i}"), {})
+            deadline = time.monotonic() + 10
+            while len(logs.calls) < i + 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+        router.close()  # waits for the last replies
+        grown = tracemalloc.get_traced_memory()[0] - baseline
+    finally:
+        tracemalloc.stop()
+        router.close()
+    assert sent[0] > 100_000_000, "every reply was sent"
+    assert grown < 4 * 1024 * 1024, f"memory grew by {grown} bytes"
+    ids, held = router.remembered
+    assert ids == 1000
+    assert held <= 1024 * 1024
 
 
 def test_an_id_reused_for_another_command_is_refused(make_router: Any) -> None:

@@ -6,9 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.config import ImagesCamera, SyntheticCamera, load_config, parse_config
+from edgeagent.config import (
+    ClassificationTask,
+    ImagesCamera,
+    SyntheticCamera,
+    load_config,
+    parse_config,
+)
 from edgeagent.errors import ConfigError
-from edgeagent.inference.spec import ClassificationTask
 
 REPO = Path(__file__).resolve().parents[1]
 

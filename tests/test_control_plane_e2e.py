@@ -8,22 +8,17 @@ import json
 import signal
 import subprocess
 import sys
-import threading
-import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from edgeagent.control import ask
-from tests.broker import Mosquitto, MqttReader, Received
+from edgeagent.errors import EdgeAgentError
+from tests.broker import Dashboard, Mosquitto, MqttReader, Received
+from tests.waiting import wait_until
 
 AGENT = [sys.executable, "-m", "edgeagent.cli.main"]
 ROOT = "edgeagent/cp"
@@ -54,103 +49,6 @@ def write_config(tmp_path: Path, broker: Mosquitto, *, protocol: str = "5", fps:
     path = tmp_path / "agent.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
-
-
-class Dashboard:
-    """A fleet dashboard: sends commands, collects replies by request id."""
-
-    def __init__(self, broker: Mosquitto, protocol: str) -> None:
-        self.protocol = protocol
-        self.response_topic = f"dashboard/{uuid.uuid4().hex[:8]}/replies"
-        self._cond = threading.Condition()
-        self.replies: list[Received] = []
-        subscribed = threading.Event()
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311,
-        )
-        self._client.on_message = self._on_message
-        self._client.on_subscribe = lambda *_a: subscribed.set()
-        # `X/#` matches X itself too: one filter each, or replies arrive twice.
-        filters = [(f"{ROOT}/reply/#", 1), (f"{self.response_topic}/#", 1)]
-        self._client.on_connect = lambda c, *_a: c.subscribe(filters)
-        self._client.connect(broker.host, broker.port)
-        self._client.loop_start()
-        assert subscribed.wait(10)
-
-    def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
-        props = {}
-        if getattr(message, "properties", None) is not None and hasattr(
-            message.properties, "CorrelationData"
-        ):
-            props["CorrelationData"] = message.properties.CorrelationData
-        with self._cond:
-            self.replies.append(
-                Received(message.topic, bytes(message.payload), message.qos, message.retain, props)
-            )
-            self._cond.notify_all()
-
-    def send(
-        self,
-        name: str,
-        args: dict[str, Any] | None = None,
-        *,
-        request_id: str | None = None,
-        raw: bytes | None = None,
-    ) -> str:
-        request_id = request_id or uuid.uuid4().hex
-        payload = (
-            raw if raw is not None else json.dumps({"id": request_id, "args": args or {}}).encode()
-        )
-        properties = None
-        if self.protocol == "5":
-            properties = Properties(PacketTypes.PUBLISH)
-            properties.ResponseTopic = self.response_topic
-            properties.CorrelationData = request_id.encode()
-        self._client.publish(f"{ROOT}/cmd/{name}", payload, qos=1, properties=properties)
-        return request_id
-
-    def json_replies(self, request_id: str | None) -> list[dict[str, Any]]:
-        out = []
-        with self._cond:
-            messages = list(self.replies)
-        for message in messages:
-            try:
-                body = json.loads(message.payload)
-            except ValueError:
-                continue
-            if isinstance(body, dict) and body.get("id") == request_id and "stage" in body:
-                out.append(body)
-        return out
-
-    def wait_terminal(self, request_id: str | None, timeout: float = 60) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while time.monotonic() < deadline:
-                self._cond.release()
-                try:
-                    terminal = [
-                        r
-                        for r in self.json_replies(request_id)
-                        if r["stage"] in ("succeeded", "failed")
-                    ]
-                finally:
-                    self._cond.acquire()
-                if terminal:
-                    return terminal[0]
-                self._cond.wait(0.2)
-        raise AssertionError(
-            f"no terminal reply to {request_id}; got {self.json_replies(request_id)}"
-        )
-
-    def call(
-        self, name: str, args: dict[str, Any] | None = None, timeout: float = 60
-    ) -> dict[str, Any]:
-        return self.wait_terminal(self.send(name, args), timeout)
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
 
 
 def payload(message: Received) -> dict[str, Any]:
@@ -222,7 +120,9 @@ def test_every_command_round_trips(
     assert "mqtt.hots" in bad["reason"]
     assert config_path.read_text() == before
 
-    # One that would break a pipeline is rolled back and the pipeline keeps running.
+    # One that would break a pipeline is rolled back and the pipeline keeps running (a
+    # model name neither bundled nor delivered: a path would be refused before, as
+    # forbidden-path, since this device has no commands.remote_paths).
     broken = board.call(
         "config.set",
         {
@@ -231,7 +131,7 @@ def test_every_command_round_trips(
                     {
                         "name": "shapes",
                         "source": {"type": "synthetic", "fps": 20},
-                        "model": "/nonexistent.tflite",
+                        "model": "no-such-model",
                     }
                 ]
             }
@@ -287,11 +187,12 @@ def test_every_command_round_trips(
     board.send("ping", request_id="same-id")
     first_answer = board.wait_terminal("same-id")
     board.send("ping", request_id="same-id")
-    deadline = time.monotonic() + 10
-    while len([r for r in board.json_replies("same-id") if r["stage"] == "succeeded"]) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    again = [r for r in board.json_replies("same-id") if r["stage"] == "succeeded"][1]
+    answers = wait_until(
+        lambda: len(board.terminal_replies("same-id")) >= 2 and board.terminal_replies("same-id"),
+        10,
+        lambda: f"a second answer to same-id; got {board.json_replies('same-id')}",
+    )
+    again = answers[1]
     assert again == first_answer
 
     # Telemetry carries real numbers.
@@ -330,13 +231,14 @@ def test_status_answers_over_the_control_socket_while_the_broker_is_down(
     agent_process(write_config(tmp_path, mosquitto))
     reader.wait_for(running, timeout=30)
     mosquitto.stop()
-    deadline = time.monotonic() + 30
-    while True:  # until the agent noticed the outage and results queued up
-        status = ask(tmp_path / "control.sock", "status")
-        if not status["mqtt"]["connected"] and status["outbox"]["depth"] > 0:
-            break
-        assert time.monotonic() < deadline, f"the outage never showed: {status['mqtt']}"
-        time.sleep(0.2)
+    # Until the agent noticed the outage and results queued up.
+    wait_until(
+        lambda: status_where(
+            tmp_path, lambda s: not s["mqtt"]["connected"] and s["outbox"]["depth"] > 0
+        ),
+        30,
+        lambda: f"the outage to show in the status: {status_or_none(tmp_path)}",
+    )
     human = subprocess.run(
         [*AGENT, "status", "--socket", str(tmp_path / "control.sock")],
         capture_output=True,
@@ -359,6 +261,21 @@ def test_status_answers_over_the_control_socket_while_the_broker_is_down(
     mosquitto.start()
 
 
+def status_or_none(tmp_path: Path) -> dict[str, Any] | None:
+    """The agent's status over its control socket; None while the socket is not up yet."""
+    try:
+        status: dict[str, Any] = ask(tmp_path / "control.sock", "status")
+    except EdgeAgentError:  # the socket appears once the agent started
+        return None
+    return status
+
+
+def status_where(tmp_path: Path, check: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+    """The agent's status when `check` holds for it, else None."""
+    status = status_or_none(tmp_path)
+    return status if status is not None and check(status) else None
+
+
 def _result_seqs(messages: list[Received]) -> dict[str, list[int]]:
     runs: dict[str, list[int]] = {}
     for message in messages:
@@ -379,9 +296,23 @@ def test_a_broker_outage_loses_no_result(
     process = agent_process(write_config(tmp_path, broker, fps=30))
     reader.wait_for_count(30, timeout=30)
     broker.stop()
-    time.sleep(5)  # about 150 results are produced with nowhere to go
+    # More than 150 results are produced with nowhere to go.
+    wait_until(
+        lambda: status_where(
+            tmp_path, lambda s: not s["mqtt"]["connected"] and s["outbox"]["depth"] > 150
+        ),
+        60,
+        lambda: f"a backlog of 150 results in the outbox: {status_or_none(tmp_path)}",
+    )
     broker.start()
-    time.sleep(3)
+    # The backlog drains and results flow live again.
+    wait_until(
+        lambda: status_where(
+            tmp_path, lambda s: s["mqtt"]["connected"] and s["outbox"]["depth"] < 30
+        ),
+        60,
+        lambda: f"the backlog to drain: {status_or_none(tmp_path)}",
+    )
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
@@ -402,23 +333,30 @@ def test_a_kill_9_with_a_backlog_on_disk_loses_no_result(
     config = write_config(tmp_path, broker, fps=30)
     broker.stop()  # the first run never reaches the broker: everything goes to disk
     first = agent_process(config)
-    deadline = time.monotonic() + 60
-    depth = 0
-    while depth < 60:
-        assert time.monotonic() < deadline, "the outbox did not fill"
-        time.sleep(0.5)
-        try:
-            depth = ask(tmp_path / "control.sock", "status")["outbox"]["depth"]
-        except Exception:  # noqa: BLE001 - the socket appears once the agent started
-            depth = 0
+    filled = wait_until(
+        lambda: status_where(tmp_path, lambda s: s["outbox"]["depth"] >= 60),
+        60,
+        lambda: f"the outbox to fill: {status_or_none(tmp_path)}",
+    )
+    depth = filled["outbox"]["depth"]
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     broker.start()
     reader = mqtt_reader(broker, f"{ROOT}/results/#")
     second = agent_process(config)
-    reader.wait_for_count(depth, timeout=60)
-    second_run = ask(tmp_path / "control.sock", "status")["run"]
-    time.sleep(2)
+    second_run = wait_until(lambda: status_or_none(tmp_path), 60, "the second agent's status")[
+        "run"
+    ]
+
+    def killed_runs() -> list[list[int]]:
+        runs = _result_seqs(reader.messages)
+        return [seqs for run, seqs in runs.items() if run != second_run]
+
+    wait_until(
+        lambda: sum(len(set(seqs)) for seqs in killed_runs()) >= depth,
+        60,
+        lambda: f"the killed run's {depth} stored results; got runs {list(killed_runs())[:1]}",
+    )
     second.send_signal(signal.SIGTERM)
     second.communicate(timeout=60)
     runs = _result_seqs(reader.messages)

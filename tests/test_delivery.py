@@ -18,19 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 import yaml
 from ai_edge_litert import schema_py_generated as s
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from paho.mqtt.enums import CallbackAPIVersion
 from PIL import Image
 
-from edgeagent.config import ImagesCamera, PipelineConfig
+from edgeagent.config import ClassificationTask, ImagePreprocess, ImagesCamera, PipelineConfig
+from edgeagent.inference import Engine, make_decoder, make_preprocessor
 from edgeagent.models import gate, transfer
 from edgeagent.models.catalog import samples_dir
-from edgeagent.models.delivery import DeliveryConfig, ModelDelivery
+from edgeagent.models.delivery import DeliveryConfig, ModelDelivery, describe_stored
+from edgeagent.models.metadata import TENSOR_AXIS_LABELS
 from edgeagent.models.signing import (
     DeliveryManifest,
     canonical_bytes,
@@ -38,11 +38,12 @@ from edgeagent.models.signing import (
     key_id,
     sign_manifest,
 )
-from edgeagent.models.store import ModelStore
+from edgeagent.models.store import ModelStore, StoredModel
 from edgeagent.mqtt import MqttLink, Topics
 from edgeagent.pipeline import Pipeline
 from tests import modelfactory
-from tests.broker import Mosquitto, MqttReader
+from tests.broker import Mosquitto, MqttReader, Publisher
+from tests.waiting import wait_until
 
 BUNDLED = Path(__file__).resolve().parents[1] / "models" / "bundled"
 DIGITS = BUNDLED / "digits-classifier.tflite"
@@ -53,28 +54,6 @@ MODEL = "digits-classifier"
 FAST = {"probation_s": 0.5, "probation_min_results": 5}
 
 # --- publishing as the fleet does --------------------------------------------------------
-
-
-class Publisher:
-    """One paho client that publishes retained messages and waits for their acks."""
-
-    def __init__(self, broker: Mosquitto) -> None:
-        self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"test-fleet-{time.monotonic_ns():x}",
-            protocol=mqtt.MQTTv5,
-        )
-        self._client.connect(broker.host, broker.port, keepalive=10)
-        self._client.loop_start()
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool = True) -> None:
-        info = self._client.publish(topic, payload, qos=1, retain=retain)
-        info.wait_for_publish(10)
-        assert info.is_published(), f"publish to {topic} was not acknowledged"
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
 
 
 def make_manifest(
@@ -136,7 +115,7 @@ def publish_model(
     return data
 
 
-def set_desired(broker: Mosquitto, topic: str, pipelines: dict[str, dict[str, str]] | None) -> None:
+def set_desired(broker: Mosquitto, topic: str, pipelines: dict[str, dict[str, Any]] | None) -> None:
     payload = b"" if pipelines is None else json.dumps({"pipelines": pipelines, "ts": 1}).encode()
     fleet = Publisher(broker)
     try:
@@ -191,7 +170,9 @@ class Device:
             self.pipeline.start(self.delivery.startup_model(self.pipeline_config))
         self.link.start()
         self.delivery.start()
-        wait_until(lambda: self.link is not None and self.link.connected, "the link connects")
+        wait_until(
+            lambda: self.link is not None and self.link.connected, message="the link connects"
+        )
 
     def stop_delivery(self) -> None:
         """Stops delivery and the link (the pipeline runs on), as a restart would begin."""
@@ -209,20 +190,11 @@ class Device:
         self.results.append(result)
 
     def results_after(self, count: int, since: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-        wait_until(lambda: len(self.results) >= since + count, f"{count} more results", timeout)
+        wait_until(lambda: len(self.results) >= since + count, timeout, f"{count} more results")
         return self.results[since:]
 
-    def desired(self, pipelines: dict[str, dict[str, str]] | None) -> None:
+    def desired(self, pipelines: dict[str, dict[str, Any]] | None) -> None:
         set_desired(self.broker, self.topics.desired, pipelines)
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting until {what}")
 
 
 def doc(message: Any) -> dict[str, Any]:
@@ -248,7 +220,7 @@ def reported_where(
                 return True
         return False
 
-    wait_until(arrived, "a matching reported state", timeout)
+    wait_until(arrived, timeout, "a matching reported state")
     return found[0]
 
 
@@ -566,7 +538,8 @@ def test_a_bad_delivery_is_refused_and_the_old_model_keeps_running(
     assert failure["code"] in bad.codes, failure
     assert failure["version"] == bad.version
     assert failure["reason"]
-    assert (entry["version"], entry["state"], entry["staged"]) == ("1.0.0", "failed", None)
+    # `state` says what runs (the old model, fine); the refusal is in last_failure only.
+    assert (entry["version"], entry["state"], entry["staged"]) == ("1.0.0", "running", None)
     rejected = events.wait_for(lambda m: doc(m)["type"] == "rejected")
     assert doc(rejected)["code"] == failure["code"]
     assert doc(rejected)["pipeline"] == "digits"
@@ -579,7 +552,7 @@ def test_a_bad_delivery_is_refused_and_the_old_model_keeps_running(
     assert [v.version for v in dev.store.versions(MODEL)] == []
     # Not retried in a loop: the same desired state arriving again changes nothing.
     dev.desired({"digits": {"model": MODEL, "version": bad.version}})
-    time.sleep(0.5)
+    time.sleep(0.5)  # lets time pass to show that no second attempt (and rejection) follows
     assert sum(1 for k in event_types(events) if k == "rejected") == 1
 
 
@@ -601,10 +574,14 @@ def test_a_transfer_resumes_after_the_broker_goes_away(
     publish_model(mosquitto, PREFIX, MODEL, "2.0.0", DIGITS, keys[0], chunks=pieces[:half])
     dev.desired({"digits": {"model": MODEL, "version": "2.0.0"}})
     staging = dev.config.store / "staging"
-    wait_until(lambda: len(list(staging.glob("*/chunk-*"))) == half, "half the chunks are staged")
+    wait_until(
+        lambda: len(list(staging.glob("*/chunk-*"))) == half, message="half the chunks are staged"
+    )
 
     mosquitto.stop()  # without persistence: every retained message is gone with it
-    time.sleep(0.5)
+    link = dev.link
+    assert link is not None
+    wait_until(lambda: not link.connected, message="the device to notice the broker is gone")
     if restart_agent:
         dev.stop_delivery()
     staged_bytes = sum(p.stat().st_size for p in staging.glob("*/chunk-*"))
@@ -620,8 +597,8 @@ def test_a_transfer_resumes_after_the_broker_goes_away(
 
     wait_until(
         lambda: bool(dev.results) and dev.results[-1]["model"]["version"] == "2.0.0",
-        "the pipeline runs 2.0.0",
         20.0,
+        "the pipeline runs 2.0.0",
     )
     stats = dev.delivery.last_transfer
     assert stats is not None
@@ -698,7 +675,7 @@ def test_a_model_that_gives_nan_in_service_is_rolled_back_by_itself(
     assert main == ["downloaded", "validated", "activated", "rolled-back"]
     entry = reported_where(reported, lambda e: e["last_failure"] is not None)
     assert entry["version"] == "1.0.0"
-    assert entry["state"] == "failed"
+    assert entry["state"] == "running"  # 1.0.0 runs again
     assert entry["last_failure"]["code"] == "probation-failed"
     # The new model did run (and gave NaN), then the old one came back and stays.
     assert "9.0.0" in versions_of(dev.results)
@@ -763,9 +740,10 @@ def test_pinning_a_stored_version_activates_it_without_a_download(
     assert dev.store is not None
     assert dev.delivery is not None
 
-    for version in ["2.0.0", "3.0.0", "2.0.0"]:
+    for version, back in [("2.0.0", False), ("3.0.0", False), ("2.0.0", True)]:
         since = len(reported.messages)
-        dev.desired({"digits": {"model": MODEL, "version": version}})
+        # Going back from 3.0.0 to 2.0.0 is a downgrade: the desired state must say so.
+        dev.desired({"digits": {"model": MODEL, "version": version, "allow_downgrade": back}})
         reported_where(
             reported, lambda e, v=version: e["version"] == v and e["state"] == "running", since
         )
@@ -783,7 +761,7 @@ def test_pinning_a_stored_version_activates_it_without_a_download(
     assert (entry["version"], entry["state"]) == ("3.0.0", "running")
     assert entry["last_failure"]["code"] == "rolled-back"
     assert entry["last_failure"]["version"] == "2.0.0"
-    time.sleep(1.0)
+    time.sleep(1.0)  # lets time pass to show that 2.0.0 does not come back
     results = dev.results_after(5, len(dev.results))
     assert set(versions_of(results)) == {"3.0.0"}
     active = dev.store.active(MODEL)
@@ -811,7 +789,9 @@ def test_device_desired_state_wins_over_groups_and_the_first_group_wins(
         assert versions_of(results)[-1] == version
 
     def group(name: str, version: str, **more: dict[str, str]) -> Callable[[], None]:
-        pipelines = {"digits": {"model": MODEL, "version": version}, **more}
+        # lab's 3.0.0 applies again after 4.0.0 ran: a downgrade the entry allows.
+        entry = {"model": MODEL, "version": version, "allow_downgrade": True}
+        pipelines = {"digits": entry, **more}
         return lambda: set_desired(dev.broker, topics.group_desired(name), pipelines)
 
     converges("2.0.0", group("all", "2.0.0"))
@@ -885,3 +865,98 @@ class _NoLink:
 
     def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> object:
         raise AssertionError("not used")
+
+
+# --- what a delivered model is described as --------------------------------------------
+
+COLOURS = ("red", "green", "blue")
+
+
+def _colour_model() -> bytes:
+    """A float classifier of an 8x8 RGB frame (the mean of R, of G, of B) whose TFLite
+    metadata says mean/std 127.5 and packs its labels: what a published model carries."""
+    weights = np.zeros((3, 8, 8, 3), np.float32)
+    for channel in range(3):
+        weights[channel, :, :, channel] = 1 / 64
+    meta = modelfactory.metadata_buffer(
+        [
+            modelfactory.TensorMeta(
+                name="image", content="image", color_space=1, mean=[127.5], std=[127.5]
+            )
+        ],
+        [modelfactory.TensorMeta(name="probability", files=[("colours.txt", TENSOR_AXIS_LABELS)])],
+    )
+    return modelfactory.with_metadata(
+        modelfactory.image_fc(weights), meta, {"colours.txt": "\n".join(COLOURS) + "\n"}
+    )
+
+
+def _stored(tmp_path: Path, data: bytes, **manifest: Any) -> StoredModel:
+    """`data` installed and activated as colours 1.0.0, read back from the store's disk."""
+    store = ModelStore(tmp_path / "store", quota_bytes=1 << 24)
+    staged = tmp_path / "staged.tflite"
+    staged.write_bytes(data)
+    store.install(staged, make_manifest(data, "colours", "1.0.0", **manifest))
+    store.activate("colours", "1.0.0")
+    stored = store.active("colours")
+    assert stored is not None
+    return stored
+
+
+def _pipeline(**overrides: Any) -> PipelineConfig:
+    source = ImagesCamera(type="images", path="/nonexistent/frames")
+    return PipelineConfig(name="colours", source=source, model="colours", **overrides)
+
+
+def test_a_delivered_model_without_a_task_is_described_from_its_metadata_and_graph(
+    tmp_path: Path,
+) -> None:
+    """A delivery manifest with no task, labels or preprocess: the device reads them from
+    the model as it does for a local model with no manifest, and the real interpreter
+    classifies a red frame as red (raw pixels / 255 with no labels would not say so)."""
+    stored = _stored(tmp_path, _colour_model(), task=None, labels=(), preprocess=None)
+
+    description = describe_stored(stored, _pipeline())
+
+    assert description.task == ClassificationTask()
+    assert description.sources["task"].startswith("classification: one [1, 3] output")
+    assert description.labels == COLOURS
+    assert description.preprocess == ImagePreprocess(mean=(127.5,), std=(127.5,))
+    assert (description.name, description.version) == ("colours", "1.0.0")
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 255
+    engine = Engine.load(description.path, accelerator="cpu")
+    try:
+        prepare = make_preprocessor(description.preprocess, engine.inputs[0], "image")
+        decode = make_decoder(description.task, engine.outputs, description.labels)
+        prepared = prepare(red)
+        result = decode(engine.invoke([prepared.tensor]), prepared)
+    finally:
+        engine.close()
+    assert result["classes"][0]["label"] == "red"
+
+
+def test_a_delivered_model_follows_the_catalogs_precedence(tmp_path: Path) -> None:
+    """Pipeline config, then the delivery manifest, then metadata: the manifest's labels
+    beat the packed ones, the config's task keys beat the manifest's, and the config's
+    labels beat both."""
+    stored = _stored(
+        tmp_path,
+        _colour_model(),
+        task=ClassificationTask(top_k=2),
+        labels=("rouge", "vert", "bleu"),
+        preprocess=None,
+    )
+
+    from_manifest = describe_stored(stored, _pipeline())
+    assert from_manifest.task == ClassificationTask(top_k=2)
+    assert from_manifest.labels == ("rouge", "vert", "bleu")
+    assert from_manifest.sources["labels"] == "from the delivery manifest"
+    assert from_manifest.preprocess == ImagePreprocess(mean=(127.5,), std=(127.5,))
+
+    overridden = describe_stored(
+        stored, _pipeline(task=ClassificationTask(threshold=0.5), labels=("r", "g", "b"))
+    )
+    assert overridden.task == ClassificationTask(top_k=2, threshold=0.5)
+    assert overridden.labels == ("r", "g", "b")
+    assert overridden.sources["labels"] == "from the pipeline config"

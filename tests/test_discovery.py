@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from edgeagent.config import DiscoveryConfig
 from edgeagent.hal.system import read_system_facts
 from edgeagent.mqtt import MqttLink, Topics
 from edgeagent.mqtt.discovery import (
     DiscoveryAnnouncer,
-    DiscoveryConfig,
     birth_topic,
     discovery_messages,
     is_birth_message,

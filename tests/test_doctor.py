@@ -34,9 +34,8 @@ from edgeagent.diagnostics import (
 from edgeagent.hal.accel import Probe, ProbeState, probe_accelerators
 from edgeagent.models.catalog import bundled_dir
 from edgeagent.models.store import ModelStore
-from tests.broker import free_port, make_tls_files
-from tests.conftest import MosquittoFactory
-from tests.test_store import manifest_for
+from tests.broker import MosquittoFactory, free_port, make_tls_files
+from tests.manifests import manifest_for
 
 FAST = Environment(timeout_s=3.0)
 

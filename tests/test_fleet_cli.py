@@ -72,7 +72,7 @@ def test_deploy_writes_a_retained_desired_state_for_the_device(
         "--model",
         "shapes",
         "--version",
-        "1.1",
+        "1.1.0",
         "--read-timeout",
         "0.2",
         *broker_args(mosquitto),
@@ -80,7 +80,7 @@ def test_deploy_writes_a_retained_desired_state_for_the_device(
     assert code == 0, err
     assert "device pi-1: pipeline cam -> shapes 1.1" in out
     state = retained_json(mosquitto, mqtt_reader, "edgeagent/pi-1/desired")
-    assert state["pipelines"] == {"cam": {"model": "shapes", "version": "1.1"}}
+    assert state["pipelines"] == {"cam": {"model": "shapes", "version": "1.1.0"}}
     assert before <= state["ts"] <= time.time()
     assert "@" in state["by"]
 
@@ -97,21 +97,22 @@ def test_deploy_merges_with_the_existing_state_and_clear_removes_one_pipeline(
     }
     send(mosquitto, topic, existing, retain=True)
     args = ["fleet", "deploy", "--device", "pi-2", "--pipeline", "cam", *broker_args(mosquitto)]
-    assert cli(capsys, *args, "--model", "shapes", "--version", "1.0")[0] == 0
-    code, out, _ = cli(capsys, *args, "--model", "shapes", "--version", "1.1", "--json")
+    assert cli(capsys, *args, "--model", "shapes", "--version", "1.0.0")[0] == 0
+    code, out, _ = cli(capsys, *args, "--model", "shapes", "--version", "1.1.0", "--json")
     assert code == 0
     assert json.loads(out)["topic"] == topic
     state = retained_json(mosquitto, mqtt_reader, topic)
     assert state["pipelines"] == {
         "door": {"model": "digits", "version": "3"},
-        "cam": {"model": "shapes", "version": "1.1"},
+        "cam": {"model": "shapes", "version": "1.1.0"},
     }
     assert state["note"] == "kept as it is"
     assert state["ts"] > 1.0
-    # Rollback on command is deploying the previous version; the human report says what was.
-    code, out, _ = cli(capsys, *args, "--model", "shapes", "--version", "1.0")
+    # Deploying the previous version again (a device takes it only with --allow-downgrade,
+    # see test_delivery_security.py); the human report says what was.
+    code, out, _ = cli(capsys, *args, "--model", "shapes", "--version", "1.0.0")
     assert code == 0
-    assert "(was shapes 1.1)" in out
+    assert "(was shapes 1.1.0)" in out
     assert "other pipelines kept: door" in out
     code, out, _ = cli(capsys, *args, "--clear")
     assert code == 0
@@ -135,7 +136,7 @@ def test_deploy_to_a_group_uses_the_group_topic(
         "--model",
         "shapes",
         "--version",
-        "2",
+        "2.0.0",
         "--read-timeout",
         "0.2",
         "--protocol",
@@ -145,7 +146,7 @@ def test_deploy_to_a_group_uses_the_group_topic(
     assert code == 0, err
     assert "group kitchen" in out
     state = retained_json(mosquitto, mqtt_reader, "edgeagent/group/kitchen/desired")
-    assert state["pipelines"] == {"cam": {"model": "shapes", "version": "2"}}
+    assert state["pipelines"] == {"cam": {"model": "shapes", "version": "2.0.0"}}
     assert devices.messages == []  # no device's own desired state was touched
 
 
@@ -164,7 +165,7 @@ def test_deploy_refuses_a_desired_state_it_cannot_merge_unless_replaced(
         "--model",
         "m",
         "--version",
-        "1",
+        "1.0.0",
         *broker_args(mosquitto),
     ]
     code, _, err = cli(capsys, *args)
@@ -174,7 +175,7 @@ def test_deploy_refuses_a_desired_state_it_cannot_merge_unless_replaced(
     code, _, err = cli(capsys, *args, "--replace")
     assert code == 0, err
     state = retained_json(mosquitto, mqtt_reader, topic)
-    assert state["pipelines"] == {"cam": {"model": "m", "version": "1"}}
+    assert state["pipelines"] == {"cam": {"model": "m", "version": "1.0.0"}}
 
 
 @pytest.mark.parametrize(
@@ -184,6 +185,9 @@ def test_deploy_refuses_a_desired_state_it_cannot_merge_unless_replaced(
         (["--pipeline", "cam", "--clear", "--version", "1"], "drop --model/--version"),
         (["--pipeline", "a/b", "--model", "m", "--version", "1"], "not a safe identifier"),
         (["--pipeline", "cam", "--model", "m", "--version", "../1"], "not a safe identifier"),
+        (["--pipeline", "cam", "--model", "m", "--version", "1"], "not a semantic version"),
+        (["--pipeline", "cam", "--model", "m", "--version", "1.0"], "not a semantic version"),
+        (["--pipeline", "cam", "--clear", "--allow-downgrade"], "drop --model/--version"),
     ],
 )
 def test_deploy_refuses_bad_arguments_before_connecting(
@@ -206,7 +210,7 @@ def test_deploy_refuses_a_reserved_device_id(capsys: pytest.CaptureFixture[str])
         "--model",
         "m",
         "--version",
-        "1",
+        "1.0.0",
         "--port",
         "1",
     )
@@ -577,7 +581,7 @@ def test_broker_options_tls_and_password_file(
         "--model",
         "m",
         "--version",
-        "1",
+        "1.0.0",
         "--read-timeout",
         "0.2",
         "--host",
@@ -594,7 +598,7 @@ def test_broker_options_tls_and_password_file(
     reader = mqtt_reader(broker, "edgeagent/pi-7/desired", username="fleet", password=password)
     assert json.loads(reader.wait_for(lambda m: m.retain).payload)["pipelines"]["cam"] == {
         "model": "m",
-        "version": "1",
+        "version": "1.0.0",
     }
     secret.write_text("wrong\n", encoding="utf-8")
     code, _, err = cli(capsys, *args, "--password-file", str(secret))

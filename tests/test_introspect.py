@@ -18,29 +18,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgeagent.inference import Engine, make_decoder, make_preprocessor
-from edgeagent.inference.spec import ClassificationTask, DetectionTask, ImagePreprocess
-from edgeagent.models.catalog import ModelDescription, bundled_dir, describe_model
+from edgeagent.config import ClassificationTask, DetectionTask, ImagePreprocess
+from edgeagent.models.catalog import bundled_dir, describe_model
 from edgeagent.models.metadata import TENSOR_AXIS_LABELS, TENSOR_VALUE_LABELS, parse_metadata
 from edgeagent.models.tflite import read_model
 from tests import modelfactory as mf
+from tests.modelfactory import run
 
 COLOURS = ["red", "green", "blue", "red-top"]
-
-
-def run(path: Path, image: np.ndarray, **overrides: Any) -> tuple[ModelDescription, dict[str, Any]]:
-    """What a pipeline does with `path` and one frame: describe, load, prepare, decode."""
-    description = describe_model(str(path), **overrides)
-    engine = Engine.load(description.path, accelerator="cpu")
-    try:
-        prepare = make_preprocessor(description.preprocess, engine.inputs[0], "image")
-        decode = make_decoder(
-            description.task, engine.outputs, description.labels, inputs=engine.inputs
-        )
-        prepared = prepare(image)
-        return description, decode(engine.invoke([prepared.tensor]), prepared)
-    finally:
-        engine.close()
 
 
 def softmax(logits: list[float]) -> list[float]:

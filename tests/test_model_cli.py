@@ -489,7 +489,7 @@ def test_publish_with_an_explicit_manifest_and_the_default_chunk_size(
         "--name",
         "shapes",
         "--version",
-        "2",
+        "2.0.0",
         "--key",
         str(key),
         "--manifest",
@@ -497,11 +497,11 @@ def test_publish_with_an_explicit_manifest_and_the_default_chunk_size(
         *broker_args(mosquitto),
     )
     assert code == 0, err
-    assert "published shapes 2" in out
+    assert "published shapes 2.0.0" in out
     chunks = -(-len(data) // 65536)
     retained = _retained(mosquitto, mqtt_reader, chunks + 1)
     manifest = verify_manifest(
-        retained["edgeagent/models/shapes/2/manifest"], {key_id(public): public}, False
+        retained["edgeagent/models/shapes/2.0.0/manifest"], {key_id(public): public}, False
     )
     assert manifest.chunk_size == 65536
     assert manifest.labels == ("a", "b")
@@ -522,7 +522,7 @@ def test_publish_refuses_chunks_that_do_not_fit_the_broker_cap(
         "--name",
         "vib",
         "--version",
-        "1",
+        "1.0.0",
         "--key",
         str(key),
         "--chunk-size",
@@ -568,7 +568,7 @@ def test_publish_refuses_a_file_that_is_not_a_model(
         "--name",
         "j",
         "--version",
-        "1",
+        "1.0.0",
         "--key",
         str(key),
         "--port",
@@ -592,7 +592,7 @@ def test_publish_to_an_absent_broker_says_so(
         "--name",
         "vib",
         "--version",
-        "1",
+        "1.0.0",
         "--key",
         str(key),
         "--port",
@@ -611,7 +611,7 @@ def test_unpublish_clears_the_manifest_first_then_every_chunk(
     key, _ = signing_key
     path = bundled_dir() / "vibration-anomaly.tflite"
     chunks = -(-path.stat().st_size // 4096)
-    args = ["--name", "vib", "--version", "1.0", *broker_args(mosquitto)]
+    args = ["--name", "vib", "--version", "1.0.0", *broker_args(mosquitto)]
     code, _, err = cli(
         capsys, "model", "publish", str(path), "--key", str(key), "--chunk-size", "4096", *args
     )
@@ -623,9 +623,9 @@ def test_unpublish_clears_the_manifest_first_then_every_chunk(
     assert code == 0, err
     assert f"{chunks} chunk(s)" in out
     clears = live.wait_for_count(chunks + 1, lambda m: not m.retain and m.payload == b"")
-    assert clears[0].topic == "edgeagent/models/vib/1.0/manifest"
+    assert clears[0].topic == "edgeagent/models/vib/1.0.0/manifest"
     assert {m.topic for m in clears[1:]} == {
-        f"edgeagent/models/vib/1.0/chunk/{i}" for i in range(chunks)
+        f"edgeagent/models/vib/1.0.0/chunk/{i}" for i in range(chunks)
     }
     # A late subscriber finds nothing retained any more.
     late = mqtt_reader(mosquitto, "edgeagent/models/#")
@@ -635,3 +635,34 @@ def test_unpublish_clears_the_manifest_first_then_every_chunk(
     code, _, err = cli(capsys, "model", "unpublish", *args)
     assert code == 1
     assert "--chunks" in err
+
+
+@pytest.mark.parametrize("version", ["1", "1.2", "v1.0.0", "1.0.0-01", "01.0.0"])
+def test_publish_refuses_a_version_that_is_not_semantic(
+    capsys: pytest.CaptureFixture[str], signing_key: tuple[Path, bytes], version: str
+) -> None:
+    """Devices order versions to refuse downgrades: a version they could not order is
+    refused before anything is published."""
+    key, _ = signing_key
+    model = str(bundled_dir() / "vibration-anomaly.tflite")
+    code, _, err = cli(
+        capsys, "model", "publish", model, "--key", str(key), "--name=vib",
+        f"--version={version}", "--port", "1",
+    )  # fmt: skip
+    assert code == 1
+    assert "is not a semantic version" in err
+
+
+@pytest.mark.parametrize("size", ["1", "4095"])
+def test_publish_refuses_chunks_devices_would_refuse(
+    capsys: pytest.CaptureFixture[str], signing_key: tuple[Path, bytes], size: str
+) -> None:
+    key, _ = signing_key
+    model = str(bundled_dir() / "vibration-anomaly.tflite")
+    code, _, err = cli(
+        capsys, "model", "publish", model, "--key", str(key), "--name=vib",
+        "--version=1.0.0", "--chunk-size", size, "--port", "1",
+    )  # fmt: skip
+    assert code == 1
+    assert "--chunk-size" in err
+    assert "4096" in err

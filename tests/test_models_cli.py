@@ -11,7 +11,7 @@ import pytest
 from edgeagent.cli.main import main
 from edgeagent.models.catalog import bundled_dir
 from edgeagent.models.store import ModelStore
-from tests.test_store import manifest_for
+from tests.manifests import manifest_for
 
 NAME = "digits-classifier"
 

@@ -11,15 +11,20 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeagent.config import load_config
+from edgeagent.mqtt.client import make_client
 from tests.broker import LOOPBACK, Mosquitto
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy" / "mosquitto"
-USERS = {"pi-a": "secret-a", "pi-b": "secret-b", "fleet": "secret-fleet"}
+USERS = {
+    "pi-a": "secret-a",
+    "pi-b": "secret-b",
+    "fleet": "secret-fleet",
+    "dashboard": "secret-dashboard",
+}
 
 pytestmark = pytest.mark.broker
 
@@ -70,23 +75,19 @@ class Client:
     """A TLS MQTT 5 client logged in as one user; keeps what it receives."""
 
     def __init__(self, broker: Mosquitto, username: str, password: str | None = None) -> None:
-        assert broker.tls is not None
         self.messages: list[tuple[str, bytes]] = []
         self._cond = threading.Condition()
         self._connected = threading.Event()
         self._suback: dict[int, list[ReasonCode]] = {}
         self.connect_reason: ReasonCode | None = None
-        self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
+        self._client = make_client(
+            broker.mqtt_config(username=username, password=password),
             client_id=f"acl-test-{username}-{id(self):x}",
-            protocol=mqtt.MQTTv5,
         )
-        self._client.username_pw_set(username, USERS[username] if password is None else password)
-        self._client.tls_set(ca_certs=str(broker.tls.ca_file))
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
-        self._client.connect(broker.host, broker.port, keepalive=10)
+        self._client.reconnect()
         self._client.loop_start()
 
     def _on_connect(
@@ -227,6 +228,62 @@ def test_a_wildcard_subscription_does_not_leak_other_devices_commands(
     fleet.publish("edgeagent/pi-a/cmd/reboot", b"for a")
 
     assert device.wait_for("edgeagent/pi-a/cmd/reboot") == [("edgeagent/pi-a/cmd/reboot", b"for a")]
+
+
+def test_the_operator_commands_devices_but_cannot_speak_for_them(login: type[Client]) -> None:
+    viewer = login("dashboard")
+    assert viewer.wait_connected()
+    assert not viewer.subscribe("edgeagent/#").is_failure
+    fleet = login("fleet")
+    assert fleet.wait_connected()
+
+    # What a device says about itself cannot come from the operator's credentials.
+    for topic in [
+        "edgeagent/pi-a/status",
+        "edgeagent/pi-a/results/shapes",
+        "edgeagent/pi-a/events",
+        "edgeagent/pi-a/telemetry",
+        "edgeagent/pi-a/reported",
+        "edgeagent/pi-a/reply",
+    ]:
+        fleet.publish(topic, b"forged")
+    allowed = [
+        "edgeagent/pi-a/cmd/ping",
+        "edgeagent/pi-a/desired",
+        "edgeagent/group/kitchen/cmd/ping",
+        "edgeagent/group/kitchen/desired",
+        "edgeagent/models/shapes/2.0.0/manifest",
+    ]
+    for topic in allowed:
+        fleet.publish(topic, b"ok")
+
+    received = viewer.wait_for(allowed[-1])
+    assert [topic for topic, _ in received] == allowed
+
+
+def test_the_read_only_dashboard_reads_everything_and_writes_nothing(
+    login: type[Client],
+) -> None:
+    device = login("pi-a")
+    assert device.wait_connected()
+    assert not device.subscribe("edgeagent/pi-a/cmd/#").is_failure
+    assert not device.subscribe("edgeagent/pi-a/desired").is_failure
+    viewer = login("dashboard")
+    assert viewer.wait_connected()
+    assert not viewer.subscribe("edgeagent/#").is_failure
+
+    for topic in ["edgeagent/pi-a/cmd/restart", "edgeagent/pi-a/desired"]:
+        viewer.publish(topic, b"forged")
+    device.publish("edgeagent/pi-a/results/shapes", b"ok")
+    assert viewer.wait_for("edgeagent/pi-a/results/shapes")[-1] == (
+        "edgeagent/pi-a/results/shapes",
+        b"ok",
+    )
+    fleet = login("fleet")
+    assert fleet.wait_connected()
+    fleet.publish("edgeagent/pi-a/cmd/ping", b"marker")
+    # The viewer's commands, published before the marker, never reached the device.
+    assert device.wait_for("edgeagent/pi-a/cmd/ping") == [("edgeagent/pi-a/cmd/ping", b"marker")]
 
 
 def test_logins_need_the_right_password(login: type[Client]) -> None:

@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
-from edgeagent.config import MqttConfig
+from edgeagent.config import MqttConfig, TlsConfig
 from edgeagent.errors import ConfigError
 from edgeagent.mqtt import MqttLink, Topics
 from tests.broker import Mosquitto, MqttReader, free_port, publish_once
+from tests.waiting import wait_until
 
 Reader = Callable[..., MqttReader]
 Factory = Callable[..., Mosquitto]
@@ -89,6 +90,15 @@ def make_link() -> Iterator[Callable[..., tuple[MqttLink, Recorder]]]:
         link.stop()
 
 
+def _retries(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The link's debug lines for each failed attempt after the first of an outage."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == LINK_LOGGER and r.getMessage().startswith("still cannot connect")
+    ]
+
+
 def _link_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()
@@ -141,7 +151,7 @@ def test_qos0_ticket_is_complete_when_sent(mosquitto: Mosquitto, make_link: Any)
 
 _KILLED_AGENT = """
 import sys, threading
-from edgeagent.config import MqttConfig
+from edgeagent.config import MqttConfig, TlsConfig
 from edgeagent.mqtt import MqttLink
 host, port = sys.argv[1], int(sys.argv[2])
 ready = threading.Event()
@@ -218,7 +228,7 @@ def test_unreachable_broker_at_start_is_retried_until_it_appears(
     link.subscribe(link.topics.cmd_filter)
     link.start()  # must not raise although nothing listens on the port
     queued = link.publish(link.topics.results("cam"), b"early", qos=1)
-    time.sleep(1.5)  # several retries at 0.1-0.5 s back-off
+    wait_until(lambda: len(_retries(caplog)) >= 2, message="two more connection attempts")
 
     assert not link.connected
     assert not link.wait_acked(timeout=0.2)
@@ -228,8 +238,6 @@ def test_unreachable_broker_at_start_is_retried_until_it_appears(
     assert f"127.0.0.1:{broker.port}" in warnings[0]
     assert "refused" in warnings[0]
     assert "retrying" in warnings[0]
-    retries = [r for r in caplog.records if r.getMessage().startswith("still cannot connect")]
-    assert len(retries) >= 2
     assert link.last_error is not None
     assert "refused" in link.last_error
 
@@ -253,10 +261,7 @@ def test_broker_restart_reconnects_and_delivers_what_was_queued(
     assert link.wait_acked(timeout=10)  # the online status
 
     mosquitto.stop()
-    deadline = time.monotonic() + 10
-    while link.connected and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not link.connected
+    wait_until(lambda: not link.connected, message="the link to notice the broker is gone")
     # Retained, so that they can be read after the reconnect whoever subscribes first.
     topics = [link.topics.results(f"p{i}") for i in range(20)]
     tickets = [link.publish(t, b"queued", qos=1, retain=True) for t in topics]
@@ -306,7 +311,10 @@ def test_wrong_password_is_logged_once_and_retried(
     config = broker.mqtt_config(username="device", password="wrong", protocol=protocol)  # noqa: S106
     link, recorder = make_link(config)
     link.start()
-    time.sleep(1.5)
+    wait_until(
+        lambda: broker.log_text().count("disconnected, not authorised") >= 2,
+        message="two refused attempts in the broker's log",
+    )
 
     assert not link.connected
     assert recorder.connects == 0
@@ -314,8 +322,7 @@ def test_wrong_password_is_logged_once_and_retried(
     assert len(warnings) == 1, warnings
     assert "refused" in warnings[0]
     assert "password_file" in warnings[0]
-    refusals = broker.log_text().count("disconnected, not authorised")
-    assert refusals >= 2, broker.log_text()  # it kept trying
+    # It kept trying (the wait above): refused at least twice, warned once.
 
 
 def test_unreadable_password_file_names_the_file(tmp_path: Path) -> None:
@@ -340,18 +347,82 @@ def test_tls_listener_with_the_generated_ca(
 def test_tls_with_an_untrusted_ca_fails_verification_and_keeps_retrying(
     mosquitto_factory: Factory, make_link: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger=LINK_LOGGER)
+    caplog.set_level(logging.DEBUG, logger=LINK_LOGGER)
     broker = mosquitto_factory(tls=True)
     link, _ = make_link(broker.mqtt_config(tls={}))  # the system trust store
     link.start()
-    time.sleep(1.0)
+    wait_until(lambda: len(_retries(caplog)) >= 2, message="two more connection attempts")
     assert not link.connected
     assert link.last_error is not None
     assert "CERTIFICATE_VERIFY_FAILED" in link.last_error
     assert len(_link_warnings(caplog)) == 1
 
 
+def _wait_last_error(link: MqttLink, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while link.last_error is None:
+        assert time.monotonic() < deadline, "no connect error was recorded"
+        time.sleep(0.05)
+    return link.last_error
+
+
+def test_tls_against_a_plain_listener_says_so(
+    mosquitto_factory: Factory, make_link: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LINK_LOGGER)
+    plain = mosquitto_factory()
+    tls_broker = mosquitto_factory(tls=True)
+    assert tls_broker.tls is not None
+    config = plain.mqtt_config(tls=TlsConfig(ca_file=tls_broker.tls.ca_file))
+    link, _ = make_link(config)
+    link.start()
+    error = _wait_last_error(link)
+    assert not link.connected
+    assert f"TLS handshake with 127.0.0.1:{plain.port} failed" in error
+    assert "is this port a TLS listener?" in error
+    assert "mqtt.tls is set" in error
+    assert "8883" in error
+    time.sleep(1.0)  # several retries: still one warning for the outage
+    warnings = _link_warnings(caplog)
+    assert len(warnings) == 1, warnings
+    assert "TLS listener" in warnings[0]
+
+
+def test_plain_mqtt_against_a_tls_listener_says_so(
+    mosquitto_factory: Factory, make_link: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=LINK_LOGGER)
+    broker = mosquitto_factory(tls=True)
+    link, _ = make_link(broker.mqtt_config(tls=None))
+    link.start()
+    error = _wait_last_error(link)
+    assert not link.connected
+    assert f"the broker at 127.0.0.1:{broker.port} closed the connection before" in error
+    assert "is this port a TLS listener? mqtt.tls is not set" in error
+    assert "Set mqtt.tls" in error
+    time.sleep(1.0)
+    warnings = _link_warnings(caplog)
+    assert len(warnings) == 1, warnings
+    paho_errors = [
+        r for r in caplog.records if r.name.endswith(".paho") and r.levelno >= logging.ERROR
+    ]
+    assert paho_errors == [], "paho's per-retry socket errors are not logged as errors"
+
+
 # --- MQTT 5 properties -----------------------------------------------------------------
+
+
+def _answered_probe(broker: Mosquitto, link: MqttLink, replies: MqttReader) -> bool:
+    """Publishes one probe command; True once any probe has been answered."""
+    if any(m.topic == "fleet/replies/probe" for m in replies.messages):
+        return True
+    publish_once(
+        broker,
+        link.topics.cmd("ping"),
+        b"probe",
+        properties={"ResponseTopic": "fleet/replies/probe", "CorrelationData": b"probe"},
+    )
+    return False
 
 
 def test_v5_response_topic_and_correlation_data_round_trip(
@@ -379,17 +450,19 @@ def test_v5_response_topic_and_correlation_data_round_trip(
     try:
         link.subscribe(link.topics.cmd_filter)
         link.start()
-        deadline = time.monotonic() + 10
-        while not link.connected and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.2)  # the SUBACK follows the CONNACK
+        # The SUBACK follows the CONNACK: probe until a ping is answered, then the real one.
+        wait_until(
+            lambda: _answered_probe(mosquitto, link, replies),
+            message="the link to answer a probe (its subscription is live)",
+            interval=0.25,
+        )
         publish_once(
             mosquitto,
             link.topics.cmd("ping"),
             b"1",
             properties={"ResponseTopic": "fleet/replies/42", "CorrelationData": b"\x00\x2a"},
         )
-        got = replies.wait_for()
+        got = replies.wait_for(lambda m: m.topic == "fleet/replies/42")
     finally:
         link.stop()
 

@@ -18,13 +18,13 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
-from edgeagent.config import MqttConfig
+from edgeagent.config import MqttConfig, OutboxConfig
 from edgeagent.mqtt import MqttLink
-from edgeagent.mqtt.outbox import Outbox, OutboxConfig, OutboxPublisher
-from tests.broker import Mosquitto, free_port
+from edgeagent.mqtt.outbox import Outbox, OutboxPublisher
+from tests.broker import Mosquitto, durable_subscriber, free_port
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 BIG = 1 << 30
@@ -289,14 +289,6 @@ class FakeLink:
             return [payload for _topic, payload in self.sent]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.01)
-
-
 @contextmanager
 def publishing(outbox: Outbox, link: Any, **options: Any) -> Iterator[OutboxPublisher]:
     publisher = OutboxPublisher(outbox, link, **options)
@@ -332,7 +324,7 @@ def test_unacknowledged_messages_are_bounded_by_the_window(tmp_path: Path) -> No
         for i in range(50):
             publisher.submit("t", b"%d" % i)
         wait_until(lambda: len(link.payloads()) == 16)
-        time.sleep(0.2)
+        time.sleep(0.2)  # lets time pass to show that no 17th is sent while none is acked
         assert len(link.payloads()) == 16
         assert publisher.in_flight == 16
 
@@ -396,22 +388,9 @@ class Consumer:
     def __init__(self, broker: Mosquitto, topic_filter: str) -> None:
         self._cond = threading.Condition()
         self._received: list[dict[str, Any]] = []
-        subscribed = threading.Event()
-        self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"consumer-{id(self):x}",
-            protocol=mqtt.MQTTv311,
-            clean_session=False,
+        self._client = durable_subscriber(
+            broker, topic_filter, self._on_message, client_id=f"consumer-{id(self):x}"
         )
-        self._client.reconnect_delay_set(0.05, 0.2)
-        self._client.on_connect = lambda client, *_a: client.subscribe(topic_filter, 1)
-        self._client.on_subscribe = lambda *_a: subscribed.set()
-        self._client.on_message = self._on_message
-        self._client.connect(broker.host, broker.port, keepalive=10)
-        self._client.loop_start()
-        if not subscribed.wait(10):
-            self.close()
-            raise TimeoutError(f"could not subscribe to {topic_filter} on {broker}")
 
     def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
         payload = json.loads(message.payload)

@@ -15,14 +15,13 @@ import pytest
 import yaml
 from PIL import Image
 
+from edgeagent.config import ImagePreprocess, PoseTask, SegmentationTask
 from edgeagent.inference import TensorInfo, make_preprocessor
-from edgeagent.inference.spec import ImagePreprocess, PoseTask, SegmentationTask
 from edgeagent.inference.tasks import COCO_KEYPOINTS
 from edgeagent.models.metadata import TENSOR_AXIS_LABELS
 from tests import modelfactory as mf
-from tests.broker import Mosquitto
-from tests.test_control_plane_e2e import Dashboard
-from tests.test_introspect import run
+from tests.broker import Dashboard, Mosquitto
+from tests.modelfactory import run
 
 
 def wide(value: int = 60) -> np.ndarray:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgeagent.config import ImagePreprocess, WindowPreprocess
 from edgeagent.errors import ModelError
 from edgeagent.inference import TensorInfo, make_preprocessor
-from edgeagent.inference.spec import ImagePreprocess, WindowPreprocess
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

@@ -14,9 +14,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgeagent.config import ClassificationTask, ImagePreprocess, WindowPreprocess
 from edgeagent.errors import ConfigError
-from edgeagent.inference.spec import ClassificationTask, ImagePreprocess, WindowPreprocess
 from edgeagent.models.signing import (
+    MAX_CHUNKS,
+    MIN_CHUNK_SIZE,
     REASON_CODES,
     DeliveryError,
     DeliveryManifest,
@@ -39,9 +41,9 @@ def manifest(**changes: Any) -> DeliveryManifest:
         "name": "digits-classifier",
         "version": "1.2.0",
         "sha256": "ab" * 32,
-        "size": 1000,
-        "chunk_size": 256,
-        "chunks": 4,
+        "size": 10000,
+        "chunk_size": 4096,
+        "chunks": 3,
         "task": ClassificationTask(top_k=2),
         "labels": ("0", "1"),
         "preprocess": ImagePreprocess(color="gray"),
@@ -137,9 +139,9 @@ TAMPERED_VALUES: dict[str, Any] = {
     "name": "shapes-detector",
     "version": "1.2.1",
     "sha256": "cd" * 32,
-    "size": 1001,
-    "chunk_size": 512,
-    "chunks": 5,
+    "size": 10001,
+    "chunk_size": 8192,
+    "chunks": 2,
     "task": {"type": "raw"},
     "labels": ["0", "7"],
     "preprocess": {"type": "image", "resize": "crop"},
@@ -216,7 +218,7 @@ def test_a_signed_manifest_missing_fields_or_inconsistent_is_malformed() -> None
     del obj["sha256"]
     assert reason(sign_raw(obj)) == "malformed-manifest"
     obj = json.loads(manifest().to_json_bytes())
-    obj["chunks"] = 3  # 1000 bytes in 256-byte chunks are 4 chunks
+    obj["chunks"] = 2  # 10000 bytes in 4096-byte chunks are 3 chunks
     assert reason(sign_raw(obj)) == "malformed-manifest"
     obj = json.loads(signed_bytes())
     obj["signature"]["algorithm"] = "rsa"
@@ -239,14 +241,14 @@ def test_names_and_versions_with_path_characters_are_refused(field: str, bad: An
 
 
 def test_longest_safe_name_is_accepted() -> None:
-    raw = signed_bytes(manifest(name="a" * 64, version="1.0.0-rc_1"))
+    raw = signed_bytes(manifest(name="a" * 64, version="1.0.0-rc-1"))
     assert verify_manifest(raw, TRUSTED, False).name == "a" * 64
 
 
 def test_declared_size_over_the_quota_is_refused() -> None:
     raw = signed_bytes()
-    assert reason(raw, max_size=999) == "too-large"
-    assert verify_manifest(raw, TRUSTED, False, max_size=1000).size == 1000
+    assert reason(raw, max_size=9999) == "too-large"
+    assert verify_manifest(raw, TRUSTED, False, max_size=10000).size == 10000
 
 
 def test_manifest_for_a_newer_agent_is_refused() -> None:
@@ -269,13 +271,20 @@ def test_reference_tensor_must_match_its_shape() -> None:
 # --- property: verify(sign(m)) == m for any valid manifest ----------------------------------
 
 _safe_ids = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z").filter(lambda s: ".." not in s)
+_pre_id = st.from_regex(r"\A(0|[1-9][0-9]{0,3}|[0-9]{0,2}[a-z-][0-9a-z-]{0,5})\Z")
+_semvers = st.builds(
+    lambda release, pre: ".".join(map(str, release)) + (f"-{'.'.join(pre)}" if pre else ""),
+    st.tuples(*[st.integers(0, 10**6)] * 3),
+    st.lists(_pre_id, max_size=3),
+)
 _floats = st.floats(allow_nan=False, allow_infinity=False, width=32)
 
 
 @st.composite
 def manifests(draw: st.DrawFn) -> DeliveryManifest:
     size = draw(st.integers(1, 10**9))
-    chunk_size = draw(st.integers(1, 16 << 20))
+    # Within what a device takes: at most MAX_CHUNKS chunks of at least MIN_CHUNK_SIZE.
+    chunk_size = draw(st.integers(max(MIN_CHUNK_SIZE, -(-size // MAX_CHUNKS)), 16 << 20))
     preprocess = draw(
         st.one_of(
             st.none(),
@@ -300,7 +309,7 @@ def manifests(draw: st.DrawFn) -> DeliveryManifest:
         )
     return DeliveryManifest(
         name=draw(_safe_ids),
-        version=draw(_safe_ids),
+        version=draw(_semvers),
         sha256=draw(st.binary(min_size=32, max_size=32)).hex(),
         size=size,
         chunk_size=chunk_size,

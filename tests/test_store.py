@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,11 @@ import numpy as np
 import pytest
 
 from edgeagent.inference.engine import Engine
-from edgeagent.models.signing import DeliveryError, DeliveryManifest
+from edgeagent.models.signing import DeliveryError
 from edgeagent.models.store import ModelStore
 from edgeagent.models.transfer import ChunkAssembler
 from tests import modelfactory
+from tests.manifests import manifest_for
 
 BUNDLED = Path(__file__).resolve().parents[1] / "models" / "bundled"
 QUOTA = 10_000_000
@@ -34,21 +34,6 @@ def tiny_model(tmp_path: Path, tag: int) -> Path:
     w = np.full((2, 3), float(tag), np.float32)
     path = tmp_path / f"src-{tag}.tflite"
     return modelfactory.save(path, modelfactory.float_fc(w, np.zeros(2, np.float32)))
-
-
-def manifest_for(model: Path, version: str, name: str = "m", **changes: Any) -> DeliveryManifest:
-    data = model.read_bytes()
-    fields: dict[str, Any] = {
-        "name": name,
-        "version": version,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "size": len(data),
-        "chunk_size": 4096,
-        "chunks": -(-len(data) // 4096),
-        "created_at": datetime(2025, 1, 1, tzinfo=UTC),
-    }
-    fields.update(changes)
-    return DeliveryManifest.model_validate(fields)
 
 
 def install(store: ModelStore, tmp_path: Path, version: str, tag: int, name: str = "m") -> Path:

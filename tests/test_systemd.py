@@ -235,22 +235,54 @@ def test_without_a_watchdog_interval_no_thread_starts(path_socket: NotifySocket)
 # --- ReadyGate -------------------------------------------------------------------------
 
 
-def test_ready_comes_only_after_the_first_result(path_socket: NotifySocket) -> None:
+def test_ready_comes_only_after_the_first_result_is_stored(path_socket: NotifySocket) -> None:
     gate = ReadyGate(Notifier({"NOTIFY_SOCKET": path_socket.env}), timeout=30)
     gate.start()
     try:
         assert path_socket.drain(0.3) == [], "nothing before a result"
         assert not gate.is_ready
 
-        gate.result_published("shapes")
-        gate.result_published("shapes")
-        gate.result_published("vibration")
+        gate.result_stored("shapes")
+        gate.result_stored("shapes")
+        gate.result_stored("vibration")
 
         got = path_socket.drain(0.3)
         assert [n.raw for n in got] == [
-            b"READY=1\nSTATUS=running: first result from pipeline shapes"
+            b"READY=1\nSTATUS=running: first result from pipeline shapes stored in the outbox"
         ]
         assert gate.is_ready
+    finally:
+        gate.stop()
+
+
+def test_a_result_kept_in_memory_says_so(path_socket: NotifySocket) -> None:
+    gate = ReadyGate(Notifier({"NOTIFY_SOCKET": path_socket.env}), timeout=30)
+    gate.result_stored("shapes", durable=False)
+    (ready,) = path_socket.drain(0.3)
+    assert "in memory only" in (ready.get("STATUS") or "")
+
+
+def test_an_unstored_result_makes_ready_only_once_the_broker_acknowledged_it(
+    path_socket: NotifySocket,
+) -> None:
+    gate = ReadyGate(Notifier({"NOTIFY_SOCKET": path_socket.env}), timeout=30)
+    acked = threading.Event()
+    refused = threading.Event()  # a result the broker never acknowledges
+    gate.start()
+    try:
+        gate.result_sent("shapes", refused.is_set)
+        gate.result_sent("shapes", acked.is_set)
+        assert path_socket.drain(0.5) == [], "no READY while no result is acknowledged"
+        assert not gate.is_ready
+
+        acked.set()
+        ready = path_socket.wait_for(lambda n: "READY" in n, timeout=3.0)
+        assert ready.raw == (
+            b"READY=1\nSTATUS=running: first result from pipeline shapes acknowledged by the broker"
+        )
+        gate.result_sent("shapes", acked.is_set)
+        gate.result_stored("shapes")
+        assert path_socket.drain(0.3) == [], "READY=1 is sent once"
     finally:
         gate.stop()
 
@@ -269,10 +301,10 @@ def test_ready_comes_after_the_timeout_with_the_reasons(path_socket: NotifySocke
         gate.stop()
     assert n.at - started >= 0.3
     assert n.raw == (
-        b"READY=1\nSTATUS=running, but no pipeline has produced a result yet: "
+        b"READY=1\nSTATUS=running, but no result has been stored or acknowledged yet: "
         b"frontdoor: camera read failed (3 errors)"
     )
-    gate.result_published("frontdoor")
+    gate.result_stored("frontdoor")
     assert path_socket.drain(0.2) == [], "READY=1 is sent once"
 
 

@@ -6,16 +6,18 @@ Marked `systemd_e2e` (`pytest -m systemd_e2e`). These tests assume the wiring of
 edgeagent/systemd.py into the daemon, which is done separately from that module:
 
 - `cli/run.py` creates a `Notifier()`, starts a `ReadyGate` before the pipelines and
-  calls `ReadyGate.result_published(pipeline)` after each published result (READY=1 then
-  comes with the first one); after `Agent.start()` it starts
+  tells it what became of each result: `result_stored(pipeline)` once it is in the
+  outbox, `result_sent(pipeline, acknowledged)` when the outbox is disabled (READY=1 then
+  comes with the first stored, or acknowledged, one); after `Agent.start()` it starts
   `Watchdog(notifier, PipelineProgress(lambda: agent.running))`; on SIGTERM it sends
   `STOPPING=1`, then stops the watchdog, the gate and the agent, and exits 0.
 - A config that does not validate sends `STATUS=<the error>` before the non-zero exit
   (`edgeagent.systemd.notify_failure`).
-- Test-only hang injection in `pipeline.py` (as implemented there): with
-  `EDGEAGENT_FAULT_HANG_INVOKE_AFTER=N` (N >= 1) in the environment, a pipeline's
-  inference thread blocks forever after N invokes of its own, so exactly N results are
-  published, as with a hung delegate or driver. Unset or 0, nothing changes.
+- Test-only hang injection: `hang_after=N` starts the agent through tests/fault_agent.py
+  (`python -m tests.fault_agent --hang-invoke-after N run ...`), in which a pipeline's
+  inference thread blocks forever inside LiteRT's invoke() after N invokes of its own, so
+  exactly N results are published, as with a hung delegate or driver. The agent itself
+  reads no fault-injection switch.
 
 Until that wiring lands these tests fail (no READY=1 arrives); that is expected.
 """
@@ -41,7 +43,6 @@ pytestmark = [pytest.mark.systemd_e2e, pytest.mark.broker]
 
 AGENT = [sys.executable, "-m", "edgeagent.cli.main"]
 WATCHDOG_USEC = 2_000_000  # systemd's WatchdogSec=2s: pings expected every ~1 s
-HANG = "EDGEAGENT_FAULT_HANG_INVOKE_AFTER"
 
 
 def write_config(tmp_path: Path, broker: Mosquitto) -> Path:
@@ -79,14 +80,15 @@ def start_agent(
         env = {
             k: v
             for k, v in os.environ.items()
-            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", HANG)
+            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
         }
         env["NOTIFY_SOCKET"] = notify.env
         if watchdog:
             env["WATCHDOG_USEC"] = str(WATCHDOG_USEC)
-        if hang_after is not None:
-            env[HANG] = str(hang_after)
-        return agent_process(config, env=env)
+        if hang_after is None:
+            return agent_process(config, env=env)
+        fault = ("-m", "tests.fault_agent", "--hang-invoke-after", str(hang_after))
+        return agent_process(config, env=env, entry=fault)
 
     return start
 
@@ -118,7 +120,7 @@ def test_ready_after_the_first_result_pings_while_running_and_stopping_on_sigter
     process = start_agent(write_config(tmp_path, mosquitto))
 
     ready = notify.wait_for(is_ready, timeout=60)
-    assert (ready.get("STATUS") or "").startswith("running: first result from pipeline shapes")
+    assert ready.get("STATUS") == "running: first result from pipeline shapes stored in the outbox"
     first = reader.wait_for(is_result, timeout=10)
     assert json.loads(first.payload)["seq"] == 0
 

@@ -11,6 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgeagent.config import (
+    AnomalyTask,
+    ClassificationTask,
+    DetectionTask,
+    ImagePreprocess,
+    RawTask,
+)
 from edgeagent.errors import ModelError
 from edgeagent.inference import (
     Engine,
@@ -19,13 +26,6 @@ from edgeagent.inference import (
     TensorInfo,
     make_decoder,
     make_preprocessor,
-)
-from edgeagent.inference.spec import (
-    AnomalyTask,
-    ClassificationTask,
-    DetectionTask,
-    ImagePreprocess,
-    RawTask,
 )
 from edgeagent.inference.tasks import non_max_suppression
 from tests import modelfactory as mf

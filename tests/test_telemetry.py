@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from edgeagent.config import PrometheusConfig, TelemetryConfig
 from edgeagent.errors import ConfigError
 from edgeagent.hal.system import CpuSampler, read_system_facts
 from edgeagent.mqtt import MqttLink, Topics
@@ -26,10 +27,8 @@ from edgeagent.mqtt.telemetry import (
     LatencyWindow,
     MqttSnapshot,
     PipelineSnapshot,
-    PrometheusConfig,
     PrometheusExporter,
     StagePercentiles,
-    TelemetryConfig,
     TelemetryPublisher,
     build_telemetry,
     render_prometheus,
@@ -456,7 +455,7 @@ def test_the_publisher_publishes_on_the_broker_every_interval(
         publisher.stop()
         link.stop()
     stopped_at = publisher.published
-    time.sleep(0.2)
+    time.sleep(0.2)  # lets time pass to show that nothing is published after stop
 
     assert publisher.published == stopped_at  # nothing after stop
     for message in got:

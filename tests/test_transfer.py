@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -118,11 +119,19 @@ _RECEIVER = textwrap.dedent(
     a = ChunkAssembler(state, m)
     print("ready", flush=True)
     for i in range(m.chunks):
+        sys.stdin.readline()  # lockstep: the test says when the next chunk may be written
         a.add(i, data[i * chunk : (i + 1) * chunk])
         print(i, flush=True)  # acknowledged: add() returned
     print("done", flush=True)
     """
 )
+
+
+def _next_chunk(receiver: subprocess.Popen[str]) -> None:
+    """Lets the receiver write its next chunk."""
+    assert receiver.stdin is not None
+    receiver.stdin.write("go\n")
+    receiver.stdin.flush()
 
 
 def test_kill_mid_write_loses_at_most_the_chunk_in_flight(tmp_path: Path) -> None:
@@ -137,21 +146,28 @@ def test_kill_mid_write_loses_at_most_the_chunk_in_flight(tmp_path: Path) -> Non
         state = tmp_path / f"state{trial}"
         proc = subprocess.Popen(
             [sys.executable, str(script), str(state), str(size), str(chunk)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
+        assert proc.stdin is not None
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
         acked: set[int] = set()
         stop_after = rng.randint(1, 55)
+        _next_chunk(proc)
         for line in proc.stdout:
             if line.strip() == "done":
                 break
             acked.add(int(line))
+            if len(acked) < m.chunks:
+                _next_chunk(proc)  # one chunk in flight, and only one, when the kill comes
             if len(acked) >= stop_after:
+                time.sleep(rng.uniform(0, 0.003))
                 proc.send_signal(signal.SIGKILL)
                 break
         proc.wait()
+        proc.stdin.close()
         proc.stdout.close()
         resumed = ChunkAssembler(state, m)
         have = resumed.have()

@@ -21,11 +21,11 @@ from types import FrameType
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
-from edgeagent.config import AgentConfig, parse_config
+from edgeagent.config import AgentConfig, MqttConfig, parse_config
 from edgeagent.models.catalog import samples_dir
 from edgeagent.mqtt.broker import LOOPBACK, LocalBroker
+from edgeagent.mqtt.client import make_client
 from edgeagent.service import Agent
 
 DEMO_CONFIG = """
@@ -88,22 +88,18 @@ class _PipelineView:
 class DashboardView:
     """Subscribes to `<prefix>/<device>/#` and renders what arrives."""
 
-    def __init__(self, port: int, protocol: str, prefix: str, device: str) -> None:
-        self.port = port
-        self.root = f"{prefix}/{device}"
+    def __init__(self, broker: MqttConfig, device: str) -> None:
+        self.port = broker.port
+        self.root = f"{broker.prefix}/{device}"
         self.status: dict[str, Any] = {}
         self.pipelines: dict[str, _PipelineView] = {}
         self._lock = threading.Lock()
-        version = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id="edgeagent-demo-view", protocol=version
-        )
+        self._client = make_client(broker, client_id="edgeagent-demo-view")
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
 
     def start(self) -> None:
-        self._client.connect_async(LOOPBACK, self.port)
-        self._client.loop_start()
+        self._client.loop_start()  # connects in the background (make_client: connect_async)
 
     def stop(self) -> None:
         self._client.disconnect()
@@ -197,7 +193,7 @@ def execute(args: argparse.Namespace) -> int:
         tempfile.TemporaryDirectory(prefix="edgeagent-demo-") as state,
     ):
         config = demo_config(broker.port, broker.protocol, Path(state))
-        view = DashboardView(broker.port, broker.protocol, config.mqtt.prefix, config.device.id)
+        view = DashboardView(config.mqtt, config.device.id)
         view.start()
         agent = Agent(config)
         agent.start()

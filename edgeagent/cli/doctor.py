@@ -45,7 +45,6 @@ _MARK = {Verdict.OK: "ok  ", Verdict.WARN: "warn", Verdict.FAIL: "FAIL", Verdict
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "doctor",
-        help="check that this device can run the agent (hardware, broker, models)",
         description="Check the configuration, LiteRT, accelerators, camera, I2C, clock, TLS "
         "certificates, broker, disk space, model store and each pipeline's model and "
         "source. Exit status 0 when no critical check fails, 1 otherwise.",

@@ -1,14 +1,17 @@
 """`edgeagent fleet`: say which model version devices should run, and follow the rollout.
 
-- `deploy (--device D | --group G) --pipeline P --model N --version V [--clear]
-  [--replace] [--read-timeout S] [--json] [broker options]`: sets one pipeline's desired
-  model in the retained desired state of a device (`<prefix>/<device>/desired`) or of a
-  group (`<prefix>/group/<group>/desired`). It reads the retained state first (waiting up
-  to --read-timeout, default 1 s, when there is none) and changes only that pipeline, so
-  other pipelines keep theirs. `--clear` removes the pipeline's entry instead (no --model
-  or --version). `--replace` ignores an existing state (use it when that state is not
-  valid JSON). Rollback on command is deploying the previous version again; devices also
-  roll back by themselves when a new version fails its probation.
+- `deploy (--device D | --group G) --pipeline P --model N --version V [--allow-downgrade]
+  [--clear] [--replace] [--read-timeout S] [--json] [broker options]`: sets one pipeline's
+  desired model in the retained desired state of a device (`<prefix>/<device>/desired`) or
+  of a group (`<prefix>/group/<group>/desired`). It reads the retained state first (waiting
+  up to --read-timeout, default 1 s, when there is none) and changes only that pipeline, so
+  other pipelines keep theirs. V must be a semantic version (docs/model-delivery.md). A
+  device refuses a version below the highest it has activated (`downgrade`) unless the
+  entry was deployed with `--allow-downgrade`. `--clear` removes the pipeline's entry
+  instead (no --model or --version). `--replace` ignores an existing state (use it when
+  that state is not valid JSON). Going back to an older version is deploying it with
+  --allow-downgrade, or the `model.rollback` command; devices also roll back by themselves
+  when a new version fails its probation.
 - `watch [--device D ...] [--group G] [--json] [--until-converged] [--timeout S]
   [broker options]`: follows status, reported state, events and desired state. Without
   --device, every device that publishes is watched. `--group G` adds the group's desired
@@ -38,7 +41,7 @@ import time
 from typing import Any
 
 from edgeagent.errors import ConfigError, EdgeAgentError
-from edgeagent.models.signing import check_safe_id
+from edgeagent.models.signing import check_safe_id, check_version
 from edgeagent.mqtt.fleet import FleetConnection, add_broker_options, broker_config
 from edgeagent.mqtt.rollout import Rollout, merge_desired, parse_desired
 from edgeagent.mqtt.topics import Topics
@@ -50,7 +53,6 @@ SETTLE_S = 0.5  # retained messages arrive right after the SUBACK; judge only af
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "fleet",
-        help="deploy model versions to devices and follow the rollout",
         description="Set the desired model version of a device's or a group's pipeline "
         "(retained desired state), and watch devices converge to it.",
     )
@@ -60,14 +62,21 @@ def register(commands: Any) -> None:
         "deploy",
         help="set the desired model version of one pipeline",
         description="Merge one pipeline's desired model into the retained desired state "
-        "of a device or group. Roll back by deploying the previous version.",
+        "of a device or group. Devices refuse a version older than the highest they have "
+        "activated unless --allow-downgrade is given.",
     )
     target = deploy.add_mutually_exclusive_group(required=True)
     target.add_argument("--device", help="one device id")
     target.add_argument("--group", help="a device group")
     deploy.add_argument("--pipeline", required=True, help="pipeline name on the device(s)")
     deploy.add_argument("--model", help="model name (as published)")
-    deploy.add_argument("--version", help="model version (as published)")
+    deploy.add_argument("--version", help="model version (as published; a semantic version)")
+    deploy.add_argument(
+        "--allow-downgrade",
+        action="store_true",
+        help="let devices go below the highest version they have activated (to go back to "
+        "an older version on purpose)",
+    )
     deploy.add_argument("--clear", action="store_true", help="remove the pipeline's entry")
     deploy.add_argument("--replace", action="store_true", help="ignore the existing desired state")
     deploy.add_argument(
@@ -121,13 +130,15 @@ def _topics(prefix: str, device: str | None = None) -> Topics:
 def execute_deploy(args: argparse.Namespace) -> int:
     pipeline = check_safe_id(args.pipeline, "pipeline")
     if args.clear:
-        if args.model or args.version:
-            raise EdgeAgentError("--clear removes the pipeline's entry: drop --model/--version")
+        if args.model or args.version or args.allow_downgrade:
+            raise EdgeAgentError(
+                "--clear removes the pipeline's entry: drop --model/--version/--allow-downgrade"
+            )
         target = None
     else:
         if not args.model or not args.version:
             raise EdgeAgentError("deploy needs --model and --version (or --clear)")
-        target = (check_safe_id(args.model, "name"), check_safe_id(args.version, "version"))
+        target = (check_safe_id(args.model, "name"), check_version(args.version))
     config = broker_config(args)
     try:
         topic = (
@@ -142,7 +153,9 @@ def execute_deploy(args: argparse.Namespace) -> int:
         if not args.replace:
             raw = link.read_retained(topic, max(args.read_timeout, 0.0))
             existing = parse_desired(raw, topic) if raw is not None else None
-        state = merge_desired(existing, pipeline, target, by=_who())
+        state = merge_desired(
+            existing, pipeline, target, by=_who(), allow_downgrade=args.allow_downgrade
+        )
         payload = json.dumps(state, sort_keys=True, separators=(",", ":")).encode("utf-8")
         link.wait_acked([link.publish(topic, payload, retain=True)], stall_timeout=30.0)
     if args.json:
@@ -156,7 +169,8 @@ def execute_deploy(args: argparse.Namespace) -> int:
         was = ""
         if isinstance(previous, dict) and previous.get("version"):
             was = f" (was {previous.get('model')} {previous.get('version')})"
-        print(f"{who}: pipeline {pipeline} -> {target[0]} {target[1]}{was} ({topic})")
+        downgrade = " (downgrade allowed)" if args.allow_downgrade else ""
+        print(f"{who}: pipeline {pipeline} -> {target[0]} {target[1]}{was}{downgrade} ({topic})")
     others = sorted(p for p in state["pipelines"] if p != pipeline)
     if others:
         print(f"  other pipelines kept: {', '.join(others)}")

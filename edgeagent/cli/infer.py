@@ -21,11 +21,11 @@ import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 from pydantic import TypeAdapter, ValidationError
 
+from edgeagent.config import ImagePreprocess, Task, WindowPreprocess
 from edgeagent.errors import ConfigError, SourceError
 from edgeagent.hal.audio.wav import read_wav
-from edgeagent.hal.source import SampleKind
+from edgeagent.hal.settings import SampleKind
 from edgeagent.inference import Engine, make_decoder, make_preprocessor
-from edgeagent.inference.spec import ImagePreprocess, Task, WindowPreprocess
 from edgeagent.models.catalog import ModelDescription, describe_model
 
 _TASK_OPTIONS = ("threshold", "iou_threshold", "top_k", "max_detections", "layout", "coordinates")
@@ -35,7 +35,6 @@ _IMAGE_OPTIONS = ("resize", "color", "mean", "std")
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "infer",
-        help="run one inference on an image or a CSV window and print the result",
         description="Run MODEL (a bundled name or a .tflite path) once on INPUT: an image "
         "file for camera models, a CSV file (one row per sample, one column per channel, "
         "optional header) for sensor models, a WAV file (mono samples in [-1, 1]) for audio "

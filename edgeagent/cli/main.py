@@ -1,24 +1,65 @@
 """`edgeagent` entry point: parses the command line and turns operator errors into one
-clear message and a non-zero exit, never a traceback."""
+clear message and a non-zero exit, never a traceback.
+
+Only the chosen command's module is imported (each module's `register` adds its parser),
+so `edgeagent status` or `--help` never loads LiteRT, paho or the model store; the other
+commands appear in the listing by their summary alone.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any, cast
 
 from edgeagent import __version__
-from edgeagent.cli import bench, demo, doctor, fleet, infer, model, models, run, status
 from edgeagent.errors import ConfigError, EdgeAgentError
 from edgeagent.systemd import notify_failure
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
 
+_COMMANDS: dict[str, str] = {
+    "run": "run the agent in the foreground (as systemd does)",
+    "demo": "run a broker, the agent and a live view on this machine",
+    "infer": "run one inference on an image or a CSV window and print the result",
+    "bench": "measure load time and invoke latency of a model on this device",
+    "status": "show what the running agent is doing (pipelines, fps, broker, outbox)",
+    "doctor": "check that this device can run the agent (hardware, broker, models)",
+    "models": "list the models stored on this device, activate a version, roll back",
+    "model": "inspect, quantise, sign and publish models",
+    "fleet": "deploy model versions to devices and follow the rollout",
+}
+"""Each command's summary; its parser and handler are in `edgeagent.cli.<command>`."""
 
-def _parser() -> argparse.ArgumentParser:
+
+class _Summarised:
+    """The subcommands action as a command module's `register` sees it: the parser it adds
+    is listed with the summary from `_COMMANDS`."""
+
+    def __init__(self, commands: Any, summary: str) -> None:
+        self._commands = commands
+        self._summary = summary
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs.setdefault("help", self._summary)
+        return cast(argparse.ArgumentParser, self._commands.add_parser(name, **kwargs))
+
+
+def _chosen(argv: Sequence[str]) -> str | None:
+    """The command named on the command line: the first argument that is not an option
+    (the top-level options take no values)."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in _COMMANDS else None
+    return None
+
+
+def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeagent",
         description="On-device LiteRT inference agent: runs models on cameras and sensors "
@@ -27,8 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edgeagent {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (run, demo, infer, bench, status, doctor, models, model, fleet):
-        module.register(commands)
+    chosen = _chosen(argv)
+    for name, summary in _COMMANDS.items():
+        if name == chosen:
+            importlib.import_module(f"edgeagent.cli.{name}").register(
+                _Summarised(commands, summary)
+            )
+        else:
+            commands.add_parser(name, help=summary)
     return parser
 
 
@@ -43,7 +90,8 @@ def configure_logging(level: str = "info") -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser(argv).parse_args(argv)
     configure_logging(
         "debug" if args.verbose else "warning" if args.command in ("infer", "bench") else "info"
     )

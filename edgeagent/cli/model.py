@@ -12,7 +12,9 @@ Actions:
   mode 0600) and `edgeagent-signing.pub`; prints the key id; never overwrites.
 - `publish FILE --name N --version V --key K [--manifest M.yaml] [--chunk-size BYTES]
   [--min-agent-version X] [--timeout S] [--json] [broker options]`: signs a delivery
-  manifest and publishes the chunks, then the manifest, retained with QoS 1.
+  manifest and publishes the chunks, then the manifest, retained with QoS 1. V must be a
+  semantic version; chunks are 4 KiB to 127 KiB, at most 16,384 of them
+  (docs/model-delivery.md).
 - `unpublish --name N --version V [--chunks K] [broker options]`: clears the retained
   manifest (first) and chunks of a version. Without --chunks, the count is read from the
   retained manifest.
@@ -73,10 +75,13 @@ from edgeagent.errors import ConfigError, EdgeAgentError
 from edgeagent.models import compat
 from edgeagent.models.manifest import Manifest, load_manifest, manifest_path
 from edgeagent.models.signing import (
+    MAX_CHUNKS,
+    MIN_CHUNK_SIZE,
     DeliveryManifest,
     DeliveryReference,
     TensorBlob,
     check_safe_id,
+    check_version,
     generate_keypair,
     key_id,
     sign_manifest,
@@ -103,7 +108,6 @@ FLEET_TOOL_ID = "fleet-cli"  # Topics needs a device id; fleet tools use only fl
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "model",
-        help="inspect, quantise, sign and publish models",
         description="Inspect a .tflite, quantise a float model to int8, and deliver models "
         "to devices over MQTT (signed manifest plus retained chunks).",
     )
@@ -172,7 +176,8 @@ def register(commands: Any) -> None:
         "--chunk-size",
         type=int,
         default=DEFAULT_CHUNK_SIZE,
-        help=f"bytes per chunk (default {DEFAULT_CHUNK_SIZE}, at most {MAX_CHUNK_SIZE})",
+        help=f"bytes per chunk (default {DEFAULT_CHUNK_SIZE}, {MIN_CHUNK_SIZE} to "
+        f"{MAX_CHUNK_SIZE})",
     )
     publish.add_argument(
         "--min-agent-version", default="0", help="oldest agent that may take this model"
@@ -478,7 +483,8 @@ def build_manifest(
         "created_at": dt.datetime.now(dt.UTC),
     }
     if spec is not None:
-        values["task"] = spec.task
+        if "task" in spec.model_fields_set:  # else the device infers it, as for a local model
+            values["task"] = spec.task
         values["labels"] = spec.labels or model.labels
         values["preprocess"] = spec.preprocess
         if spec.reference is not None and spec_dir is not None:
@@ -543,11 +549,12 @@ def _topics(prefix: str) -> Topics:
 
 def execute_publish(args: argparse.Namespace) -> int:
     name = check_safe_id(args.name, "name")
-    ver = check_safe_id(args.version, "version")
-    if not 1 <= args.chunk_size <= MAX_CHUNK_SIZE:
+    ver = check_version(args.version)
+    if not MIN_CHUNK_SIZE <= args.chunk_size <= MAX_CHUNK_SIZE:
         raise EdgeAgentError(
-            f"--chunk-size {args.chunk_size} is out of range: use 1 to {MAX_CHUNK_SIZE} bytes, "
-            f"which leaves room under the broker's {BROKER_MESSAGE_CAP // 1024} KiB message cap"
+            f"--chunk-size {args.chunk_size} is out of range: use {MIN_CHUNK_SIZE} to "
+            f"{MAX_CHUNK_SIZE} bytes (devices refuse smaller chunks), which leaves room under "
+            f"the broker's {BROKER_MESSAGE_CAP // 1024} KiB message cap"
         )
     if args.timeout <= 0:
         raise EdgeAgentError("--timeout must be positive")
@@ -555,6 +562,11 @@ def execute_publish(args: argparse.Namespace) -> int:
     topics = _topics(config.prefix)
     model = read_model(args.file)
     data = args.file.read_bytes()
+    if -(-len(data) // args.chunk_size) > MAX_CHUNKS:
+        raise EdgeAgentError(
+            f"{args.file} ({len(data)} bytes) makes more than the {MAX_CHUNKS} chunks devices "
+            f"take at --chunk-size {args.chunk_size}: use a larger --chunk-size"
+        )
     spec: Manifest | None
     if args.manifest is not None:
         spec, spec_dir = _yaml_manifest(args.manifest), args.manifest.parent

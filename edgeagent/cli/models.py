@@ -63,7 +63,6 @@ def register(commands: Any) -> None:
 
     parser = commands.add_parser(
         "models",
-        help="list the models stored on this device, activate a version, roll back",
         description="Inspect and change the on-device model store.",
     )
     actions = parser.add_subparsers(dest="models_command", required=True, metavar="ACTION")

@@ -11,7 +11,7 @@ from types import FrameType
 from typing import Any
 
 from edgeagent.config import load_config
-from edgeagent.service import Agent
+from edgeagent.service import Agent, ResultHandoff
 from edgeagent.systemd import Notifier, PipelineProgress, ReadyGate, Watchdog
 
 log = logging.getLogger(__name__)
@@ -20,10 +20,10 @@ log = logging.getLogger(__name__)
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "run",
-        help="run the agent in the foreground (as systemd does)",
         description="Run the agent in the foreground until SIGTERM or Ctrl-C; then publish "
         "the results in flight, mark the device offline and exit 0. Under systemd "
-        "(Type=notify) it reports READY after the first result and pings the watchdog "
+        "(Type=notify) it reports READY once the first result is stored in the outbox "
+        "(with the outbox disabled: acknowledged by the broker) and pings the watchdog "
         "only while every pipeline makes progress.",
     )
     parser.add_argument("--config", "-c", type=Path, required=True, help="YAML config file")
@@ -46,11 +46,20 @@ def execute(args: argparse.Namespace) -> int:
     agent: Agent | None = None
 
     def not_ready_reasons() -> str:
-        running = agent.running if agent is not None else []
-        return "; ".join(f"{p.name}: {p.stats.last_error or 'no result yet'}" for p in running)
+        return agent.readiness_reasons() if agent is not None else "the agent did not start"
 
     gate = ReadyGate(notifier, reasons=not_ready_reasons)
-    agent = Agent(config, config_path=args.config, on_result=gate.result_published)
+
+    def on_result(handoff: ResultHandoff) -> None:
+        if gate.is_ready:
+            return
+        if handoff.stored:
+            gate.result_stored(handoff.pipeline, durable=handoff.durable)
+        elif handoff.ticket is not None:
+            ticket = handoff.ticket
+            gate.result_sent(handoff.pipeline, lambda: ticket.ok)
+
+    agent = Agent(config, config_path=args.config, on_result=on_result)
     gate.start()
     agent.start()
     if config.pipelines and not agent.running:

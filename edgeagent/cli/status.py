@@ -18,7 +18,6 @@ DEFAULT_CONFIG = Path("/etc/edgeagent/config.yaml")
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "status",
-        help="show what the running agent is doing (pipelines, fps, broker, outbox)",
         description="Ask the running agent over its local control socket: pipelines, fps, "
         "latency, accelerator, model versions, broker connection, outbox depth, last errors.",
     )

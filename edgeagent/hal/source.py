@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-SampleKind = Literal["image", "window"]
+from edgeagent.hal.settings import SampleKind
 
 
 @dataclass(frozen=True, slots=True)

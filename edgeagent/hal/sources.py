@@ -1,32 +1,24 @@
-"""The one registry of camera and sensor backends, by the `type:` of their configuration.
+"""The one registry of camera and sensor backends, by the `type:` of their settings.
 
-Only the selected backend's module is imported, so a Pi without OpenCV never imports cv2.
+It is built from `edgeagent.config.SOURCE_BACKENDS`; each backend's settings model names
+its implementation, and only the selected backend's module is imported, so a Pi without
+OpenCV never imports cv2.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-from typing import Any, cast
+from typing import Any, Final, cast
 
-from edgeagent.config import SourceConfig
+from edgeagent.config import SOURCE_BACKENDS, SourceConfig
 from edgeagent.errors import EdgeAgentError, SourceError
 from edgeagent.hal.source import Source
 
 logger = logging.getLogger(__name__)
 
-SOURCES: dict[str, str] = {
-    "synthetic": "edgeagent.hal.camera.synthetic:SyntheticCamera",
-    "images": "edgeagent.hal.camera.images:ImagesSource",
-    "opencv": "edgeagent.hal.camera.opencv:OpenCVSource",
-    "picamera2": "edgeagent.hal.camera.picamera2:PiCameraSource",
-    "synthetic-vibration": "edgeagent.hal.sensor.synthetic_vibration:SyntheticVibration",
-    "csv": "edgeagent.hal.sensor.csv:CsvSource",
-    "mpu6050": "edgeagent.hal.sensor.mpu6050:Mpu6050Source",
-    "synthetic-sounds": "edgeagent.hal.audio.synthetic:SyntheticSoundsSource",
-    "wav": "edgeagent.hal.audio.wav:WavSource",
-    "alsa": "edgeagent.hal.audio.alsa:AlsaSource",
-}
+SOURCES: Final = {backend.type_name(): backend.implementation for backend in SOURCE_BACKENDS}
+"""`type:` -> `module:Class` of its backend."""
 
 
 def source_class(source_type: str) -> type[Any]:

@@ -30,9 +30,9 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from edgeagent.config import ImagePreprocess, WindowPreprocess
 from edgeagent.errors import ModelError
 from edgeagent.inference.engine import TensorInfo
-from edgeagent.inference.spec import ImagePreprocess, WindowPreprocess
 
 _DTYPES = ("float32", "int8", "uint8", "int32")
 # ITU-R BT.601 luma weights, what Pillow's convert("L") uses.

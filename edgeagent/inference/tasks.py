@@ -52,11 +52,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from edgeagent.errors import ModelError
-from edgeagent.inference.engine import TensorInfo
-from edgeagent.inference.layouts import read_yolo_head
-from edgeagent.inference.preprocess import Prepared
-from edgeagent.inference.spec import (
+from edgeagent.config import (
     AnomalyTask,
     AnyTask,
     ClassificationTask,
@@ -64,6 +60,10 @@ from edgeagent.inference.spec import (
     PoseTask,
     SegmentationTask,
 )
+from edgeagent.errors import ModelError
+from edgeagent.inference.engine import TensorInfo
+from edgeagent.inference.layouts import read_yolo_head
+from edgeagent.inference.preprocess import Prepared
 
 _log = logging.getLogger(__name__)
 

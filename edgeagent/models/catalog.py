@@ -18,8 +18,8 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
+from edgeagent.config import ImagePreprocess, Task, WindowPreprocess
 from edgeagent.errors import ModelError
-from edgeagent.inference.spec import ImagePreprocess, Task, WindowPreprocess
 from edgeagent.models.introspect import infer_description
 from edgeagent.models.manifest import Manifest, load_manifest
 from edgeagent.models.tflite import read_model
@@ -86,6 +86,17 @@ def resolve_model(ref: str) -> Path:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Declared:
+    """What a manifest says about its model: None or () where it says nothing, so that
+    the model's own metadata and graph decide. `origin` names the manifest for people."""
+
+    task: Task | None
+    labels: tuple[str, ...]
+    preprocess: ImagePreprocess | WindowPreprocess | None
+    origin: str = "the manifest"
+
+
 def describe_model(
     ref: str,
     *,
@@ -97,25 +108,60 @@ def describe_model(
     says about itself (see the module docstring)."""
     path = resolve_model(ref)
     manifest = load_manifest(path)
+    declared = None
+    if manifest is not None:
+        declared = Declared(
+            manifest.task if "task" in manifest.model_fields_set else None,
+            manifest.labels,
+            manifest.preprocess,
+        )
+    return describe_file(
+        path,
+        declared,
+        name=manifest.name if manifest else path.stem,
+        version=manifest.version if manifest else "unversioned",
+        manifest=manifest,
+        task=task,
+        labels=labels,
+        preprocess=preprocess,
+    )
+
+
+def describe_file(
+    path: Path,
+    declared: Declared | None,
+    *,
+    name: str,
+    version: str,
+    manifest: Manifest | None = None,
+    task: Task | None = None,
+    labels: tuple[str, ...] | None = None,
+    preprocess: ImagePreprocess | WindowPreprocess | None = None,
+) -> ModelDescription:
+    """The description of the model file `path`, by the one precedence every model follows
+    (bundled, local or delivered over MQTT): the pipeline config (`task`, `labels`,
+    `preprocess`), then what its manifest `declared`, then its TFLite metadata, then its
+    graph. ModelError when the file cannot be read as a TFLite model."""
     inferred = infer_description(read_model(path))
     sources: dict[str, str] = {}
+    said = f"from {declared.origin}" if declared is not None else ""
 
-    if manifest is not None and "task" in manifest.model_fields_set:
-        base_task, sources["task"] = manifest.task, "from the manifest"
+    if declared is not None and declared.task is not None:
+        base_task, sources["task"] = declared.task, said
     else:
         base_task, sources["task"] = inferred.task, inferred.task_reason
     chosen_task, sources["task"] = _override(task, base_task, sources["task"])
 
     if labels is not None:
         chosen_labels, sources["labels"] = labels, "from the pipeline config"
-    elif manifest is not None and manifest.labels:
-        chosen_labels, sources["labels"] = manifest.labels, "from the manifest"
+    elif declared is not None and declared.labels:
+        chosen_labels, sources["labels"] = declared.labels, said
     else:
         chosen_labels, sources["labels"] = inferred.labels, inferred.labels_reason
 
     base_pre: ImagePreprocess | WindowPreprocess | None
-    if manifest is not None and manifest.preprocess is not None:
-        base_pre, sources["preprocess"] = manifest.preprocess, "from the manifest"
+    if declared is not None and declared.preprocess is not None:
+        base_pre, sources["preprocess"] = declared.preprocess, said
     else:
         base_pre, sources["preprocess"] = inferred.preprocess, inferred.preprocess_reason
     if preprocess is None:
@@ -126,8 +172,8 @@ def describe_model(
         chosen_pre, sources["preprocess"] = preprocess, "from the pipeline config"
 
     description = ModelDescription(
-        name=manifest.name if manifest else path.stem,
-        version=manifest.version if manifest else "unversioned",
+        name=name,
+        version=version,
         path=path,
         task=chosen_task,
         labels=chosen_labels,
@@ -136,7 +182,7 @@ def describe_model(
         sources=sources,
         about=inferred.about,
     )
-    log.info("model %s: %s", path.name, description.explain())
+    log.info("model %s %s: %s", name, version, description.explain())
     return description
 
 

@@ -3,7 +3,8 @@
 The fleet publishes, retained, a desired state per device (`<prefix>/<device>/desired`)
 and per group (`<prefix>/group/<g>/desired`)::
 
-    {"pipelines": {"<pipeline>": {"model": "<name>", "version": "<version>"}}, "ts": ...}
+    {"pipelines": {"<pipeline>": {"model": "<name>", "version": "<version>",
+                                  "allow_downgrade": false}}, "ts": ...}
 
 A pipeline's desired version is the device's entry when there is one, else the entry of
 the first group (in config order) that names the pipeline. When it differs from what the
@@ -14,7 +15,14 @@ window of exact topics at a time, so staged ones are never sent again) into a
 resumable `ChunkAssembler`; assembled (size, sha256), validated by the gate in a child
 process, installed, swapped into the pipeline and watched on probation. A version that
 fails anywhere is reported (`reported.last_failure`, an event) and not tried again until
-the desired version changes or the agent restarts; the running model keeps running.
+the desired version changes or the agent restarts; the running model keeps running, and
+`reported` keeps saying so (`state` describes what runs, never a refused delivery).
+
+Downgrades: versions are semantic versions (`signing.version_key`). A desired version lower
+than the highest this device ever activated for that model (`ModelStore.highest`, durable)
+is refused with `downgrade` before anything is fetched, unless its desired entry says
+`"allow_downgrade": true`. `rollback()` (the `model.rollback` command) is not a delivery
+and is never refused for it; re-deploying what already runs is not a downgrade.
 
 Threads: `handle_message` runs on MqttLink's dispatch thread and only parses the topic and
 queues (desired payloads: the newest per topic; chunks: at most `_MAX_QUEUED_BYTES`, more
@@ -51,9 +59,9 @@ from pathlib import Path
 from typing import Any, Final, Literal, Protocol
 
 from edgeagent.config import DeliveryConfig, PipelineConfig
-from edgeagent.errors import ConfigError, EdgeAgentError, ModelError
+from edgeagent.errors import ConfigError, EdgeAgentError
 from edgeagent.hal.source import Sample
-from edgeagent.models.catalog import ModelDescription
+from edgeagent.models.catalog import Declared, ModelDescription, describe_file
 from edgeagent.models.gate import validate_model
 from edgeagent.models.signing import (
     GATE_CODES,
@@ -61,12 +69,13 @@ from edgeagent.models.signing import (
     DeliveryError,
     DeliveryManifest,
     check_safe_id,
+    check_version,
+    compare_versions,
     key_id,
     load_public_key,
     verify_manifest,
 )
 from edgeagent.models.store import ModelStore, StoredModel
-from edgeagent.models.tflite import read_model
 from edgeagent.models.transfer import ChunkAssembler, TransferTimer, fsync_dir, write_file_durably
 from edgeagent.mqtt.payload import to_json
 from edgeagent.mqtt.topics import Topics
@@ -85,12 +94,22 @@ _STALL_LIMIT_FACTOR: Final = 3.0  # probation ends as failed after this x probat
 _MARKER_DIR: Final = "delivery"
 
 DELIVERY_CODES: Final = frozenset(
-    {"malformed-desired", "unknown-pipeline", "wrong-model", "probation-failed", "rolled-back"}
+    {
+        "malformed-desired",
+        "unknown-pipeline",
+        "wrong-model",
+        "downgrade",
+        "probation-failed",
+        "rolled-back",
+    }
 )
 """Reason codes of this module, beside `signing.REASON_CODES` (every code may appear in
 `reported.last_failure.code` and in events)."""
 
 PipelineState = Literal["running", "probation", "failed"]
+"""What a pipeline runs, as `reported` says: `running` its version; `probation` a new
+version not yet proven; `failed`: the pipeline does not run at all (it could not start).
+A refused or rolled-back delivery shows in `last_failure`, never here."""
 EventType = Literal[
     "download-progress",
     "downloaded",
@@ -138,11 +157,13 @@ class DeliveryPipeline(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One pipeline's desired model; `error` is (code, reason) for an unusable entry."""
+    """One pipeline's desired model; `error` is (code, reason) for an unusable entry;
+    `allow_downgrade` lets it go below the highest version activated here."""
 
     model: str
     version: str
     error: tuple[str, str] | None = None
+    allow_downgrade: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +179,6 @@ class TransferStats:
 
 @dataclass(slots=True)
 class _PipelineReport:
-    state: PipelineState = "running"
     staged: dict[str, Any] | None = None
     last_failure: dict[str, Any] | None = None
 
@@ -230,24 +250,18 @@ def open_store(config: DeliveryConfig, default_root: Path | None = None) -> Mode
 
 
 def describe_stored(stored: StoredModel, config: PipelineConfig) -> ModelDescription:
-    """A pipeline's description of an installed version: the delivery manifest's task,
-    labels and preprocess; the config's labels/preprocess only where the manifest has
-    none, then the labels in the model's metadata."""
+    """A pipeline's description of an installed version, by the catalog's one precedence
+    (`catalog.describe_file`): the pipeline config, then the delivery manifest's task,
+    labels and preprocess, then the model's TFLite metadata, then its graph."""
     m = stored.manifest
-    labels: tuple[str, ...] = m.labels or config.labels or ()
-    if not labels:
-        try:
-            labels = read_model(stored.path).labels
-        except ModelError as exc:
-            _log.warning("no labels for %s %s: %s", m.name, m.version, exc)
-    return ModelDescription(
+    return describe_file(
+        stored.path,
+        Declared(m.task, m.labels, m.preprocess, origin="the delivery manifest"),
         name=m.name,
         version=m.version,
-        path=stored.path,
-        task=m.task,
-        labels=labels,
-        preprocess=m.preprocess if m.preprocess is not None else config.preprocess,
-        manifest=None,
+        task=config.task,
+        labels=config.labels,
+        preprocess=config.preprocess,
     )
 
 
@@ -520,8 +534,13 @@ class ModelDelivery:
                 isinstance(entry, dict)
                 and isinstance(entry.get("model"), str)
                 and isinstance(entry.get("version"), str)
+                and isinstance(entry.get("allow_downgrade", False), bool)
             ):
-                entries[pipeline] = Target(entry["model"], entry["version"])
+                entries[pipeline] = Target(
+                    entry["model"],
+                    entry["version"],
+                    allow_downgrade=entry.get("allow_downgrade", False),
+                )
             else:
                 model = entry.get("model") if isinstance(entry, dict) else None
                 version = entry.get("version") if isinstance(entry, dict) else None
@@ -531,7 +550,8 @@ class ModelDelivery:
                     (
                         "malformed-desired",
                         f"the {where} desired state of pipeline {pipeline} must be "
-                        f'{{"model": "<name>", "version": "<version>"}}, got {entry!r:.200}',
+                        f'{{"model": "<name>", "version": "<version>"}} (and optionally '
+                        f'"allow_downgrade": true or false), got {entry!r:.200}',
                     ),
                 )
         return entries
@@ -575,10 +595,27 @@ class ModelDelivery:
             )
         try:
             check_safe_id(target.model, "name")
-            check_safe_id(target.version, "version")
+            check_version(target.version)
         except DeliveryError as exc:
             return exc.code, exc.message
         return None
+
+    def _check_downgrade(self, target: Target) -> tuple[str, str] | None:
+        """("downgrade", why) when `target` is below the highest version of its model ever
+        activated here and its desired entry does not allow that; else None."""
+        if target.allow_downgrade:
+            return None
+        highest = self._store.highest(target.model)
+        if highest is None or compare_versions(target.version, highest) >= 0:
+            return None
+        return (
+            "downgrade",
+            f"{target.model} {target.version} is older than {highest}, the highest version "
+            "this device has activated: an older version may be one withdrawn for a reason. "
+            f"Deploy {highest} or newer, roll back with model.rollback, or deploy "
+            f'{target.version} again with --allow-downgrade ("allow_downgrade": true) if '
+            "going back is meant",
+        )
 
     def _reconcile(self) -> None:
         """Starts the next piece of work: at most one transfer at a time."""
@@ -604,11 +641,12 @@ class ModelDelivery:
             if target.error is not None or self._check_target(name, target) is not None:
                 continue
             if running.name == target.model and running.version == target.version:
-                if self._reports[name].state == "failed":
-                    self._reports[name].state = "running"
-                    self._publish_reported()
                 continue
             if (target.model, target.version) in self._failed[name]:
+                continue
+            refused = self._check_downgrade(target)
+            if refused is not None:
+                self._fail(name, target.model, target.version, *refused)
                 continue
             self._begin(name, target)
             return
@@ -687,8 +725,8 @@ class ModelDelivery:
         model data waits in the inbox."""
         assembler = job.assembler
         assert assembler is not None
-        wanted = [i for i in assembler.missing() if i not in job.subscribed]
-        for index in wanted[: _CHUNK_WINDOW - len(job.subscribed)]:
+        room = _CHUNK_WINDOW - len(job.subscribed)
+        for index in assembler.next_missing(room, job.subscribed) if room > 0 else ():
             job.subscribed.add(index)
             self._link.subscribe(self._chunk_topic(job.target, index), 1)
 
@@ -815,7 +853,6 @@ class ModelDelivery:
                 _log.info("pipeline %s was restarted: its probation is abandoned", name)
                 del self._probation[name]
                 self._remove_marker(name)
-                self._reports[name].state = "running"
                 self._publish_reported()
                 continue
             self._check_probation(name, probation)
@@ -882,8 +919,7 @@ class ModelDelivery:
             results_out=stats.results_out,
             old_p95=old_p95,
         )
-        report = self._reports[pipeline_name]
-        report.state, report.staged = "probation", None
+        self._reports[pipeline_name].staged = None
         _log.info(
             "pipeline %s: now running %s %s (was %s) on probation for %g s",
             pipeline_name,
@@ -948,7 +984,6 @@ class ModelDelivery:
             self._store.prune(model.name)
         except DeliveryError as exc:
             _log.warning("cannot prune old versions of %s: %s", model.name, exc)
-        self._reports[name].state = "running"
         _log.info("pipeline %s: %s %s passed probation", name, model.name, model.version)
         self._event("probation-passed", name, model.name, model.version)
         self._publish_reported()
@@ -1017,7 +1052,6 @@ class ModelDelivery:
             "rolled-back",
             f"rolled back on command to {target.version}",
             event="rolled-back",
-            state="running",
         )
         return target.version
 
@@ -1032,13 +1066,12 @@ class ModelDelivery:
         reason: str,
         *,
         event: EventType = "rejected",
-        state: PipelineState = "failed",
     ) -> None:
+        """Records a refused or rolled-back version: `last_failure` and an event. The
+        pipeline's state is untouched: it runs what it ran."""
         _log.warning("pipeline %s: %s %s %s: %s", pipeline, model, version, code, reason)
         self._failed[pipeline][(model, version)] = code
         report = self._reports[pipeline]
-        if pipeline not in self._probation:
-            report.state = state
         report.staged = None
         report.last_failure = {
             "version": version,
@@ -1072,10 +1105,11 @@ class ModelDelivery:
         for name, pipeline in list(self._pipelines.items()):
             running = pipeline.model
             report = self._reports[name]
+            state: PipelineState = "probation" if name in self._probation else "running"
             pipelines[name] = {
                 "model": running.name if running is not None else pipeline.config.model,
                 "version": running.version if running is not None else None,
-                "state": report.state if running is not None else "failed",
+                "state": state if running is not None else "failed",
                 "staged": report.staged,
                 "last_failure": report.last_failure,
             }
@@ -1117,13 +1151,7 @@ def _source_shape(pipeline: DeliveryPipeline) -> tuple[int, ...]:
     last = pipeline.last
     if last is not None:
         return tuple(int(d) for d in last[0].data.shape)
-    source = pipeline.config.source
-    if source_kind(pipeline.config) == "window":
-        columns = getattr(source, "columns", None)
-        return (int(getattr(source, "window", 256)), len(columns) if columns else 3)
-    width = getattr(source, "width", None) or 640
-    height = getattr(source, "height", None) or 480
-    return (int(height), int(width), 3)
+    return pipeline.config.source.sample_shape()
 
 
 def _invoke_p95(stats: PipelineStats, last: int | None = None) -> float | None:

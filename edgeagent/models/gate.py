@@ -292,7 +292,7 @@ def _detection_count(engine: Any, manifest: DeliveryManifest, outputs: list[Any]
     """The detection count of a TFLite_Detection_PostProcess model (the decoder's rule: the
     postprocess layout, or auto with four outputs) whose first output holds one row per
     detection, else None."""
-    from edgeagent.inference.spec import DetectionTask
+    from edgeagent.config import DetectionTask
 
     task = manifest.task
     infos = engine.outputs

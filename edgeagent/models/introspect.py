@@ -31,9 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeagent.errors import ModelError
-from edgeagent.inference.layouts import read_yolo_head
-from edgeagent.inference.spec import (
+from edgeagent.config import (
     AnyTask,
     ClassificationTask,
     DetectionTask,
@@ -42,6 +40,8 @@ from edgeagent.inference.spec import (
     RawTask,
     SegmentationTask,
 )
+from edgeagent.errors import ModelError
+from edgeagent.inference.layouts import read_yolo_head
 from edgeagent.models.metadata import (
     BOX_BOUNDARIES,
     COLOR_GRAYSCALE,

@@ -11,8 +11,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edgeagent.config import Preprocess, RawTask, Task
 from edgeagent.errors import ModelError
-from edgeagent.inference.spec import Preprocess, RawTask, Task
 
 
 class ReferenceCheck(BaseModel):

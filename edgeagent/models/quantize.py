@@ -30,10 +30,10 @@ import numpy.typing as npt
 from ai_edge_litert.interpreter import Interpreter
 from PIL import Image, UnidentifiedImageError
 
+from edgeagent.config import ImagePreprocess
 from edgeagent.errors import MissingDependencyError, ModelError
 from edgeagent.inference.engine import TensorInfo
 from edgeagent.inference.preprocess import make_preprocessor
-from edgeagent.inference.spec import ImagePreprocess
 from edgeagent.models.compat import quantisation
 
 _log = logging.getLogger(__name__)

@@ -25,6 +25,18 @@ what `sign_manifest` signs is what the device sees.
 Signature block: `{"key_id": <16 hex>, "algorithm": "ed25519", "value": <base64 of the 64
 byte signature>}`. `key_id` is the first 16 hex digits of sha256 over the 32-byte raw public
 key, and only picks which trusted key to try; the signature is what proves anything.
+
+Versions and chunking (what a device accepts, whoever signed it)
+----------------------------------------------------------------
+A delivered version is a semantic version (semver 2.0: `MAJOR.MINOR.PATCH[-PRERELEASE]`);
+`version_key` is the one ordering the device (downgrade protection) and the fleet tools
+use. Build metadata (`+...`) is part of semver but cannot be a version here: `+` is an MQTT
+wildcard and not a safe identifier. Existing versions that are not semver stay readable in
+the store; they are refused for delivery (`bad-version`).
+
+A signed manifest is trusted about what the model is, not about what it costs to receive:
+`check_chunking` bounds the bookkeeping whatever it declares. At most `MAX_CHUNKS` chunks,
+each but the last at least `MIN_CHUNK_SIZE` bytes (`chunking`).
 """
 
 from __future__ import annotations
@@ -58,9 +70,9 @@ from pydantic import (
 )
 
 from edgeagent import __version__ as AGENT_VERSION  # noqa: N812 - a constant, named as one
+from edgeagent.config import Preprocess, Task
 from edgeagent.errors import ConfigError, EdgeAgentError
-from edgeagent.inference.spec import Preprocess, RawTask, Task
-from edgeagent.mqtt.topics import SAFE_NAME
+from edgeagent.names import SAFE_NAME
 
 _log = logging.getLogger(__name__)
 
@@ -87,6 +99,8 @@ ReasonCode = Literal[
     "bad-signature",
     "too-large",
     "agent-too-old",
+    "bad-version",
+    "chunking",
     # transfer (transfer.py)
     "bad-chunk",
     "size-mismatch",
@@ -109,10 +123,25 @@ REASON_CODES: frozenset[str] = frozenset(get_args(ReasonCode))
 SAFE_ID = SAFE_NAME  # names and versions also become file and topic names
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest with a reference tensor is a few hundred KiB at most
 MAX_CHUNK_SIZE = 16 << 20  # a chunk is held in memory once; MQTT payloads stay modest
+# Every chunk but the last is at least this long: one file (a 4 KiB block) and one MQTT
+# message per chunk stay small next to the data they carry.
+MIN_CHUNK_SIZE = 4 << 10
+# The most chunks a model may be cut into: the transfer's bookkeeping (a 2 KiB bitmap, one
+# staged file per chunk, one subscription per chunk) is bounded whatever a manifest says.
+# 128 MiB (the default max_model_bytes) fits in chunks of 8 KiB.
+MAX_CHUNKS = 16_384
 ALGORITHM: Literal["ed25519"] = "ed25519"
 _SIGNATURE_BYTES = 64
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _RELEASE = re.compile(r"^\d+(?:\.\d+)*")
+# semver.org's grammar, with ASCII digits only (re's \d also matches other scripts' digits).
+_NUMERIC = r"(?:0|[1-9][0-9]*)"
+_PRE_ID = r"(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
+_SEMVER = re.compile(
+    rf"({_NUMERIC})\.({_NUMERIC})\.({_NUMERIC})"
+    rf"(?:-({_PRE_ID}(?:\.{_PRE_ID})*))?"
+    r"(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?"
+)
 
 
 class DeliveryError(EdgeAgentError):
@@ -141,6 +170,70 @@ def check_safe_id(value: object, what: str) -> str:
             "'.', '_' or '-', starting with a letter or digit, without '..'",
         )
     return value
+
+
+VersionKey = tuple[int, int, int, tuple[tuple[int, int, str], ...]]
+"""A semantic version's precedence as a tuple: compare keys with < and ==."""
+
+
+def version_key(version: str) -> VersionKey:
+    """The precedence of semantic version `version` (semver 2.0, section 11): major, minor
+    and patch numerically; a pre-release is lower than its release; pre-release identifiers
+    compared one by one, numeric ones numerically and below alphanumeric ones (compared in
+    ASCII order), a longer list higher when all before are equal; build metadata ignored.
+    DeliveryError('bad-version') when `version` is not a semantic version."""
+    match = _SEMVER.fullmatch(version) if isinstance(version, str) else None
+    if match is None:
+        raise DeliveryError(
+            "bad-version",
+            f"model version {version!r} is not a semantic version: use MAJOR.MINOR.PATCH with "
+            "an optional -PRERELEASE (1.4.0, 2.0.0-rc.1), so that devices can tell a newer "
+            "version from an older one",
+        )
+    major, minor, patch, pre, _build = match.groups()
+    if pre is None:
+        # A release sorts after all its pre-releases: one "identifier" above any real one.
+        identifiers: tuple[tuple[int, int, str], ...] = ((2, 0, ""),)
+    else:
+        identifiers = tuple(
+            (0, int(part), "") if part.isdigit() else (1, 0, part) for part in pre.split(".")
+        )
+    return int(major), int(minor), int(patch), identifiers
+
+
+def compare_versions(a: str, b: str) -> int:
+    """-1, 0 or 1 as semantic version `a` is lower than, equal to (in precedence) or higher
+    than `b`. DeliveryError('bad-version') when either is not a semantic version."""
+    ka, kb = version_key(a), version_key(b)
+    return (ka > kb) - (ka < kb)
+
+
+def check_version(value: object) -> str:
+    """`value` if it can be a delivered model version: a safe identifier (`bad-name`) and a
+    semantic version (`bad-version`); DeliveryError otherwise."""
+    version = check_safe_id(value, "version")
+    version_key(version)
+    return version
+
+
+def check_chunking(size: int, chunk_size: int, chunks: int) -> None:
+    """DeliveryError('chunking') unless a model of `size` bytes in `chunks` chunks of
+    `chunk_size` bytes is within the transfer's bounds: at most MAX_CHUNKS chunks, every
+    chunk but the last at least MIN_CHUNK_SIZE bytes. Constant time: nothing per chunk."""
+    if chunks > MAX_CHUNKS:
+        raise DeliveryError(
+            "chunking",
+            f"the model is cut into {chunks} chunks ({size} bytes in chunks of {chunk_size}), "
+            f"more than the {MAX_CHUNKS} a device takes: publish it with a chunk size of at "
+            f"least {max(-(-size // MAX_CHUNKS), MIN_CHUNK_SIZE)} bytes",
+        )
+    if chunks > 1 and chunk_size < MIN_CHUNK_SIZE:
+        raise DeliveryError(
+            "chunking",
+            f"the model is cut into chunks of {chunk_size} bytes, smaller than the "
+            f"{MIN_CHUNK_SIZE} a device takes (only a model that is one chunk may be "
+            "shorter): publish it with a larger chunk size",
+        )
 
 
 class _Frozen(BaseModel):
@@ -208,7 +301,8 @@ class DeliveryManifest(_Frozen):
     size: int = Field(gt=0)
     chunk_size: int = Field(gt=0, le=MAX_CHUNK_SIZE)
     chunks: int = Field(gt=0)
-    task: Task = Field(default_factory=RawTask)
+    # None: the model says (its TFLite metadata, then its graph), as for a local model.
+    task: Task | None = None
     labels: tuple[str, ...] = ()
     preprocess: Preprocess | None = None
     min_agent_version: str = Field(default="0", pattern=r"^\d+(\.\d+)*$")
@@ -346,7 +440,8 @@ def verify_manifest(
 ) -> DeliveryManifest:
     """The manifest in `raw`, once its signature verifies against `trusted` (key id ->
     public PEM). Raises DeliveryError: malformed-manifest, unsigned, untrusted-key,
-    bad-signature, bad-name, too-large (size over `max_size`), agent-too-old."""
+    bad-signature, bad-name, bad-version (not a semantic version), too-large (size over
+    `max_size`), chunking (see `check_chunking`), agent-too-old."""
     obj = _parse_object(raw)
     block = obj.get("signature")
     if block is None:
@@ -360,13 +455,14 @@ def verify_manifest(
     else:
         _verify_signature(obj, block, trusted)
     check_safe_id(obj.get("name"), "name")
-    check_safe_id(obj.get("version"), "version")
+    check_version(obj.get("version"))
     try:
         manifest = DeliveryManifest.model_validate(obj)
     except ValidationError as exc:
         raise DeliveryError(
             "malformed-manifest", f"the model manifest does not validate: {_one_line(exc)}"
         ) from exc
+    check_chunking(manifest.size, manifest.chunk_size, manifest.chunks)
     if max_size is not None and manifest.size > max_size:
         raise DeliveryError(
             "too-large",
@@ -469,6 +565,8 @@ def _one_line(exc: BaseException) -> str:
 
 __all__ = [
     "GATE_CODES",
+    "MAX_CHUNKS",
+    "MIN_CHUNK_SIZE",
     "REASON_CODES",
     "SAFE_ID",
     "DeliveryError",
@@ -477,11 +575,16 @@ __all__ = [
     "ReasonCode",
     "SignatureBlock",
     "TensorBlob",
+    "VersionKey",
     "canonical_bytes",
+    "check_chunking",
     "check_safe_id",
+    "check_version",
+    "compare_versions",
     "generate_keypair",
     "key_id",
     "load_public_key",
     "sign_manifest",
     "verify_manifest",
+    "version_key",
 ]

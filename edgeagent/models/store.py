@@ -8,6 +8,8 @@ Layout under `root` (docs/model-delivery.md has the full argument)::
     versions/<name>/.tmp-<version>-<rand>/     a version being installed (debris if left)
     versions/<name>/.trash-<version>-<rand>/   a version being deleted (debris if left)
     active/<name>.json                         {"version", "sha256", "previous", "activated_at"}
+    highest/<name>.json                        {"version", "recorded_at"}: the highest
+                                               semantic version ever activated (downgrades)
     staging/                                   chunk transfers (edgeagent.models.transfer)
 
 Crash safety rests on two atomic renames. A version directory is filled under a temporary
@@ -19,6 +21,13 @@ version or the new one, never a mix. Since a pointer is only ever renamed into p
 the version it names is durable, a power cut at any moment leaves an active model; and if
 disk corruption breaks one anyway, opening the store falls back to the newest intact
 previous version and says why.
+
+The highest-version record only ever rises, and is written (durably) before the pointer
+that activates a version: a crash between the two leaves a record at least as high as what
+runs, never lower. Pruning and eviction leave it alone, so a version deleted long ago still
+counts. `highest()` also takes the versions the pointer names into account, so a store an
+older agent wrote (no record yet), or a record lost to corruption, still refuses going
+below what it ran.
 
 One process owns a store (the agent); `repair=False` opens it read-only for inspection
 (`doctor`). Methods are safe to call from several threads of that process.
@@ -48,7 +57,9 @@ from edgeagent.models.signing import (
     SAFE_ID,
     DeliveryError,
     DeliveryManifest,
+    VersionKey,
     check_safe_id,
+    version_key,
 )
 from edgeagent.models.transfer import (
     MANIFEST_FILE,
@@ -63,6 +74,7 @@ _log = logging.getLogger(__name__)
 
 VERSIONS_DIR = "versions"
 ACTIVE_DIR = "active"
+HIGHEST_DIR = "highest"
 INSTALLED_FILE = "installed.json"
 TRASH_PREFIX = ".trash-"
 _VERSION_FILES = (MODEL_FILE, MANIFEST_FILE, INSTALLED_FILE)
@@ -127,8 +139,9 @@ class ModelStore:
         self._lock = threading.RLock()
         self._versions = root / VERSIONS_DIR
         self._active = root / ACTIVE_DIR
+        self._highest = root / HIGHEST_DIR
         if repair:
-            for d in (self._versions, self._active, root / STAGING_DIR):
+            for d in (self._versions, self._active, self._highest, root / STAGING_DIR):
                 d.mkdir(parents=True, exist_ok=True)
             self._recover()
 
@@ -191,6 +204,24 @@ class ModelStore:
                 with contextlib.suppress(_Unusable):
                     found.append(self._load(name, version, verify=False))
             return found
+
+    def highest(self, name: str) -> str | None:
+        """The highest semantic version of `name` ever activated on this device (None when
+        none was): the durable record, or a higher semantic version the active pointer or
+        its history names. Versions that are not semantic versions do not count."""
+        check_safe_id(name, "name")
+        with self._lock:
+            candidates = [self._read_highest(name)]
+            with contextlib.suppress(_Unusable):
+                pointer = self._read_pointer(name)
+                if pointer is not None:
+                    candidates += [pointer.version, *pointer.previous]
+            found: tuple[VersionKey, str] | None = None
+            for version in candidates:
+                key = _semver_key(version)
+                if key is not None and (found is None or key > found[0]):
+                    found = (key, str(version))
+            return None if found is None else found[1]
 
     def usage(self) -> int:
         """Bytes taken by installed versions (and debris under versions/)."""
@@ -273,6 +304,7 @@ class ModelStore:
         check_safe_id(version, "version")
         with self._lock:
             target = self._load_or_raise(name, version)
+            self._raise_highest(name, version)  # before the pointer: see the module doc
             try:
                 old = self._read_pointer(name)
             except _Unusable:
@@ -340,7 +372,7 @@ class ModelStore:
         for a version already installed, or untouched for `staging_max_age_s`."""
         removed: list[Path] = []
         with self._lock:
-            for entry in _listdir(self._active):
+            for entry in (*_listdir(self._active), *_listdir(self._highest)):
                 if entry.name.startswith(TEMP_PREFIX):
                     removed += _remove(entry)
             for name_dir in _listdir(self._versions):
@@ -381,6 +413,11 @@ class ModelStore:
                         self._load(name, pointer.version, verify=True, sha256=pointer.sha256)
                 except _Unusable as why:
                     problems.append(f"{pointer_file}: {why}")
+            for record in _listdir(self._highest):
+                if record.name.startswith(TEMP_PREFIX):
+                    problems.append(f"{record}: debris of an interrupted operation")
+                elif not _is_safe(record.stem) or self._read_highest(record.stem) is None:
+                    problems.append(f"{record}: not a readable highest-version record")
         return problems
 
     # --- internals ---------------------------------------------------------------------------
@@ -482,6 +519,42 @@ class ModelStore:
             fsync_dir(self._active)
         except OSError as exc:
             raise _io_error(exc, f"cannot write the active pointer of {name}") from exc
+
+    def _read_highest(self, name: str) -> str | None:
+        """The recorded highest version of `name`; None when there is none or it is
+        unreadable (logged: `highest()` then falls back to the pointer's versions)."""
+        path = self._highest / f"{name}.json"
+        try:
+            version = json.loads(path.read_bytes())["version"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            _log.warning("ignoring the unreadable highest-version record %s: %s", path, exc)
+            return None
+        if _semver_key(version) is None:
+            _log.warning("ignoring %s: %r is not a semantic version", path, version)
+            return None
+        return str(version)
+
+    def _raise_highest(self, name: str, version: str) -> None:
+        """Records `version` as the highest activated one of `name` if it is a semantic
+        version above the record (durably: written, fsynced, renamed, directory fsynced)."""
+        key = _semver_key(version)
+        if key is None:
+            _log.info("%s %s is not a semantic version: no downgrade floor recorded", name, version)
+            return
+        current = self._read_highest(name)
+        current_key = _semver_key(current)
+        if current_key is not None and current_key >= key:
+            return
+        body = {"version": version, "recorded_at": _iso(time.time_ns())}
+        try:
+            self._highest.mkdir(parents=True, exist_ok=True)
+            write_file_durably(self._highest / f"{name}.json", json.dumps(body).encode("utf-8"))
+            fsync_dir(self._highest)
+        except OSError as exc:
+            what = f"cannot record {version} as the highest version of {name}"
+            raise _io_error(exc, what) from exc
 
     def _read_pointer(self, name: str) -> ActivePointer | None:
         path = self._active / f"{name}.json"
@@ -657,6 +730,15 @@ def _fields(pointer: ActivePointer) -> dict[str, Any]:
 
 def _iso(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="milliseconds")
+
+
+def _semver_key(version: object) -> VersionKey | None:
+    if not isinstance(version, str):
+        return None
+    try:
+        return version_key(version)
+    except DeliveryError:
+        return None
 
 
 def _is_safe(value: str) -> bool:

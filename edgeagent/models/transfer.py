@@ -23,6 +23,11 @@ assembled.
 The directory is deliberately not fsynced after each chunk's rename: if a power cut loses
 the rename, that chunk is simply fetched again; what must never happen, a name pointing
 at bytes that were not written, is prevented by the fsync before the rename.
+
+Bounded whatever the manifest says: a manifest past `signing.check_chunking`'s limits (more
+than MAX_CHUNKS chunks, chunks under MIN_CHUNK_SIZE) is refused (`chunking`) before anything
+is created, and which chunks are here is a bitmap (one bit per chunk, at most 2 KiB) with
+running counts, so nothing is built per chunk to answer "complete?" or "what next?".
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
-from edgeagent.models.signing import DeliveryError, DeliveryManifest
+from edgeagent.models.signing import DeliveryError, DeliveryManifest, check_chunking
 
 _log = logging.getLogger(__name__)
 
@@ -71,16 +77,69 @@ class Progress:
         return self.bytes_have / self.bytes_total if self.bytes_total else 1.0
 
 
+class ChunkBitmap:
+    """Which of `count` chunks are here: one bit each, plus running counts, so that
+    `complete`, `count_have` and the next missing ones cost nothing per chunk held.
+    Not thread-safe (ChunkAssembler guards it)."""
+
+    __slots__ = ("_bits", "count", "count_have")
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.count_have = 0
+        self._bits = bytearray((count + 7) // 8)
+
+    def __contains__(self, index: object) -> bool:
+        if not isinstance(index, int) or not 0 <= index < self.count:
+            return False
+        return bool(self._bits[index >> 3] >> (index & 7) & 1)
+
+    def add(self, index: int) -> bool:
+        """Marks `index` present; False when it already was."""
+        byte, bit = index >> 3, 1 << (index & 7)
+        if self._bits[byte] & bit:
+            return False
+        self._bits[byte] |= bit
+        self.count_have += 1
+        return True
+
+    def clear(self) -> None:
+        self._bits = bytearray(len(self._bits))
+        self.count_have = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.count_have == self.count
+
+    def present(self) -> Iterator[int]:
+        """The indices present, ascending."""
+        for byte_index, byte in enumerate(self._bits):
+            if byte:
+                yield from (byte_index * 8 + b for b in range(8) if byte >> b & 1)
+
+    def absent(self) -> Iterator[int]:
+        """The indices missing, ascending (full bytes are skipped whole)."""
+        for byte_index, byte in enumerate(self._bits):
+            if byte != 0xFF:
+                base = byte_index * 8
+                yield from (
+                    base + b for b in range(8) if not byte >> b & 1 and base + b < self.count
+                )
+
+
 class ChunkAssembler:
     """Collects the chunks of one model in its staging directory. Opening one over a
     directory that already holds chunks resumes: `have()` lists them and `missing()` is
-    what remains to fetch. Safe to call from several threads."""
+    what remains to fetch. Safe to call from several threads. DeliveryError('chunking')
+    for a manifest past the transfer's bounds (nothing is created then)."""
 
     def __init__(self, state_dir: Path, manifest: DeliveryManifest) -> None:
+        check_chunking(manifest.size, manifest.chunk_size, manifest.chunks)
         self.manifest = manifest
         self.path = staging_dir(state_dir, manifest)
         self._lock = threading.Lock()
-        self._have: dict[int, int] = {}  # index -> length on disk
+        self._have = ChunkBitmap(manifest.chunks)
+        self._bytes_have = 0
         self._assembled = False
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -96,27 +155,38 @@ class ChunkAssembler:
         with self._lock:
             if self._assembled:
                 return set(range(self.manifest.chunks))
-            return set(self._have)
+            return set(self._have.present())
 
     def missing(self) -> list[int]:
-        """Indices still to fetch, in ascending order."""
-        have = self.have()
-        return [i for i in range(self.manifest.chunks) if i not in have]
+        """Indices still to fetch, in ascending order (at most MAX_CHUNKS of them)."""
+        return self.next_missing(self.manifest.chunks)
+
+    def next_missing(self, limit: int, skip: Container[int] = ()) -> list[int]:
+        """The first `limit` indices still to fetch and not in `skip`, ascending; the
+        bitmap is scanned only as far as needed."""
+        with self._lock:
+            if self._assembled:
+                return []
+            return list(islice((i for i in self._have.absent() if i not in skip), limit))
 
     def complete(self) -> bool:
-        return not self.missing()
+        with self._lock:
+            return self._assembled or self._have.complete
 
     @property
     def bytes_received(self) -> int:
         with self._lock:
             if self._assembled:
                 return self.manifest.size
-            return sum(self._have.values())
+            return self._bytes_have
 
     @property
     def progress(self) -> Progress:
-        have = self.have()
-        return Progress(len(have), self.manifest.chunks, self.bytes_received, self.manifest.size)
+        m = self.manifest
+        with self._lock:
+            if self._assembled:
+                return Progress(m.chunks, m.chunks, m.size, m.size)
+            return Progress(self._have.count_have, m.chunks, self._bytes_have, m.size)
 
     # --- receiving ---------------------------------------------------------------------------
 
@@ -152,7 +222,7 @@ class ChunkAssembler:
                 write_file_durably(target, data)
             except OSError as exc:
                 raise _io_error(exc, f"cannot store chunk {index} of {m.name} {m.version}") from exc
-            self._have[index] = expected
+            self._mark(index, expected)
             return True
 
     # --- finishing ---------------------------------------------------------------------------
@@ -168,8 +238,8 @@ class ChunkAssembler:
             if self._assembled:
                 self._check_file(model)  # a restart after assembly: verify what is there
                 return model
-            missing = [i for i in range(m.chunks) if i not in self._have]
-            if missing:
+            if not self._have.complete:
+                missing = list(self._have.absent())
                 raise DeliveryError(
                     "incomplete",
                     f"{m.name} {m.version} cannot be assembled: {_describe_missing(missing)}",
@@ -212,6 +282,7 @@ class ChunkAssembler:
         with self._lock:
             shutil.rmtree(self.path, ignore_errors=True)
             self._have.clear()
+            self._bytes_have = 0
             self._assembled = False
 
     # --- internals ---------------------------------------------------------------------------
@@ -248,17 +319,21 @@ class ChunkAssembler:
                     )
                     _unlink_quietly(entry)
                 else:
-                    self._have[index] = length
+                    self._mark(index, length)
         if self._assembled:
             self._discard_chunks()
-        elif self._have:
+        elif self._have.count_have:
             _log.info(
                 "resuming %s %s: %d of %d chunk(s) already staged",
                 m.name,
                 m.version,
-                len(self._have),
+                self._have.count_have,
                 m.chunks,
             )
+
+    def _mark(self, index: int, length: int) -> None:
+        if self._have.add(index):
+            self._bytes_have += length
 
     def _check_file(self, path: Path) -> None:
         digest = hashlib.sha256()
@@ -278,9 +353,10 @@ class ChunkAssembler:
             raise
 
     def _discard_chunks(self) -> None:
-        for index in list(self._have):
+        for index in list(self._have.present()):
             _unlink_quietly(self.path / f"{_CHUNK_PREFIX}{index:06d}")
         self._have.clear()
+        self._bytes_have = 0
 
 
 class TransferTimer:
@@ -409,6 +485,7 @@ def _unlink_quietly(path: Path) -> None:
 
 __all__ = [
     "ChunkAssembler",
+    "ChunkBitmap",
     "Progress",
     "TransferTimer",
     "fsync_dir",

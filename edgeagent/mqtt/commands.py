@@ -20,6 +20,12 @@ queues. Handlers run on a pool of two threads (`edgeagent-cmd-worker_N`); at mos
 Idempotency: request ids are remembered (`dedup_size` of them, each for `dedup_ttl_s`,
 the oldest forgotten first). A repeated id, such as a QoS 1 redelivery, is not run again:
 the requester gets the recorded terminal reply again, or `accepted` while it still runs.
+The recorded replies are bounded in bytes too (`dedup_max_bytes`, 1 MiB by default): a
+terminal reply larger than a sixteenth of it is never kept whole, and when the kept
+replies exceed it the oldest lose their bodies first; only after every body is gone are
+the oldest ids forgotten. An id whose reply was not kept is still not run again: its
+repeat gets a small `failed` reply that says so, names the first reply's stage
+(`original_stage`) and asks for a new id.
 
 Binary results (snapshot JPEGs): a handler returns `BinaryResult(data, content_type)`.
 The router publishes the bytes unchanged to `<reply topic>/<name>` (`name` defaults to the
@@ -47,11 +53,13 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar, cast, overload
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError
 
+from edgeagent.config import BUILTIN_COMMANDS, CommandsConfig
 from edgeagent.errors import EdgeAgentError
 from edgeagent.mqtt.payload import to_json
-from edgeagent.mqtt.topics import SAFE_NAME, Topics
+from edgeagent.mqtt.topics import Topics
+from edgeagent.names import check_name
 
 log = logging.getLogger(__name__)
 
@@ -59,24 +67,8 @@ MAX_ID_LENGTH: Final = 128
 MAX_PENDING: Final = 32
 """Commands queued or running at once; more are refused with a `busy` reason."""
 WORKERS: Final = 2
-
-BUILTIN_COMMANDS: Final = frozenset(
-    {
-        "ping",
-        "status",
-        "config.get",
-        "config.set",
-        "pipeline.start",
-        "pipeline.stop",
-        "pipeline.restart",
-        "model.rollback",
-        "snapshot",
-        "bench",
-        "logs",
-        "restart",
-    }
-)
-"""Every command the agent knows; `CommandsConfig.allow` picks from these."""
+DEDUP_ENTRY_SHARE: Final = 16
+"""A terminal reply larger than `dedup_max_bytes / DEDUP_ENTRY_SHARE` is not kept whole."""
 
 Stage = Literal["accepted", "progress", "succeeded", "failed"]
 ReplyPublisher = Callable[[str, bytes, dict[str, Any] | None], None]
@@ -88,47 +80,6 @@ _WORKER_PREFIX = "edgeagent-cmd-worker"
 _MAX_TOPIC_BYTES = 65535
 
 M = TypeVar("M", bound=BaseModel)
-
-
-def _name_rule(value: str, what: str) -> str:
-    if not SAFE_NAME.fullmatch(value):
-        raise ValueError(
-            f"{what} {value!r} must be 1-64 characters of letters, digits, '_', '-' or '.', "
-            "starting with a letter or digit (it becomes an MQTT topic level)"
-        )
-    return value
-
-
-class CommandsConfig(BaseModel):
-    """The `commands:` section: which commands run here and how requests are bounded."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    allow: tuple[str, ...] | None = None  # None: every built-in command
-    max_payload_bytes: int = Field(default=64 * 1024, ge=256, le=16 * 1024 * 1024)
-    groups: tuple[str, ...] = ()  # fan-out groups this device answers in
-    dedup_size: int = Field(default=1024, ge=1, le=1_000_000)  # request ids remembered
-    dedup_ttl_s: float = Field(default=3600.0, gt=0)
-
-    @field_validator("allow")
-    @classmethod
-    def _known_commands(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        unknown = sorted(set(value or ()) - BUILTIN_COMMANDS)
-        if unknown:
-            raise ValueError(
-                f"unknown command(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(BUILTIN_COMMANDS))}"
-            )
-        return value
-
-    @field_validator("groups")
-    @classmethod
-    def _group_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for group in value:
-            _name_rule(group, "group name")
-        if len(set(value)) != len(value):
-            raise ValueError("group names must be unique")
-        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,17 +341,42 @@ class _Seen:
     first_seen: float  # the router's clock
     accepted: bytes | None = None
     final: bytes | None = None
+    stage: str | None = None  # of the terminal reply
+    # The terminal reply's stage and size when its body is not kept (too large, or given
+    # up for the byte budget); the id itself is still remembered.
+    dropped: tuple[str, int] | None = None
+    cost: int = 0  # bytes the ledger counts for this entry
+
+    @property
+    def finished(self) -> bool:
+        return self.final is not None or self.dropped is not None
+
+
+# The bytes one remembered id costs beyond its strings and replies: the dict slot, the
+# _Seen object and the str/bytes headers (measured with sys.getsizeof, rounded up).
+_ENTRY_OVERHEAD: Final = 256
 
 
 class _Ledger:
-    """Request ids seen recently: at most `size`, each for `ttl` seconds, oldest out first.
-    Not thread-safe: the router holds its lock."""
+    """Request ids seen recently: at most `size`, each for `ttl` seconds, and their
+    replies within `max_bytes`, oldest out first (see the module docstring). Not
+    thread-safe: the router holds its lock."""
 
-    def __init__(self, size: int, ttl: float, clock: Callable[[], float]) -> None:
+    def __init__(self, size: int, ttl: float, max_bytes: int, clock: Callable[[], float]) -> None:
         self._size = size
         self._ttl = ttl
+        self._max_bytes = max_bytes
+        self.entry_cap = max_bytes // DEDUP_ENTRY_SHARE
         self._clock = clock
         self._seen: collections.OrderedDict[str, _Seen] = collections.OrderedDict()
+        # Ids whose terminal reply body is kept, oldest first: the first to give it up.
+        self._bodies: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.bytes = 0
+
+    def usage(self) -> tuple[int, int]:
+        """(ids, bytes) remembered now."""
+        self._expire()
+        return len(self._seen), self.bytes
 
     def get(self, request_id: str) -> _Seen | None:
         self._expire()
@@ -408,10 +384,63 @@ class _Ledger:
 
     def add(self, request_id: str, name: str) -> _Seen:
         self._expire()
-        seen = self._seen[request_id] = _Seen(name, self._clock())
+        seen = _Seen(name, self._clock())
+        self._seen[request_id] = seen
+        self._charge(request_id, seen)
         while len(self._seen) > self._size:
-            self._seen.popitem(last=False)
+            self._pop_oldest()
+        self._shrink()
         return seen
+
+    def record_accepted(self, request_id: str, seen: _Seen, payload: bytes) -> None:
+        seen.accepted = payload
+        self._charge(request_id, seen)
+        self._shrink()
+
+    def record_final(self, request_id: str, seen: _Seen, stage: str, payload: bytes) -> None:
+        """Keeps the terminal reply, or only its stage and size if it is too large."""
+        seen.stage = stage
+        if len(payload) > self.entry_cap:
+            seen.final, seen.dropped = None, (stage, len(payload))
+            log.info(
+                "the %s reply to id %r (%d bytes) is too large to keep for repeats "
+                "(commands.dedup_max_bytes / %d); a repeat gets a short answer",
+                stage,
+                request_id,
+                len(payload),
+                DEDUP_ENTRY_SHARE,
+            )
+        else:
+            seen.final = payload
+            if self._seen.get(request_id) is seen:
+                self._bodies[request_id] = None
+        self._charge(request_id, seen)
+        self._shrink()
+
+    def _charge(self, request_id: str, seen: _Seen) -> None:
+        """Recounts `seen`'s bytes, if it is still remembered."""
+        cost = _ENTRY_OVERHEAD + len(request_id) + len(seen.name)
+        cost += len(seen.accepted or b"") + len(seen.final or b"")
+        if self._seen.get(request_id) is seen:
+            self.bytes += cost - seen.cost
+        seen.cost = cost
+
+    def _shrink(self) -> None:
+        """Gives up the oldest reply bodies, then the oldest ids, until within budget."""
+        while self.bytes > self._max_bytes and self._bodies:
+            request_id, _ = self._bodies.popitem(last=False)
+            seen = self._seen[request_id]
+            if seen.final is not None:
+                seen.dropped = (seen.stage or "terminal", len(seen.final))
+                seen.final = None
+                self._charge(request_id, seen)
+        while self.bytes > self._max_bytes and len(self._seen) > 1:
+            self._pop_oldest()
+
+    def _pop_oldest(self) -> None:
+        request_id, seen = self._seen.popitem(last=False)
+        self._bodies.pop(request_id, None)
+        self.bytes -= seen.cost
 
     def _expire(self) -> None:
         oldest = self._clock() - self._ttl
@@ -419,7 +448,7 @@ class _Ledger:
             first = next(iter(self._seen.values()))
             if first.first_seen > oldest:
                 return
-            self._seen.popitem(last=False)
+            self._pop_oldest()
 
 
 def _ping(_request: Request) -> dict[str, Any]:
@@ -451,7 +480,7 @@ class CommandRouter:
         self._reply = reply
         self._commands: dict[str, _Command] = {}
         self._lock = threading.Lock()
-        self._ledger = _Ledger(config.dedup_size, config.dedup_ttl_s, clock)
+        self._ledger = _Ledger(config.dedup_size, config.dedup_ttl_s, config.dedup_max_bytes, clock)
         self._pending = 0
         self._futures: set[concurrent.futures.Future[None]] = set()
         self._closing = False
@@ -495,7 +524,7 @@ class CommandRouter:
         an exception becomes `failed`. With `schema`, `args` must validate against it and
         the handler finds the model in `request.params`. Raises ValueError for a bad or
         repeated name."""
-        _name_rule(name, "command name")
+        check_name(name, "command name")
         if name in self._commands:
             raise ValueError(f"command {name!r} is registered already")
         if schema is not None and not (isinstance(schema, type) and issubclass(schema, BaseModel)):
@@ -509,6 +538,13 @@ class CommandRouter:
                 return short(request)
 
         self._commands[name] = _Command(run, long, schema)
+
+    @property
+    def remembered(self) -> tuple[int, int]:
+        """(ids, bytes) the repeat-id cache holds now; bytes stay within
+        `commands.dedup_max_bytes`."""
+        with self._lock:
+            return self._ledger.usage()
 
     @property
     def commands(self) -> list[str]:
@@ -578,24 +614,28 @@ class CommandRouter:
             except ValidationError as exc:
                 reason = _validation_reason(request.name, exc)
                 log.warning("command %s (id %r) refused: %s", request.name, request.id, reason)
-                self._finish(request, seen, self._answer(request, "failed", reason=reason))
+                self._finish(
+                    request, seen, "failed", self._answer(request, "failed", reason=reason)
+                )
                 return
             except Exception as exc:  # a validator of the schema itself is broken
                 log.exception("the args schema of command %s raised", request.name)
                 reason = f"invalid args for {request.name!r}: {type(exc).__name__}: {exc}"
-                self._finish(request, seen, self._answer(request, "failed", reason=reason))
+                self._finish(
+                    request, seen, "failed", self._answer(request, "failed", reason=reason)
+                )
                 return
             request = dataclasses.replace(request, params=params)
 
         if command.long:
             accepted = self._answer(request, "accepted")
             with self._lock:
-                seen.accepted = accepted
+                self._ledger.record_accepted(request.id, seen, accepted)
             self._send(request.reply_to, accepted)
         try:
             future = self._pool.submit(self._run, request, command, seen)
         except RuntimeError:  # close() shut the pool down meanwhile
-            self._finish(request, seen, self._answer(request, "failed", reason=refusal))
+            self._finish(request, seen, "failed", self._answer(request, "failed", reason=refusal))
             return
         with self._lock:
             self._futures.add(future)
@@ -609,7 +649,16 @@ class CommandRouter:
             return
         with self._lock:
             answer = seen.final or seen.accepted
+            dropped = seen.dropped
         log.info("command %s (id %r) repeated: answering from memory", request.name, request.id)
+        if dropped is not None:
+            stage, size = dropped
+            reason = (
+                f"the {stage} reply to id {request.id!r} ({size} bytes) was too large to keep "
+                "for repeats (commands.dedup_max_bytes); the command ran once and is not run "
+                "again: send a new id to run it again"
+            )
+            answer = self._answer(request, "failed", reason=reason, original_stage=stage)
         self._send(request.reply_to, answer or self._answer(request, "accepted"))
 
     def _forget(self, future: concurrent.futures.Future[None]) -> None:
@@ -624,19 +673,25 @@ class CommandRouter:
                 request.reply_to, self._answer(request, "progress", progress=body)
             )
         )
-        final: bytes | None = None
+        outcome: tuple[Stage, bytes] | None = None
         try:
-            final = self._outcome(request, command, progress)
+            outcome = self._outcome(request, command, progress)
         finally:
             progress.close()
-            if final is None:  # a BaseException went through: still answer exactly once
-                final = self._answer(request, "failed", reason="the command was aborted")
-            self._finish(request, seen, final)
+            if outcome is None:  # a BaseException went through: still answer exactly once
+                reason = "the command was aborted"
+                self._finish(
+                    request, seen, "failed", self._answer(request, "failed", reason=reason)
+                )
+            else:
+                self._finish(request, seen, outcome[0], outcome[1])
 
-    def _outcome(self, request: Request, command: _Command, progress: Progress) -> bytes:
-        """Runs the handler; its terminal reply, `succeeded` or `failed`."""
+    def _outcome(
+        self, request: Request, command: _Command, progress: Progress
+    ) -> tuple[Stage, bytes]:
+        """Runs the handler; its terminal stage, `succeeded` or `failed`, and reply."""
         if self._closing:
-            return self._answer(request, "failed", reason="the agent is stopping")
+            return "failed", self._answer(request, "failed", reason="the agent is stopping")
         started = time.monotonic()
         try:
             result = command.run(request, progress)
@@ -644,17 +699,18 @@ class CommandRouter:
             final = self._succeeded(request, result)
         except EdgeAgentError as exc:
             log.warning("command %s (id %r) failed: %s", request.name, request.id, exc)
-            return self._answer(request, "failed", reason=str(exc))
+            return "failed", self._answer(request, "failed", reason=str(exc))
         except Exception as exc:
             log.exception("command %s (id %r) raised", request.name, request.id)
-            return self._answer(request, "failed", reason=f"{type(exc).__name__}: {exc}")
+            reason = f"{type(exc).__name__}: {exc}"
+            return "failed", self._answer(request, "failed", reason=reason)
         log.info(
             "command %s (id %r) succeeded in %.3f s",
             request.name,
             request.id,
             time.monotonic() - started,
         )
-        return final
+        return "succeeded", final
 
     def _succeeded(self, request: Request, result: object) -> bytes:
         """The `succeeded` reply; publishes a BinaryResult's bytes first. Raises
@@ -668,7 +724,7 @@ class CommandRouter:
 
     def _publish_binary(self, request: Request, binary: BinaryResult) -> dict[str, Any]:
         name = binary.name or request.name
-        _name_rule(name, "binary result name")
+        check_name(name, "binary result name")
         topic = f"{request.reply_to.topic}/{name}"
         properties: dict[str, Any] | None = None
         if request.reply_to.correlation_data is not None:
@@ -686,9 +742,9 @@ class CommandRouter:
             "sha256": hashlib.sha256(binary.data).hexdigest(),
         }
 
-    def _finish(self, request: Request, seen: _Seen, final: bytes) -> None:
+    def _finish(self, request: Request, seen: _Seen, stage: Stage, final: bytes) -> None:
         with self._lock:
-            seen.final = final
+            self._ledger.record_final(request.id, seen, stage, final)
             self._pending -= 1
         self._send(request.reply_to, final)
 

@@ -19,8 +19,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
-
+from edgeagent.config import DiscoveryConfig
 from edgeagent.mqtt.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -28,22 +27,6 @@ log = logging.getLogger(__name__)
 Message = tuple[str, bytes]
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _MANUFACTURER = "edgeagent"
-
-
-class DiscoveryConfig(BaseModel):
-    """The `homeassistant:` section."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = False
-    prefix: str = "homeassistant"  # HA's discovery prefix; its birth topic is <prefix>/status
-
-    @field_validator("prefix")
-    @classmethod
-    def _topic(cls, value: str) -> str:
-        if not value or value.startswith("/") or any(c in value for c in "#+\0"):
-            raise ValueError("must be a non-empty topic without '#', '+' or a leading '/'")
-        return value.rstrip("/")
 
 
 def _slug(name: str) -> str:

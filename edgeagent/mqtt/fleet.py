@@ -25,11 +25,10 @@ from types import TracebackType
 from typing import Any, Final
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeagent.config import MqttConfig
 from edgeagent.errors import ConfigError, EdgeAgentError
-from edgeagent.mqtt.client import read_password
+from edgeagent.mqtt.client import make_client
 
 log = logging.getLogger(__name__)
 
@@ -56,24 +55,9 @@ class FleetConnection:
     def __init__(self, config: MqttConfig, *, name: str = "fleet") -> None:
         """Raises ConfigError for an unreadable password file or TLS files."""
         self._config = config
-        self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"edgeagent-{name}-{os.getpid()}-{os.urandom(3).hex()}",
-            protocol=mqtt.MQTTv5 if config.protocol == "5" else mqtt.MQTTv311,
+        self._client = make_client(
+            config, client_id=f"edgeagent-{name}-{os.getpid()}-{os.urandom(3).hex()}"
         )
-        if config.username is not None:
-            password = read_password(config.password_file) if config.password_file else None
-            self._client.username_pw_set(config.username, password)
-        if config.tls is not None:
-            try:
-                self._client.tls_set(
-                    ca_certs=str(config.tls.ca_file) if config.tls.ca_file else None,
-                    certfile=str(config.tls.cert_file) if config.tls.cert_file else None,
-                    keyfile=str(config.tls.key_file) if config.tls.key_file else None,
-                )
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                raise ConfigError(f"cannot use the MQTT TLS files: {exc}") from exc
-            self._client.tls_insecure_set(config.tls.insecure)
         self._lock = threading.Condition()
         self._connect_result: str | None = None  # None: waiting; "" ok; else why not
         self._disconnected: str | None = None
@@ -139,7 +123,7 @@ class FleetConnection:
     def connect(self, timeout: float = 10.0) -> None:
         """Connects and waits for the broker's CONNACK; BrokerError saying why not."""
         try:
-            self._client.connect(self._config.host, self._config.port, self._config.keepalive)
+            self._client.reconnect()  # the first connect: make_client recorded where to
         except (OSError, ssl.SSLError) as exc:
             raise BrokerError(
                 f"cannot reach the MQTT broker at {self.where}: {exc}: check --host, --port "
@@ -281,8 +265,6 @@ def broker_config(args: Any) -> MqttConfig:
 
     from edgeagent.config import TlsConfig
 
-    if args.password_file is not None and args.username is None:
-        raise ConfigError("--password-file needs --username")
     values: dict[str, Any] = {
         "host": args.host,
         "port": args.port or (8883 if args.tls_ca else 1883),
@@ -296,11 +278,16 @@ def broker_config(args: Any) -> MqttConfig:
     try:
         return MqttConfig(**values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
-            for e in exc.errors()
-        )
-        raise ConfigError(f"invalid broker options: {problems}") from exc
+        # The model's messages name its keys; here they are options.
+        options = {"password_file": "--password-file", "username": "--username"}
+        problems = []
+        for error in exc.errors():
+            message = error["msg"].removeprefix("Value error, ")
+            for key, option in options.items():
+                message = message.replace(key, option)
+            where = ".".join(str(p) for p in error["loc"]).replace("_", "-")
+            problems.append(f"--{where}: {message}")
+        raise ConfigError(f"invalid broker options: {'; '.join(problems)}") from exc
 
 
 __all__ = [

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from edgeagent.config import OutboxConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,6 @@ CHECKPOINT_INTERVAL_S: Final = 0.5
 """How often the publisher checkpoints (and so fsyncs) the WAL while entries are stored."""
 
 _MIB: Final = 1024 * 1024
-_DAY_S: Final = 24 * 3600.0
 _COLUMNS: Final = ("id", "created", "topic", "payload", "qos", "retain", "size")
 _SCHEMA: Final = """
 CREATE TABLE outbox (
@@ -86,19 +85,6 @@ _SCAN_CHUNK: Final = 256
 _SQLITE_CORRUPT: Final = 11
 _SQLITE_FULL: Final = 13
 _SQLITE_NOTADB: Final = 26
-
-
-class OutboxConfig(BaseModel):
-    """`outbox:` in the agent's configuration."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    path: Path | None = None  # default: <state_dir>/outbox.db (edgeagent/paths.py)
-    max_bytes: int = Field(default=256 * _MIB, gt=0)  # topic + payload bytes stored
-    max_rows: int | None = Field(default=None, gt=0)
-    max_age_s: float | None = Field(default=7 * _DAY_S, gt=0)
-    backlog_rate: float = Field(default=200.0, gt=0)  # backlog messages/s after a reconnect
-    enabled: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,10 +3,13 @@
 The desired state (retained, on `<prefix>/<device>/desired` or
 `<prefix>/group/<group>/desired`) says which model version each pipeline should run:
 
-    {"pipelines": {"<pipeline>": {"model": "<name>", "version": "<version>"}},
+    {"pipelines": {"<pipeline>": {"model": "<name>", "version": "<version>"
+                                  [, "allow_downgrade": true]}},
      "ts": <float>, "by": "<user@host>"}
 
-`merge_desired` updates one pipeline of an existing state and keeps the others.
+`merge_desired` updates one pipeline of an existing state and keeps the others; an entry
+says `allow_downgrade` only when that deployment asked for it (a later deploy of the
+pipeline without it drops it).
 `Rollout` folds what devices publish (`status`, `reported`, `events`, `desired`, formats in
 docs/protocol.md "Model delivery") into one view per device and says whether every
 watched device runs what it should. A device's effective desired state is its group's
@@ -14,7 +17,10 @@ watched device runs what it should. A device's effective desired state is its gr
 
 A failure counts against a rollout only when it is for the desired model version and not
 older than the desired state (a `last_failure` left from an earlier attempt at another
-version, or from before the operator deployed again, is history, not a verdict).
+version, or from before the operator deployed again, is history, not a verdict). A device
+that refused the desired version (a bad model, a `downgrade`) still runs its old one in
+state `running`: that pipeline is `failed` for the rollout by its `last_failure`, never
+converged, since what runs is not what is desired.
 """
 
 from __future__ import annotations
@@ -43,9 +49,11 @@ def merge_desired(
     *,
     by: str,
     ts: float | None = None,
+    allow_downgrade: bool = False,
 ) -> dict[str, Any]:
-    """`existing` with `pipeline` set to (model, version), or removed when `target` is
-    None; other pipelines and unknown top-level members are kept."""
+    """`existing` with `pipeline` set to (model, version) (with `"allow_downgrade": true`
+    when asked), or removed when `target` is None; other pipelines and unknown top-level
+    members are kept."""
     state = dict(existing or {})
     pipelines = state.get("pipelines", {})
     if not isinstance(pipelines, dict):
@@ -57,7 +65,10 @@ def merge_desired(
     if target is None:
         pipelines.pop(pipeline, None)
     else:
-        pipelines[pipeline] = {"model": target[0], "version": target[1]}
+        entry: dict[str, Any] = {"model": target[0], "version": target[1]}
+        if allow_downgrade:
+            entry["allow_downgrade"] = True
+        pipelines[pipeline] = entry
     state.update(pipelines=pipelines, ts=time.time() if ts is None else ts, by=by)
     return state
 

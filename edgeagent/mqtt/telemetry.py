@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
+from edgeagent.config import PrometheusConfig
 from edgeagent.errors import ConfigError
 from edgeagent.hal.system import SystemFacts
 from edgeagent.mqtt.payload import to_json
@@ -52,22 +52,6 @@ FPS_HORIZON_S: Final = 10.0
 """Frames per second are counted over this many recent seconds."""
 
 Snapshot = Callable[[], Mapping[str, Any]]
-
-
-class PrometheusConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    host: str = "127.0.0.1"  # loopback: expose it wider on purpose, not by default
-    port: int = Field(default=9108, ge=0, le=65535)  # 0: any free port
-
-
-class TelemetryConfig(BaseModel):
-    """The `telemetry:` section."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    interval_s: float = Field(default=30.0, gt=0)
-    prometheus: PrometheusConfig | None = None  # None: no HTTP endpoint
 
 
 # --- latency ---------------------------------------------------------------------------

@@ -8,16 +8,11 @@ live under `<prefix>/group/<group>/...` and `<prefix>/models/<name>/<version>/..
 
 from __future__ import annotations
 
-import re
+from edgeagent.names import GROUPS_LEVEL as _GROUPS
+from edgeagent.names import MODELS_LEVEL as _MODELS
+from edgeagent.names import RESERVED_DEVICE_IDS
 
 _FORBIDDEN = frozenset("/+#\0")
-
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-"""Names that are safe as a topic level and as a file name (use `fullmatch`): device ids,
-pipeline, group, command and model names, model versions."""
-_GROUPS = "group"
-_MODELS = "models"
-RESERVED_DEVICE_IDS = frozenset({_GROUPS, _MODELS})
 
 
 def _level(value: str, what: str) -> str:

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from edgeagent.errors import AcceleratorError
 from edgeagent.hal.accel.base import Probe, ProbeState
-from edgeagent.hal.accel.external_delegate import (
-    ProbeCache,
-    find_library,
-    load_external_delegate,
-)
-
-logger = logging.getLogger(__name__)
+from edgeagent.hal.accel.external_delegate import DelegateAccelerator, find_library
 
 LIBRARY_ENV = "EDGEAGENT_EDGETPU_LIB"
 LIBRARY = "libedgetpu.so.1"
@@ -51,11 +42,12 @@ class CoralDevice:
         return text
 
 
-class EdgeTpuAccelerator:
+class EdgeTpuAccelerator(DelegateAccelerator):
     """Runs Edge TPU compiled models on a Coral. `device` is libedgetpu's device option
     ("usb", "usb:0", "pci:0"); None lets the runtime take the first one it finds."""
 
     name = "edgetpu"
+    what = "Edge TPU"
 
     def __init__(
         self,
@@ -66,26 +58,7 @@ class EdgeTpuAccelerator:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.device = device
-        self._root = root
-        self._cache = ProbeCache(lambda: self._probe(load=True), cache_s, clock)
-
-    def probe(self, *, fresh: bool = False) -> Probe:
-        """What is there now; loading the delegate is the only real test, so a result is
-        kept for `cache_s` seconds unless `fresh` asks for a new look."""
-        result = self._cache.get(fresh=fresh)
-        logger.debug("edgetpu probe: %s: %s", result.state, result.reason)
-        return result
-
-    def present(self) -> bool:
-        return self._probe(load=False).state is ProbeState.PRESENT
-
-    def delegates(self) -> list[Any]:
-        found = self._probe(load=False)
-        if found.state is ProbeState.ABSENT:
-            raise AcceleratorError(f"Edge TPU is absent: {found.reason}")
-        if found.state is ProbeState.BROKEN:
-            raise AcceleratorError(f"Edge TPU is present but broken: {found.reason}")
-        return [load_external_delegate(found.details["library"], self._options(), "Edge TPU")]
+        super().__init__(root=root, cache_s=cache_s, clock=clock)
 
     def can_run(self, operator_names: frozenset[str]) -> str | None:
         if CUSTOM_OP in operator_names:
@@ -121,7 +94,7 @@ class EdgeTpuAccelerator:
     def _options(self) -> dict[str, str] | None:
         return {"device": self.device} if self.device else None
 
-    def _probe(self, *, load: bool) -> Probe:
+    def _inspect(self) -> Probe:
         devices = self.find_devices()
         details = {"devices": "; ".join(d.describe() for d in devices) or "none"}
         library, how = find_library(LIBRARY_ENV, LIBRARY, "edgetpu")
@@ -153,11 +126,6 @@ class EdgeTpuAccelerator:
         details["device"] = self.device or device.bus
         if device.speed_mbps is not None:
             details["usb_speed"] = _usb_speed(device.speed_mbps)
-        if load:
-            try:
-                load_external_delegate(library, self._options(), "Edge TPU")
-            except AcceleratorError as exc:
-                return Probe(self.name, ProbeState.BROKEN, str(exc), details)
         return Probe(self.name, ProbeState.PRESENT, f"{device.describe()} via {library}", details)
 
 

@@ -1,5 +1,9 @@
 """Finding and loading LiteRT external delegate libraries (Edge TPU, GPU) without noise.
 
+`DelegateAccelerator` is what the Edge TPU and the GPU have in common: a probe that finds
+the library (and the device) without loading it, kept for a while once a load proved it,
+and the delegate loaded from the library it found.
+
 `load_delegate` leaves a half-built `Delegate` behind when the library cannot be opened or
 lacks the plugin entry points, and its `__del__` then prints an AttributeError on stderr.
 Checking the library with ctypes first turns those cases into one clear message instead.
@@ -12,12 +16,13 @@ import ctypes.util
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edgeagent.errors import AcceleratorError
-from edgeagent.hal.accel.base import Probe
+from edgeagent.hal.accel.base import Probe, ProbeState
 
 logger = logging.getLogger(__name__)
 
@@ -108,3 +113,56 @@ class ProbeCache:
             result = self._probe()
             self._cached = (now, result)
             return result
+
+
+class DelegateAccelerator:
+    """An accelerator reached through an external delegate library. A subclass sets `name`
+    and `what` (its name in messages) and implements `_inspect`: the probe without loading
+    the library, whose details name the `library` when it is not ABSENT."""
+
+    name: str
+    what: str
+
+    def __init__(
+        self,
+        *,
+        root: Path = Path("/"),
+        cache_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._root = root
+        self._cache = ProbeCache(lambda: self._probe(load=True), cache_s, clock)
+
+    def probe(self, *, fresh: bool = False) -> Probe:
+        """What is there now; loading the delegate is the only real test, so a result is
+        kept for `cache_s` seconds unless `fresh` asks for a new look."""
+        result = self._cache.get(fresh=fresh)
+        logger.debug("%s probe: %s: %s", self.name, result.state, result.reason)
+        return result
+
+    def present(self) -> bool:
+        return self._probe(load=False).state is ProbeState.PRESENT
+
+    def delegates(self) -> list[Any]:
+        found = self._probe(load=False)
+        if found.state is ProbeState.ABSENT:
+            raise AcceleratorError(f"{self.what} is absent: {found.reason}")
+        if found.state is ProbeState.BROKEN:
+            raise AcceleratorError(f"{self.what} is present but broken: {found.reason}")
+        return [load_external_delegate(found.details["library"], self._options(), self.what)]
+
+    def _options(self) -> dict[str, str] | None:
+        """The delegate's options (libedgetpu's `device`); None: its defaults."""
+        return None
+
+    def _inspect(self) -> Probe:
+        raise NotImplementedError
+
+    def _probe(self, *, load: bool) -> Probe:
+        found = self._inspect()
+        if load and found.state is ProbeState.PRESENT:
+            try:
+                load_external_delegate(found.details["library"], self._options(), self.what)
+            except AcceleratorError as exc:
+                return Probe(self.name, ProbeState.BROKEN, str(exc), found.details)
+        return found

@@ -2,21 +2,8 @@
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
-
-from edgeagent.errors import AcceleratorError
 from edgeagent.hal.accel.base import Probe, ProbeState
-from edgeagent.hal.accel.external_delegate import (
-    ProbeCache,
-    find_library,
-    load_external_delegate,
-)
-
-logger = logging.getLogger(__name__)
+from edgeagent.hal.accel.external_delegate import DelegateAccelerator, find_library
 
 LIBRARY_ENV = "EDGEAGENT_GPU_DELEGATE_LIB"
 LIBRARY = "libtensorflowlite_gpu_delegate.so"
@@ -27,35 +14,11 @@ INSTALL_HINT = (
 )
 
 
-class GpuAccelerator:
+class GpuAccelerator(DelegateAccelerator):
     """Runs models on the GPU via the LiteRT GPU delegate; unsupported ops fall back to CPU."""
 
     name = "gpu"
-
-    def __init__(
-        self,
-        *,
-        root: Path = Path("/"),
-        cache_s: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._root = root
-        self._cache = ProbeCache(lambda: self._probe(load=True), cache_s, clock)
-
-    def probe(self, *, fresh: bool = False) -> Probe:
-        """Whether the delegate library loads; kept for `cache_s` seconds unless `fresh`."""
-        result = self._cache.get(fresh=fresh)
-        logger.debug("gpu probe: %s: %s", result.state, result.reason)
-        return result
-
-    def present(self) -> bool:
-        return self._probe(load=False).state is ProbeState.PRESENT
-
-    def delegates(self) -> list[Any]:
-        found = self._probe(load=False)
-        if found.state is ProbeState.ABSENT:
-            raise AcceleratorError(f"GPU delegate is absent: {found.reason}")
-        return [load_external_delegate(found.details["library"], None, "GPU delegate")]
+    what = "GPU delegate"
 
     def can_run(self, operator_names: frozenset[str]) -> str | None:
         # The GPU delegate takes the operators it supports and leaves the rest to the CPU.
@@ -64,7 +27,7 @@ class GpuAccelerator:
     def render_nodes(self) -> list[str]:
         return [f"/dev/dri/{p.name}" for p in sorted((self._root / "dev/dri").glob("renderD*"))]
 
-    def _probe(self, *, load: bool) -> Probe:
+    def _inspect(self) -> Probe:
         nodes = self.render_nodes()
         details = {"render_nodes": ", ".join(nodes) or "none"}
         library, how = find_library(LIBRARY_ENV, LIBRARY, "tensorflowlite_gpu_delegate")
@@ -76,11 +39,6 @@ class GpuAccelerator:
                 details,
             )
         details["library"] = library
-        if load:
-            try:
-                load_external_delegate(library, None, "GPU delegate")
-            except AcceleratorError as exc:
-                return Probe(self.name, ProbeState.BROKEN, str(exc), details)
         # The delegate touches the GPU only when a model is prepared, so loading proves the
         # library, not the GPU; say when there is no render node for it to use.
         gpu = nodes[0] if nodes else "no /dev/dri/renderD* node (it may fail on first model)"

@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from edgeagent.config import AlsaMicrophone
 from edgeagent.errors import MissingDependencyError, SourceError
+from edgeagent.hal.audio.settings import AlsaMicrophone
 from edgeagent.hal.audio.windows import SampleWindows
-from edgeagent.hal.source import Sample, SampleKind
+from edgeagent.hal.settings import SampleKind
+from edgeagent.hal.source import Sample
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class AlsaSource:
             self._pcm = alsa.PCM(
                 type=alsa.PCM_CAPTURE,
                 mode=alsa.PCM_NORMAL,
-                device=self.config.device,
+                device=self.config.pcm,
                 channels=self.config.channels,
                 rate=self.config.rate_hz,
                 format=alsa.PCM_FORMAT_S16_LE,
@@ -53,13 +54,13 @@ class AlsaSource:
             )
         except alsa.ALSAAudioError as exc:
             raise SourceError(
-                f"alsa source: cannot open capture device {self.config.device!r} ({exc}); "
-                "list the devices with `arecord -L` and set source.device"
+                f"alsa source: cannot open capture device {self.config.pcm!r} ({exc}); "
+                "list the PCMs with `arecord -L` and set source.pcm"
             ) from exc
         self._sequence = 0
         logger.info(
             "alsa source: %s at %d Hz, %d channel(s), windows of %d every %d samples",
-            self.config.device,
+            self.config.pcm,
             self.config.rate_hz,
             self.config.channels,
             self.config.window,
@@ -76,10 +77,10 @@ class AlsaSource:
                 frames, data = self._pcm.read()
             except Exception as exc:
                 raise SourceError(
-                    f"alsa source: reading {self.config.device!r} failed: {exc}"
+                    f"alsa source: reading {self.config.pcm!r} failed: {exc}"
                 ) from exc
             if frames < 0:  # an overrun: samples were lost; go on with the next period
-                logger.warning("alsa source: overrun on %s, samples lost", self.config.device)
+                logger.warning("alsa source: overrun on %s, samples lost", self.config.pcm)
                 continue
             ints = np.frombuffer(data, "<i2")[: frames * self.config.channels]
             mono = ints.reshape(-1, self.config.channels).mean(axis=1) / 32768.0

@@ -9,12 +9,13 @@ import time
 
 import numpy as np
 
-from edgeagent.config import SyntheticSounds
 from edgeagent.errors import SourceError
+from edgeagent.hal.audio.settings import SyntheticSounds
 from edgeagent.hal.audio.sounds import SOUNDS, SoundGenerator
 from edgeagent.hal.audio.windows import SampleWindows
 from edgeagent.hal.pacing import Pacer
-from edgeagent.hal.source import Sample, SampleKind
+from edgeagent.hal.settings import SampleKind
+from edgeagent.hal.source import Sample
 
 logger = logging.getLogger(__name__)
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from edgeagent.config import WavAudio
 from edgeagent.errors import SourceError
+from edgeagent.hal.audio.settings import WavAudio
 from edgeagent.hal.audio.windows import SampleWindows
 from edgeagent.hal.pacing import Pacer
-from edgeagent.hal.source import Sample, SampleKind
+from edgeagent.hal.settings import SampleKind
+from edgeagent.hal.source import Sample
 
 logger = logging.getLogger(__name__)
 

@@ -12,10 +12,11 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
-from edgeagent.config import ImagesCamera
 from edgeagent.errors import SourceError
+from edgeagent.hal.camera.settings import ImagesCamera
 from edgeagent.hal.pacing import Pacer
-from edgeagent.hal.source import Sample, SampleKind
+from edgeagent.hal.settings import SampleKind
+from edgeagent.hal.source import Sample
 
 logger = logging.getLogger(__name__)
 

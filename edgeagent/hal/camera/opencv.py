@@ -11,14 +11,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgeagent.config import OpenCVCamera
 from edgeagent.errors import MissingDependencyError, SourceError
+from edgeagent.hal.camera.settings import OPENCV_INSTALL_HINT, OpenCVCamera
 from edgeagent.hal.pacing import Pacer
-from edgeagent.hal.source import Sample, SampleKind
+from edgeagent.hal.settings import SampleKind
+from edgeagent.hal.source import Sample
 
 logger = logging.getLogger(__name__)
-
-INSTALL_HINT = "pip install 'edgeagent[opencv]'"
 
 
 class OpenCVSource:
@@ -203,5 +202,5 @@ def _import_cv2() -> ModuleType:
     try:
         import cv2
     except ImportError as exc:
-        raise MissingDependencyError("OpenCV", INSTALL_HINT) from exc
+        raise MissingDependencyError("OpenCV", OPENCV_INSTALL_HINT) from exc
     return cv2

@@ -9,16 +9,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgeagent.config import PiCamera
 from edgeagent.errors import MissingDependencyError, SourceError
-from edgeagent.hal.source import Sample, SampleKind
+from edgeagent.hal.camera.settings import PICAMERA2_INSTALL_HINT, PiCamera
+from edgeagent.hal.settings import SampleKind
+from edgeagent.hal.source import Sample
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = (
-    "sudo apt install python3-picamera2 (it needs the system libcamera, so it is not "
-    "pip-installable); the virtualenv must be created with --system-site-packages to see it"
-)
 NO_CAMERA_HINT = (
     "check the ribbon cable and that `rpicam-hello --list-cameras` lists the camera "
     "(camera_auto_detect=1 in /boot/firmware/config.txt)"
@@ -39,7 +36,7 @@ class PiCameraSource:
         try:
             from picamera2 import Picamera2
         except ImportError as exc:
-            raise MissingDependencyError("picamera2", INSTALL_HINT) from exc
+            raise MissingDependencyError("picamera2", PICAMERA2_INSTALL_HINT) from exc
         cameras = Picamera2.global_camera_info()
         if self.config.camera >= len(cameras):
             raise SourceError(

@@ -15,9 +15,10 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from edgeagent.config import SyntheticCamera as SyntheticCameraConfig
 from edgeagent.errors import SourceError
-from edgeagent.hal.source import Sample, SampleKind
+from edgeagent.hal.camera.settings import SyntheticCamera as SyntheticCameraConfig
+from edgeagent.hal.settings import SampleKind
+from edgeagent.hal.source import Sample
 
 logger = logging.getLogger(__name__)
 

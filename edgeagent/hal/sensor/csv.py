@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from edgeagent.config import CsvSensor
 from edgeagent.errors import SourceError
 from edgeagent.hal.pacing import Pacer
-from edgeagent.hal.source import Sample, SampleKind
+from edgeagent.hal.sensor.settings import CsvSensor
+from edgeagent.hal.settings import SampleKind
+from edgeagent.hal.source import Sample
 
 logger = logging.getLogger(__name__)
 

@@ -13,13 +13,13 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from edgeagent.config import Mpu6050Sensor
 from edgeagent.errors import MissingDependencyError, SourceError
-from edgeagent.hal.source import Sample, SampleKind
+from edgeagent.hal.sensor.settings import I2C_INSTALL_HINT, Mpu6050Sensor
+from edgeagent.hal.settings import SampleKind
+from edgeagent.hal.source import Sample
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'edgeagent[i2c]'"
 
 # Register map (MPU-6000/6050 Register Map and Descriptions, rev 4.2).
 SMPLRT_DIV = 0x19
@@ -56,7 +56,7 @@ def open_smbus(bus: int) -> SMBusLike:
     try:
         from smbus2 import SMBus
     except ImportError as exc:
-        raise MissingDependencyError("smbus2", INSTALL_HINT) from exc
+        raise MissingDependencyError("smbus2", I2C_INSTALL_HINT) from exc
     device = Path(f"/dev/i2c-{bus}")
     if not device.exists():
         raise SourceError(f"mpu6050 source: {_no_bus(bus)}")

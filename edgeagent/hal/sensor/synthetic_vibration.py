@@ -19,9 +19,10 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from edgeagent.config import SyntheticVibration as SyntheticVibrationConfig
 from edgeagent.errors import SourceError
-from edgeagent.hal.source import Sample, SampleKind
+from edgeagent.hal.sensor.settings import SyntheticVibration as SyntheticVibrationConfig
+from edgeagent.hal.settings import SampleKind
+from edgeagent.hal.source import Sample
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,141 @@
+"""The settings of each camera backend (a pipeline's `source:`) and its facts.
+
+Light by design: the configuration imports this module, so it imports no vendor library
+and no numpy; each backend imports its own library when it is opened.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from edgeagent.hal.settings import (
+    DeviceUse,
+    Preflight,
+    PreflightEnv,
+    SampleKind,
+    SourceSettings,
+    library_preflight,
+)
+
+OPENCV_INSTALL_HINT = "pip install 'edgeagent[opencv]'"
+PICAMERA2_INSTALL_HINT = (
+    "sudo apt install python3-picamera2 (libcamera comes only from apt, so it is not "
+    "pip-installable); the virtualenv must be created with --system-site-packages to see "
+    "it, as deploy/install.sh does"
+)
+
+
+_DEFAULT_WIDTH, _DEFAULT_HEIGHT = 640, 480  # what the gate assumes of a camera of no set size
+
+
+def _frame(width: int | None, height: int | None) -> tuple[int, ...]:
+    return (height or _DEFAULT_HEIGHT, width or _DEFAULT_WIDTH, 3)
+
+
+class _Camera(SourceSettings):
+    kind: ClassVar[SampleKind] = "image"
+    fps: float  # 0: not paced by the backend (a file or a scene rendered on demand)
+
+    def paced(self) -> bool:
+        return self.fps != 0
+
+
+class SyntheticCamera(_Camera):
+    """A deterministic scene of moving shapes on a noisy background."""
+
+    implementation: ClassVar[str] = "edgeagent.hal.camera.synthetic:SyntheticCamera"
+
+    type: Literal["synthetic"]
+    width: int = Field(default=640, ge=32, le=4096)
+    height: int = Field(default=480, ge=32, le=4096)
+    fps: float = Field(default=30.0, ge=0)  # 0: as fast as the consumer reads
+    seed: int = 0
+    shapes: int = Field(default=3, ge=0, le=16)
+
+    def sample_shape(self) -> tuple[int, ...]:
+        return _frame(self.width, self.height)
+
+
+class ImagesCamera(_Camera):
+    """Image files from a folder or a glob, played in name order and looped."""
+
+    implementation: ClassVar[str] = "edgeagent.hal.camera.images:ImagesSource"
+
+    type: Literal["images"]
+    path: str
+    fps: float = Field(default=1.0, ge=0)
+    loop: bool = True
+
+    def sample_shape(self) -> tuple[int, ...]:
+        return _frame(None, None)  # each file has its own size
+
+    def preflight(self, env: PreflightEnv) -> Preflight:
+        del env
+        path = Path(self.path)
+        # A glob such as /srv/frames/*.jpg is absolute, which Path.glob does not take.
+        matches = [Path(p) for p in glob.glob(self.path)]  # noqa: PTH207
+        found = sorted(path.iterdir()) if path.is_dir() else matches
+        details = {"files": len(found)}
+        if not found:
+            fix = "correct source.path (a folder or a glob)"
+            return Preflight(False, f"no files match {self.path}", fix, details)
+        return Preflight(True, f"{len(found)} file(s) at {self.path}", None, details)
+
+
+class OpenCVCamera(_Camera):
+    """A video file, a V4L2 device (/dev/video0 or an index) or an RTSP URL via OpenCV."""
+
+    implementation: ClassVar[str] = "edgeagent.hal.camera.opencv:OpenCVSource"
+
+    type: Literal["opencv"]
+    uri: str
+    fps: float = Field(default=0, ge=0)  # 0: the stream's own pace
+    width: int | None = None
+    height: int | None = None
+
+    def sample_shape(self) -> tuple[int, ...]:
+        return _frame(self.width, self.height)
+
+    def device(self) -> DeviceUse | None:
+        on_device = self.uri.startswith("/dev/video") or self.uri.isdigit()
+        return DeviceUse("camera") if on_device else None
+
+    def preflight(self, env: PreflightEnv) -> Preflight:
+        missing = library_preflight("cv2", "OpenCV", OPENCV_INSTALL_HINT)
+        if missing is not None:
+            return missing
+        uri = self.uri
+        if uri.startswith("/dev/") and not (env.root / uri.lstrip("/")).exists():
+            return Preflight(
+                False, f"{uri} does not exist", "plug in the camera or correct source.uri"
+            )
+        if "://" not in uri and not uri.isdigit() and not Path(uri).exists():
+            return Preflight(False, f"{uri} does not exist", "correct source.uri")
+        return Preflight(True, f"OpenCV imports; {uri}")
+
+
+class PiCamera(_Camera):
+    """The Raspberry Pi camera through picamera2 (libcamera)."""
+
+    implementation: ClassVar[str] = "edgeagent.hal.camera.picamera2:PiCameraSource"
+
+    type: Literal["picamera2"]
+    width: int = 640
+    height: int = 480
+    fps: float = Field(default=30.0, gt=0)
+    camera: int = 0
+
+    def sample_shape(self) -> tuple[int, ...]:
+        return _frame(self.width, self.height)
+
+    def device(self) -> DeviceUse | None:
+        return DeviceUse("camera", "media*")  # libcamera's media controller nodes
+
+    def preflight(self, env: PreflightEnv) -> Preflight:
+        del env
+        missing = library_preflight("picamera2", "picamera2", PICAMERA2_INSTALL_HINT)
+        return missing or Preflight(True, "picamera2 imports")
