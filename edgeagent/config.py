@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from edgeagent.errors import ConfigError
+from edgeagent.hal.audio.settings import AlsaMicrophone, SyntheticSounds, WavAudio
 from edgeagent.hal.camera.settings import ImagesCamera, OpenCVCamera, PiCamera, SyntheticCamera
 from edgeagent.hal.sensor.settings import CsvSensor, Mpu6050Sensor, SyntheticVibration
 from edgeagent.hal.settings import SourceSettings
@@ -59,8 +60,11 @@ SOURCE_BACKENDS: tuple[type[SourceSettings], ...] = (
     SyntheticVibration,
     CsvSensor,
     Mpu6050Sensor,
+    SyntheticSounds,
+    WavAudio,
+    AlsaMicrophone,
 )
-"""Every camera and sensor backend, by its settings model: the one list that the
+"""Every camera, sensor and audio backend, by its settings model: the one list that the
 `source:` union and the backend registry (edgeagent/hal/sources.py) are built from."""
 
 if TYPE_CHECKING:
@@ -106,14 +110,49 @@ class ClassificationTask(_Model):
 
 class DetectionTask(_Model):
     """`postprocess`: the four outputs of TFLite_Detection_PostProcess (boxes, classes,
-    scores, count). `raw`: one [1, N, 4 + classes] head, boxes as (cx, cy, w, h)
-    normalised to [0, 1], class scores after it; the agent runs non-maximum suppression."""
+    scores, count); `box_index` gives the positions of left, top, right and bottom in each
+    box (the op's own order, ymin xmin ymax xmax, by default). `yolov8` (also called `raw`):
+    one head of (cx, cy, w, h) then one score per class, as [1, N, 4 + C] or transposed
+    [1, 4 + C, N] (YOLOv8/v11). `yolov5`: [1, N, 5 + C] with an objectness score after the
+    box. Box coordinates are normalised to the model input or, with `coordinates: pixels`,
+    in input pixels (`auto` tells them apart by their size); the agent runs class-wise
+    non-maximum suppression on YOLO heads. `auto` picks postprocess for four outputs and
+    a YOLO layout for one."""
 
     type: Literal["detection"] = "detection"
-    layout: Literal["auto", "postprocess", "raw"] = "auto"
+    layout: Literal["auto", "postprocess", "raw", "yolov8", "yolov5"] = "auto"
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     iou_threshold: float = Field(default=0.45, gt=0.0, le=1.0)
     max_detections: int = Field(default=20, ge=1)
+    coordinates: Literal["auto", "normalized", "pixels"] = "auto"
+    box_index: tuple[int, int, int, int] = (1, 0, 3, 2)
+
+    @field_validator("box_index")
+    @classmethod
+    def _permutation(cls, value: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        if sorted(value) != [0, 1, 2, 3]:
+            raise ValueError("must hold the positions 0, 1, 2 and 3, each once")
+        return value
+
+
+class PoseTask(_Model):
+    """MoveNet: one [1, 1, 17, 3] pose (SinglePose) or [1, K, 56] poses (MultiPose), each
+    keypoint (y, x, score) normalised to the model input, in COCO order. A pose is reported
+    when its score (MultiPose's own, SinglePose's mean keypoint score) is >= `threshold`."""
+
+    type: Literal["pose"] = "pose"
+    threshold: float = Field(default=0.2, ge=0.0, le=1.0)
+    max_poses: int = Field(default=6, ge=1)
+
+
+class SegmentationTask(_Model):
+    """One [1, H, W, C] output: C class scores per pixel (argmax), or C = 1 foreground
+    probability (or logit) compared with `threshold`. The result is each class's fraction
+    of the source image; the mask itself is kept for the snapshot, never published."""
+
+    type: Literal["segmentation"] = "segmentation"
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    min_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 class AnomalyTask(_Model):
@@ -130,9 +169,8 @@ class RawTask(_Model):
     type: Literal["raw"] = "raw"
 
 
-Task = Annotated[
-    ClassificationTask | DetectionTask | AnomalyTask | RawTask, Field(discriminator="type")
-]
+AnyTask = ClassificationTask | DetectionTask | PoseTask | SegmentationTask | AnomalyTask | RawTask
+Task = Annotated[AnyTask, Field(discriminator="type")]
 
 
 AcceleratorName = Literal["auto", "edgetpu", "gpu", "cpu"]
@@ -298,7 +336,7 @@ class CommandsConfig(_Model):
     dedup_ttl_s: float = Field(default=3600.0, gt=0)
     # Bytes of recorded replies (and ids) the repeat-id cache may hold (mqtt/commands.py).
     dedup_max_bytes: int = Field(default=1024 * 1024, ge=16 * 1024, le=1024 * 1024 * 1024)
-    # Folders under which a file path set by `config.set` (an images or csv source's
+    # Folders under which a file path set by `config.set` (an images, csv or wav source's
     # `path`, an opencv `uri` that is a file, a pipeline's `model`) or `bench`'s `model`
     # must resolve, symlinks followed. Empty: remote commands may name no file at all.
     remote_paths: tuple[Path, ...] = ()

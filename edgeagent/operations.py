@@ -28,13 +28,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from edgeagent import __version__
 from edgeagent.config import AgentConfig, PipelineConfig, validate_config_data
 from edgeagent.errors import ConfigError, EdgeAgentError
+from edgeagent.hal.audio.settings import WavAudio
 from edgeagent.hal.camera.settings import ImagesCamera, OpenCVCamera
 from edgeagent.hal.sensor.settings import CsvSensor
 from edgeagent.inference.benchmark import measure
 from edgeagent.models.catalog import bundled_dir
 from edgeagent.mqtt.commands import BinaryResult, CommandRouter, Progress, Request
 from edgeagent.names import SAFE_NAME
-from edgeagent.snapshot import render_snapshot
+from edgeagent.snapshot import render_mask, render_snapshot
 
 if TYPE_CHECKING:
     from edgeagent.service import Agent
@@ -104,6 +105,7 @@ class BenchArgs(_Args):
 class SnapshotArgs(_Args):
     pipeline: str = Field(min_length=1, max_length=64)
     quality: int = Field(default=80, ge=10, le=95)
+    mask: bool = False  # segmentation: the class map as a PNG instead of the JPEG
 
 
 def parse_args(schema: type[A], args: dict[str, Any], command: str) -> A:
@@ -264,7 +266,7 @@ def _pipeline_files(
     source = pipeline.source
     if isinstance(source, ImagesCamera):
         yield "source.path", source.path, lambda: _images_refusal(source.path, roots)
-    elif isinstance(source, CsvSensor):
+    elif isinstance(source, CsvSensor | WavAudio):
         yield "source.path", source.path, lambda: _file_refusal(source.path, roots)
     elif isinstance(source, OpenCVCamera):
         yield "source.uri", source.uri, lambda: _opencv_refusal(source.uri, roots)
@@ -499,6 +501,17 @@ class Operations:
         if pipeline is None or pipeline.last is None:
             raise EdgeAgentError(f"pipeline {args.pipeline!r} has no result to show yet")
         sample, result = pipeline.last
+        if args.mask:
+            mask = pipeline.last_mask
+            if mask is None:
+                raise EdgeAgentError(
+                    f"pipeline {args.pipeline!r} has no mask: only segmentation models give one"
+                )
+            return BinaryResult(
+                render_mask(mask),
+                "image/png",
+                meta={"pipeline": args.pipeline, "captured_at": sample.captured_at},
+            )
         jpeg = render_snapshot(sample.data, result, quality=args.quality)
         return BinaryResult(
             jpeg,

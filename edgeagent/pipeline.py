@@ -256,6 +256,8 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._sequence = sequence if sequence is not None else ResultSequence()
         self.last: tuple[Sample, dict[str, Any]] | None = None  # for snapshots
+        # A segmentation model's class map of that sample (the `snapshot` mask), else None.
+        self.last_mask: np.ndarray | None = None
 
     @property
     def model(self) -> ModelDescription | None:
@@ -597,6 +599,7 @@ class Pipeline:
         if sample.truth is not None:
             payload["truth"] = sample.truth
         self.last = (sample, result)
+        self.last_mask = getattr(runner.decode, "last_mask", None)
         self.stats.results_out += 1
         self.stats.last_result_at = time.time()
         self.stats.frames_dropped = self._slot.replaced

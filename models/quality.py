@@ -19,6 +19,7 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
+from edgeagent.hal.audio.sounds import SOUNDS, SoundGenerator
 from edgeagent.hal.camera.synthetic import LABELS as SHAPE_LABELS
 from edgeagent.hal.camera.synthetic import ShapeScene
 from edgeagent.hal.sensor.synthetic_vibration import FAULTS, VibrationGenerator
@@ -328,3 +329,22 @@ def vibration_set(
 
 def roc_auc(scores: npt.NDArray[Any], is_fault: npt.NDArray[Any]) -> float:
     return float(roc_auc_score(is_fault, scores))
+
+
+SOUND_RATE = 8000
+SOUND_WINDOW = 8000  # one second
+
+
+def sound_set(
+    seeds: Iterable[int], clips_per_class: int
+) -> tuple[FloatArray, npt.NDArray[np.int64]]:
+    """Clips [n, SOUND_WINDOW, 1] of every class in SOUNDS from one generator per seed, and
+    their class indices."""
+    data, labels = [], []
+    for seed in seeds:
+        generator = SoundGenerator(SOUND_RATE, seed)
+        for _ in range(clips_per_class):
+            for index, label in enumerate(SOUNDS):
+                data.append(generator.clip(label, SOUND_WINDOW)[:, None])
+                labels.append(index)
+    return np.stack(data), np.array(labels, dtype=np.int64)

@@ -3,6 +3,7 @@
 `Mosquitto` runs one broker process with a generated config (anonymous, password file or
 TLS listener) and can be stopped and started again on the same port for outage tests.
 `MqttReader` subscribes with its own paho client and lets a test wait for messages.
+`Dashboard` plays the fleet: sends commands to a device and collects the replies.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -17,6 +19,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +36,7 @@ from paho.mqtt.properties import Properties
 from edgeagent.config import MqttConfig, TlsConfig
 from edgeagent.mqtt.broker import LOOPBACK, find_mosquitto, free_port
 from edgeagent.mqtt.client import make_client
+from tests.waiting import wait_until
 
 __all__ = ["LOOPBACK", "find_mosquitto", "free_port"]  # re-exported for the tests
 
@@ -508,3 +512,88 @@ def publish_once(
         )
     finally:
         publisher.close()
+
+
+class Dashboard:
+    """A fleet dashboard: sends commands, collects replies by request id."""
+
+    def __init__(self, broker: Mosquitto, protocol: str, root: str = "edgeagent/cp") -> None:
+        self.protocol = protocol
+        self.root = root  # the device's topic root: <prefix>/<device id>
+        self.response_topic = f"dashboard/{uuid.uuid4().hex[:8]}/replies"
+        self._cond = threading.Condition()
+        self.replies: list[Received] = []
+        # `X/#` matches X itself too: one filter each, or replies arrive twice.
+        filters = [(f"{self.root}/reply/#", 1), (f"{self.response_topic}/#", 1)]
+        self._client = subscriber(
+            broker,
+            filters,
+            self._on_message,
+            client_id=f"dashboard-{uuid.uuid4().hex[:8]}",
+            protocol=protocol,
+        )
+
+    def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        props = {}
+        if getattr(message, "properties", None) is not None and hasattr(
+            message.properties, "CorrelationData"
+        ):
+            props["CorrelationData"] = message.properties.CorrelationData
+        with self._cond:
+            self.replies.append(
+                Received(message.topic, bytes(message.payload), message.qos, message.retain, props)
+            )
+            self._cond.notify_all()
+
+    def send(
+        self,
+        name: str,
+        args: dict[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+        raw: bytes | None = None,
+    ) -> str:
+        request_id = request_id or uuid.uuid4().hex
+        payload = (
+            raw if raw is not None else json.dumps({"id": request_id, "args": args or {}}).encode()
+        )
+        properties = None
+        if self.protocol == "5":
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.ResponseTopic = self.response_topic
+            properties.CorrelationData = request_id.encode()
+        self._client.publish(f"{self.root}/cmd/{name}", payload, qos=1, properties=properties)
+        return request_id
+
+    def json_replies(self, request_id: str | None) -> list[dict[str, Any]]:
+        out = []
+        with self._cond:
+            messages = list(self.replies)
+        for message in messages:
+            try:
+                body = json.loads(message.payload)
+            except ValueError:
+                continue
+            if isinstance(body, dict) and body.get("id") == request_id and "stage" in body:
+                out.append(body)
+        return out
+
+    def terminal_replies(self, request_id: str | None) -> list[dict[str, Any]]:
+        return [r for r in self.json_replies(request_id) if r["stage"] in ("succeeded", "failed")]
+
+    def wait_terminal(self, request_id: str | None, timeout: float = 60) -> dict[str, Any]:
+        terminal = wait_until(
+            lambda: self.terminal_replies(request_id),
+            timeout,
+            lambda: f"a terminal reply to {request_id}; got {self.json_replies(request_id)}",
+        )
+        return terminal[0]
+
+    def call(
+        self, name: str, args: dict[str, Any] | None = None, timeout: float = 60
+    ) -> dict[str, Any]:
+        return self.wait_terminal(self.send(name, args), timeout)
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()

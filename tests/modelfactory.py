@@ -1,6 +1,7 @@
 """Builds tiny, real .tflite models with the schema object API (no TensorFlow needed).
 
-Each builder returns the model's bytes; `save` writes them where a test wants them.
+Each builder returns the model's bytes; `save` writes them where a test wants them; `run`
+puts one image through a saved model as a pipeline would.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Any
 import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as s
+
+from edgeagent.inference import Engine, make_decoder, make_preprocessor
+from edgeagent.models.catalog import ModelDescription, describe_model
 
 _TYPES = {
     "float32": s.TensorType.FLOAT32,
@@ -255,3 +259,221 @@ def _fc_options() -> tuple[int, Any]:
 
 def _add_options() -> tuple[int, Any]:
     return s.BuiltinOptions.AddOptions, s.AddOptionsT()
+
+
+# --- TFLite Metadata and packed files -------------------------------------------------------
+# Written by field slot from the published metadata_schema.fbs (a union takes two slots).
+
+
+@dataclass
+class TensorMeta:
+    """One TensorMetadata: what the metadata writers of tflite-support put on a tensor."""
+
+    name: str = ""
+    content: str = ""  # "", "feature", "image", "bounding_box"
+    color_space: int = 0  # ImageProperties: 1 RGB, 2 GRAYSCALE
+    box_index: Sequence[int] = ()
+    box_type: int = 1  # BOUNDARIES
+    box_pixels: bool = False
+    mean: Sequence[float] = ()
+    std: Sequence[float] = ()
+    score_threshold: float | None = None
+    files: Sequence[tuple[str, int]] = ()  # (name, AssociatedFileType)
+
+
+def metadata_buffer(
+    inputs: Sequence[TensorMeta] = (),
+    outputs: Sequence[TensorMeta] = (),
+    *,
+    model_files: Sequence[tuple[str, int]] = (),
+    name: str = "",
+    description: str = "",
+) -> bytes:
+    """A ModelMetadata flatbuffer ("M001") with one subgraph."""
+    b = flatbuffers.Builder(1024)
+
+    def vector(items: list[int]) -> int:
+        b.StartVector(4, len(items), 4)
+        for item in reversed(items):
+            b.PrependUOffsetTRelative(item)
+        return int(b.EndVector())
+
+    def numbers(values: Sequence[float], prepend: Any) -> int:
+        b.StartVector(4, len(values), 4)
+        for v in reversed(list(values)):
+            prepend(v)
+        return int(b.EndVector())
+
+    def files(entries: Sequence[tuple[str, int]]) -> int:
+        made = []
+        for file_name, kind in entries:
+            n = b.CreateString(file_name)
+            b.StartObject(5)  # AssociatedFile: name, description, type, locale, version
+            b.PrependUOffsetTRelativeSlot(0, n, 0)
+            b.PrependInt8Slot(2, kind, 0)
+            made.append(int(b.EndObject()))
+        return vector(made)
+
+    def tensor(meta: TensorMeta) -> int:
+        name_off = b.CreateString(meta.name) if meta.name else 0
+        content = 0
+        if meta.content:
+            kind = {"feature": 1, "image": 2, "bounding_box": 3}[meta.content]
+            if meta.content == "image":
+                b.StartObject(2)  # ImageProperties: color_space, default_size
+                b.PrependInt8Slot(0, meta.color_space, 0)
+                props = b.EndObject()
+            elif meta.content == "bounding_box":
+                index = numbers(meta.box_index, b.PrependUint32) if meta.box_index else 0
+                b.StartObject(3)  # BoundingBoxProperties: index, type, coordinate_type
+                if index:
+                    b.PrependUOffsetTRelativeSlot(0, index, 0)
+                b.PrependInt8Slot(1, meta.box_type, 0)
+                b.PrependInt8Slot(2, 1 if meta.box_pixels else 0, 0)
+                props = b.EndObject()
+            else:
+                b.StartObject(0)
+                props = b.EndObject()
+            b.StartObject(3)  # Content: content_properties_type, content_properties, range
+            b.PrependUint8Slot(0, kind, 0)
+            b.PrependUOffsetTRelativeSlot(1, props, 0)
+            content = b.EndObject()
+        units = []
+        if meta.mean:
+            mean = numbers(meta.mean, b.PrependFloat32)
+            std = numbers(meta.std, b.PrependFloat32)
+            b.StartObject(2)  # NormalizationOptions: mean, std
+            b.PrependUOffsetTRelativeSlot(0, mean, 0)
+            b.PrependUOffsetTRelativeSlot(1, std, 0)
+            options = b.EndObject()
+            b.StartObject(2)  # ProcessUnit: options_type, options
+            b.PrependUint8Slot(0, 1, 0)
+            b.PrependUOffsetTRelativeSlot(1, options, 0)
+            units.append(b.EndObject())
+        if meta.score_threshold is not None:
+            b.StartObject(1)  # ScoreThresholdingOptions: global_score_threshold
+            b.PrependFloat32Slot(0, meta.score_threshold, 0.0)
+            options = b.EndObject()
+            b.StartObject(2)
+            b.PrependUint8Slot(0, 3, 0)
+            b.PrependUOffsetTRelativeSlot(1, options, 0)
+            units.append(b.EndObject())
+        unit_vector = vector(units) if units else 0
+        file_vector = files(meta.files) if meta.files else 0
+        b.StartObject(7)  # TensorMetadata
+        if name_off:
+            b.PrependUOffsetTRelativeSlot(0, name_off, 0)
+        if content:
+            b.PrependUOffsetTRelativeSlot(3, content, 0)
+        if unit_vector:
+            b.PrependUOffsetTRelativeSlot(4, unit_vector, 0)
+        if file_vector:
+            b.PrependUOffsetTRelativeSlot(6, file_vector, 0)
+        return int(b.EndObject())
+
+    ins = vector([tensor(m) for m in inputs])
+    outs = vector([tensor(m) for m in outputs])
+    b.StartObject(10)  # SubGraphMetadata: input_tensor_metadata 2, output_tensor_metadata 3
+    b.PrependUOffsetTRelativeSlot(2, ins, 0)
+    b.PrependUOffsetTRelativeSlot(3, outs, 0)
+    subgraph = b.EndObject()
+    subgraphs = vector([subgraph])
+    model_file_vector = files(model_files) if model_files else 0
+    name_off = b.CreateString(name)
+    description_off = b.CreateString(description)
+    b.StartObject(8)  # ModelMetadata
+    b.PrependUOffsetTRelativeSlot(0, name_off, 0)
+    b.PrependUOffsetTRelativeSlot(1, description_off, 0)
+    b.PrependUOffsetTRelativeSlot(3, subgraphs, 0)
+    if model_file_vector:
+        b.PrependUOffsetTRelativeSlot(6, model_file_vector, 0)
+    b.Finish(b.EndObject(), file_identifier=b"M001")
+    return bytes(b.Output())
+
+
+def with_metadata(model: bytes, metadata: bytes | None, packed: dict[str, str]) -> bytes:
+    """`model` with `metadata` as its TFLITE_METADATA buffer (when given) and `packed` files
+    in a ZIP appended to it, as the metadata writer (or an Ultralytics export) leaves it."""
+    if metadata is not None:
+        parsed = s.ModelT.InitFromPackedBuf(model, 0)
+        buf = s.BufferT()
+        buf.data = list(metadata)
+        parsed.buffers.append(buf)
+        entry = s.MetadataT()
+        entry.name, entry.buffer = "TFLITE_METADATA", len(parsed.buffers) - 1
+        parsed.metadata = [*(parsed.metadata or []), entry]
+        builder = flatbuffers.Builder(1024)
+        builder.Finish(parsed.Pack(builder), file_identifier=b"TFL3")
+        model = bytes(builder.Output())
+    if not packed:
+        return model
+    out = io.BytesIO(model)
+    with zipfile.ZipFile(out, "a") as archive:
+        for name, text in packed.items():
+            archive.writestr(name, text)
+    return out.getvalue()
+
+
+def image_fc(
+    weights: np.ndarray,
+    input_dtype: str = "float32",
+    *,
+    input_q: tuple[float, int] = (1 / 255, 0),
+) -> bytes:
+    """Outputs [1, K] = weights (K, H, W, C) . image: a linear read of the pixels, so that
+    a test knows the output of any input. A uint8 or int8 input is quantised with
+    `input_q` (scale, zero point) and de-quantised first."""
+    g = Graph()
+    k = weights.shape[0]
+    shape = [1, *weights.shape[1:]]
+    n_in = int(np.prod(shape))
+    if input_dtype in ("uint8", "int8"):
+        x = g.tensor("image", shape, input_dtype, scale=input_q[0], zero_point=input_q[1])
+        xf = g.tensor("image_float", shape)
+        g.op(s.BuiltinOperator.DEQUANTIZE, [x], [xf])
+    else:
+        x = xf = g.tensor("image", shape)
+    w = g.tensor("w", [k, n_in], data=np.asarray(weights, np.float32).reshape(k, n_in))
+    bias = g.tensor("b", [k], data=np.zeros(k, np.float32))
+    y = g.tensor("scores", [1, k])
+    g.op(s.BuiltinOperator.FULLY_CONNECTED, [xf, w, bias], [y], _fc_options())
+    return g.build([x], [y])
+
+
+def quantized_head(
+    values: np.ndarray, scale: float, zero_point: int, input_shape: Sequence[int]
+) -> bytes:
+    """Like `constant_head` with one output, but the output is int8, quantised by LiteRT's
+    own QUANTIZE with (scale, zero point)."""
+    g = Graph()
+    arr = np.asarray(values, np.float32)
+    n_in = int(np.prod(input_shape))
+    x = g.tensor("image", input_shape)
+    w = g.tensor("w", [arr.size, n_in], data=np.zeros((arr.size, n_in), np.float32))
+    b = g.tensor("b", [arr.size], data=arr.reshape(-1))
+    fc = g.tensor("fc", [1, arr.size])
+    g.op(s.BuiltinOperator.FULLY_CONNECTED, [x, w, b], [fc], _fc_options())
+    new_shape = g.tensor("shape", [arr.ndim], "int32", data=np.asarray(arr.shape, np.int32))
+    shaped = g.tensor("shaped", list(arr.shape))
+    g.op(s.BuiltinOperator.RESHAPE, [fc, new_shape], [shaped])
+    y = g.tensor("head", list(arr.shape), "int8", scale=scale, zero_point=zero_point)
+    g.op(s.BuiltinOperator.QUANTIZE, [shaped], [y])
+    return g.build([x], [y])
+
+
+# --- running a built model --------------------------------------------------------------
+
+
+def run(path: Path, image: np.ndarray, **overrides: Any) -> tuple[ModelDescription, dict[str, Any]]:
+    """What a pipeline does with `path` and one frame: describe, load, prepare, decode."""
+    description = describe_model(str(path), **overrides)
+    engine = Engine.load(description.path, accelerator="cpu")
+    try:
+        prepare = make_preprocessor(description.preprocess, engine.inputs[0], "image")
+        decode = make_decoder(
+            description.task, engine.outputs, description.labels, inputs=engine.inputs
+        )
+        prepared = prepare(image)
+        return description, decode(engine.invoke([prepared.tensor]), prepared)
+    finally:
+        engine.close()

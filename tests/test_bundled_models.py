@@ -18,7 +18,7 @@ from edgeagent.models.manifest import load_manifest
 MODELS = Path(__file__).resolve().parents[1] / "models"
 BUNDLED = MODELS / "bundled"
 ALL_MODELS = sorted([*BUNDLED.glob("*.tflite"), *(MODELS / "bench").glob("*.tflite")])
-EXPECTED = {"digits-classifier", "shapes-detector", "vibration-anomaly"}
+EXPECTED = {"digits-classifier", "shapes-detector", "vibration-anomaly", "sound-classifier"}
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +185,15 @@ def test_vibration_auc_on_fresh_machines(quality: ModuleType) -> None:
     flagged = scores >= manifest.task.threshold
     assert flagged[labels > 0].mean() > 0.8
     assert flagged[labels == 0].mean() < 0.2
+
+
+def test_sound_accuracy_on_fresh_seeds(quality: ModuleType) -> None:
+    """Clips from generator seeds used neither in training nor in the build's test set."""
+    manifest = load_manifest(BUNDLED / "sound-classifier.tflite")
+    assert manifest is not None
+    assert manifest.task.type == "classification"
+    assert manifest.labels == quality.SOUNDS
+    runner = quality.TFLiteRunner(BUNDLED / "sound-classifier.tflite")
+    clips, labels = quality.sound_set(range(90_000, 90_030), 2)
+    predicted = runner.predict(clips)[0].argmax(axis=1)
+    assert float(np.mean(predicted == labels)) >= 0.9

@@ -82,8 +82,11 @@ def test_infer_classifies_a_sample_digit() -> None:
         "fallbacks",
         "latency_ms",
         "task",
+        "inferred",
+        "sources",
         "result",
     }
+    assert report["inferred"].startswith("classification: from the manifest")
     assert report["result"]["classes"][0]["label"] == truth
     human = run("infer", "digits-classifier", str(sample))
     assert human.returncode == 0

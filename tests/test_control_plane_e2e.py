@@ -8,21 +8,16 @@ import json
 import signal
 import subprocess
 import sys
-import threading
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from edgeagent.control import ask
 from edgeagent.errors import EdgeAgentError
-from tests.broker import Mosquitto, MqttReader, Received, subscriber
+from tests.broker import Dashboard, Mosquitto, MqttReader, Received
 from tests.waiting import wait_until
 
 AGENT = [sys.executable, "-m", "edgeagent.cli.main"]
@@ -54,90 +49,6 @@ def write_config(tmp_path: Path, broker: Mosquitto, *, protocol: str = "5", fps:
     path = tmp_path / "agent.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
-
-
-class Dashboard:
-    """A fleet dashboard: sends commands, collects replies by request id."""
-
-    def __init__(self, broker: Mosquitto, protocol: str) -> None:
-        self.protocol = protocol
-        self.response_topic = f"dashboard/{uuid.uuid4().hex[:8]}/replies"
-        self._cond = threading.Condition()
-        self.replies: list[Received] = []
-        # `X/#` matches X itself too: one filter each, or replies arrive twice.
-        filters = [(f"{ROOT}/reply/#", 1), (f"{self.response_topic}/#", 1)]
-        self._client = subscriber(
-            broker,
-            filters,
-            self._on_message,
-            client_id=f"dashboard-{uuid.uuid4().hex[:8]}",
-            protocol=protocol,
-        )
-
-    def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
-        props = {}
-        if getattr(message, "properties", None) is not None and hasattr(
-            message.properties, "CorrelationData"
-        ):
-            props["CorrelationData"] = message.properties.CorrelationData
-        with self._cond:
-            self.replies.append(
-                Received(message.topic, bytes(message.payload), message.qos, message.retain, props)
-            )
-            self._cond.notify_all()
-
-    def send(
-        self,
-        name: str,
-        args: dict[str, Any] | None = None,
-        *,
-        request_id: str | None = None,
-        raw: bytes | None = None,
-    ) -> str:
-        request_id = request_id or uuid.uuid4().hex
-        payload = (
-            raw if raw is not None else json.dumps({"id": request_id, "args": args or {}}).encode()
-        )
-        properties = None
-        if self.protocol == "5":
-            properties = Properties(PacketTypes.PUBLISH)
-            properties.ResponseTopic = self.response_topic
-            properties.CorrelationData = request_id.encode()
-        self._client.publish(f"{ROOT}/cmd/{name}", payload, qos=1, properties=properties)
-        return request_id
-
-    def json_replies(self, request_id: str | None) -> list[dict[str, Any]]:
-        out = []
-        with self._cond:
-            messages = list(self.replies)
-        for message in messages:
-            try:
-                body = json.loads(message.payload)
-            except ValueError:
-                continue
-            if isinstance(body, dict) and body.get("id") == request_id and "stage" in body:
-                out.append(body)
-        return out
-
-    def terminal_replies(self, request_id: str | None) -> list[dict[str, Any]]:
-        return [r for r in self.json_replies(request_id) if r["stage"] in ("succeeded", "failed")]
-
-    def wait_terminal(self, request_id: str | None, timeout: float = 60) -> dict[str, Any]:
-        terminal = wait_until(
-            lambda: self.terminal_replies(request_id),
-            timeout,
-            lambda: f"a terminal reply to {request_id}; got {self.json_replies(request_id)}",
-        )
-        return terminal[0]
-
-    def call(
-        self, name: str, args: dict[str, Any] | None = None, timeout: float = 60
-    ) -> dict[str, Any]:
-        return self.wait_terminal(self.send(name, args), timeout)
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
 
 
 def payload(message: Received) -> dict[str, Any]:

@@ -25,10 +25,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image
 
-from edgeagent.config import ImagesCamera, PipelineConfig
+from edgeagent.config import ClassificationTask, ImagePreprocess, ImagesCamera, PipelineConfig
+from edgeagent.inference import Engine, make_decoder, make_preprocessor
 from edgeagent.models import gate, transfer
 from edgeagent.models.catalog import samples_dir
-from edgeagent.models.delivery import DeliveryConfig, ModelDelivery
+from edgeagent.models.delivery import DeliveryConfig, ModelDelivery, describe_stored
+from edgeagent.models.metadata import TENSOR_AXIS_LABELS
 from edgeagent.models.signing import (
     DeliveryManifest,
     canonical_bytes,
@@ -36,7 +38,7 @@ from edgeagent.models.signing import (
     key_id,
     sign_manifest,
 )
-from edgeagent.models.store import ModelStore
+from edgeagent.models.store import ModelStore, StoredModel
 from edgeagent.mqtt import MqttLink, Topics
 from edgeagent.pipeline import Pipeline
 from tests import modelfactory
@@ -863,3 +865,98 @@ class _NoLink:
 
     def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> object:
         raise AssertionError("not used")
+
+
+# --- what a delivered model is described as --------------------------------------------
+
+COLOURS = ("red", "green", "blue")
+
+
+def _colour_model() -> bytes:
+    """A float classifier of an 8x8 RGB frame (the mean of R, of G, of B) whose TFLite
+    metadata says mean/std 127.5 and packs its labels: what a published model carries."""
+    weights = np.zeros((3, 8, 8, 3), np.float32)
+    for channel in range(3):
+        weights[channel, :, :, channel] = 1 / 64
+    meta = modelfactory.metadata_buffer(
+        [
+            modelfactory.TensorMeta(
+                name="image", content="image", color_space=1, mean=[127.5], std=[127.5]
+            )
+        ],
+        [modelfactory.TensorMeta(name="probability", files=[("colours.txt", TENSOR_AXIS_LABELS)])],
+    )
+    return modelfactory.with_metadata(
+        modelfactory.image_fc(weights), meta, {"colours.txt": "\n".join(COLOURS) + "\n"}
+    )
+
+
+def _stored(tmp_path: Path, data: bytes, **manifest: Any) -> StoredModel:
+    """`data` installed and activated as colours 1.0.0, read back from the store's disk."""
+    store = ModelStore(tmp_path / "store", quota_bytes=1 << 24)
+    staged = tmp_path / "staged.tflite"
+    staged.write_bytes(data)
+    store.install(staged, make_manifest(data, "colours", "1.0.0", **manifest))
+    store.activate("colours", "1.0.0")
+    stored = store.active("colours")
+    assert stored is not None
+    return stored
+
+
+def _pipeline(**overrides: Any) -> PipelineConfig:
+    source = ImagesCamera(type="images", path="/nonexistent/frames")
+    return PipelineConfig(name="colours", source=source, model="colours", **overrides)
+
+
+def test_a_delivered_model_without_a_task_is_described_from_its_metadata_and_graph(
+    tmp_path: Path,
+) -> None:
+    """A delivery manifest with no task, labels or preprocess: the device reads them from
+    the model as it does for a local model with no manifest, and the real interpreter
+    classifies a red frame as red (raw pixels / 255 with no labels would not say so)."""
+    stored = _stored(tmp_path, _colour_model(), task=None, labels=(), preprocess=None)
+
+    description = describe_stored(stored, _pipeline())
+
+    assert description.task == ClassificationTask()
+    assert description.sources["task"].startswith("classification: one [1, 3] output")
+    assert description.labels == COLOURS
+    assert description.preprocess == ImagePreprocess(mean=(127.5,), std=(127.5,))
+    assert (description.name, description.version) == ("colours", "1.0.0")
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 255
+    engine = Engine.load(description.path, accelerator="cpu")
+    try:
+        prepare = make_preprocessor(description.preprocess, engine.inputs[0], "image")
+        decode = make_decoder(description.task, engine.outputs, description.labels)
+        prepared = prepare(red)
+        result = decode(engine.invoke([prepared.tensor]), prepared)
+    finally:
+        engine.close()
+    assert result["classes"][0]["label"] == "red"
+
+
+def test_a_delivered_model_follows_the_catalogs_precedence(tmp_path: Path) -> None:
+    """Pipeline config, then the delivery manifest, then metadata: the manifest's labels
+    beat the packed ones, the config's task keys beat the manifest's, and the config's
+    labels beat both."""
+    stored = _stored(
+        tmp_path,
+        _colour_model(),
+        task=ClassificationTask(top_k=2),
+        labels=("rouge", "vert", "bleu"),
+        preprocess=None,
+    )
+
+    from_manifest = describe_stored(stored, _pipeline())
+    assert from_manifest.task == ClassificationTask(top_k=2)
+    assert from_manifest.labels == ("rouge", "vert", "bleu")
+    assert from_manifest.sources["labels"] == "from the delivery manifest"
+    assert from_manifest.preprocess == ImagePreprocess(mean=(127.5,), std=(127.5,))
+
+    overridden = describe_stored(
+        stored, _pipeline(task=ClassificationTask(threshold=0.5), labels=("r", "g", "b"))
+    )
+    assert overridden.task == ClassificationTask(top_k=2, threshold=0.5)
+    assert overridden.labels == ("r", "g", "b")
+    assert overridden.sources["labels"] == "from the pipeline config"

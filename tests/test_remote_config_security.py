@@ -12,6 +12,7 @@ import socket
 import subprocess
 import time
 import uuid
+import wave
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -157,7 +158,7 @@ def test_config_set_cannot_change_local_only_keys(
 
 def _paths_layout(tmp_path: Path) -> dict[str, Path]:
     """allowed/imgs (images), allowed/link -> secret, allowed/mixed (an image and a
-    symlink to a secret one), secret/ (an image and a model), outside the root."""
+    symlink to a secret one), secret/ (an image, a model and a WAV file), outside the root."""
     allowed, secret = tmp_path / "allowed", tmp_path / "secret"
     samples = sorted(samples_dir().glob("digit-*.png"))
     for folder in (allowed / "imgs", allowed / "mixed", secret):
@@ -169,6 +170,11 @@ def _paths_layout(tmp_path: Path) -> dict[str, Path]:
     (allowed / "mixed" / "leak.png").symlink_to(secret / "private.png")
     (allowed / "link").symlink_to(secret, target_is_directory=True)
     shutil.copy(bundled_dir() / "digits-classifier.tflite", secret / "model.tflite")
+    with wave.open(str(secret / "private.wav"), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(8000)
+        wav.writeframes(bytes(2 * 8000))
     return {"allowed": allowed, "secret": secret}
 
 
@@ -177,6 +183,15 @@ def _door(path: str, model: str = "digits-classifier") -> dict[str, Any]:
         "name": "door",
         "source": {"type": "images", "path": path, "fps": 5},
         "model": model,
+        "threads": 1,
+    }
+
+
+def _listener(path: str) -> dict[str, Any]:
+    return {
+        "name": "door",
+        "source": {"type": "wav", "path": path},
+        "model": "sound-classifier",
         "threads": 1,
     }
 
@@ -200,6 +215,8 @@ def test_remote_file_paths_must_resolve_under_remote_paths(
         "model via dot-dot": _door(
             str(allowed / "imgs"), model=f"{allowed}/../secret/model.tflite"
         ),
+        "wav outside": _listener(str(secret / "private.wav")),
+        "wav via dot-dot": _listener(f"{allowed}/../secret/private.wav"),
     }
     for what, door in refused.items():
         reply = fleet.call("config.set", {"config": {"pipelines": [VIBRATION, door]}})
@@ -248,12 +265,14 @@ def test_command_args_are_strictly_typed_over_mqtt_and_the_control_socket(
         assert "invalid args for 'logs'" in reply["reason"], reply
         with pytest.raises(EdgeAgentError, match="invalid args for 'logs'"):
             ask(control, "logs", {"lines": bad})
-    for name, args in {
-        "snapshot": {"pipeline": "vib", "quality": "80"},
-        "pipeline.restart": {"pipeline": 7},
-        "bench": {"pipeline": "vib", "runs": "5"},
-        "status": {"verbose": True},
-    }.items():
+    for name, args in (
+        ("snapshot", {"pipeline": "vib", "quality": "80"}),
+        ("snapshot", {"pipeline": "vib", "mask": "true"}),
+        ("snapshot", {"pipeline": "vib", "mask": 1}),
+        ("pipeline.restart", {"pipeline": 7}),
+        ("bench", {"pipeline": "vib", "runs": "5"}),
+        ("status", {"verbose": True}),
+    ):
         reply = fleet.call(name, args)
         assert reply["stage"] == "failed", (name, reply)
         assert "invalid args" in reply["reason"], reply

@@ -545,7 +545,9 @@ def test_every_registered_backend_imports_without_its_vendor_library(source_type
 
 
 def test_unknown_source_type_lists_known_ones() -> None:
-    with pytest.raises(SourceError, match=r"unknown source type 'thermal'; known: csv, images"):
+    with pytest.raises(
+        SourceError, match=r"unknown source type 'thermal'; known: alsa, csv, images"
+    ):
         source_class("thermal")
 
 

@@ -38,9 +38,11 @@ def register(commands: Any) -> None:
 class ProgressBar:
     """A one-line progress bar on a terminal; silent when stderr is not one."""
 
-    def __init__(self, total: int, label: str, stream: TextIO = sys.stderr) -> None:
-        self.total, self.label, self.stream = total, label, stream
-        self.enabled = stream.isatty()
+    def __init__(self, total: int, label: str, stream: TextIO | None = None) -> None:
+        # sys.stderr as it is now, not as it was when this module was imported.
+        self.stream = stream if stream is not None else sys.stderr
+        self.total, self.label = total, label
+        self.enabled = self.stream.isatty()
 
     def update(self, done: int) -> None:
         if self.enabled:

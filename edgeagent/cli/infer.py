@@ -1,4 +1,11 @@
-"""`edgeagent infer`: one inference on an image file or a CSV sensor window."""
+"""`edgeagent infer`: one inference on an image file or a CSV sensor window.
+
+The model is described as a pipeline describes it (config, then manifest, then metadata,
+then graph: `edgeagent.models.catalog`); the options below are the pipeline's overrides:
+`--task` replaces the task (or, given alone, `--threshold` and the like adjust the one
+inferred), `--resize/--color/--mean/--std` adjust the image preparation, `--labels` reads
+one label per line from a file. The report says what was inferred and from what
+(`inferred`, and `sources` per part)."""
 
 from __future__ import annotations
 
@@ -12,11 +19,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
+from pydantic import TypeAdapter, ValidationError
 
-from edgeagent.errors import SourceError
+from edgeagent.config import ImagePreprocess, Task, WindowPreprocess
+from edgeagent.errors import ConfigError, SourceError
+from edgeagent.hal.audio.wav import read_wav
 from edgeagent.hal.settings import SampleKind
 from edgeagent.inference import Engine, make_decoder, make_preprocessor
-from edgeagent.models.catalog import describe_model
+from edgeagent.models.catalog import ModelDescription, describe_model
+
+_TASK_OPTIONS = ("threshold", "iou_threshold", "top_k", "max_detections", "layout", "coordinates")
+_IMAGE_OPTIONS = ("resize", "color", "mean", "std")
 
 
 def register(commands: Any) -> None:
@@ -24,13 +37,39 @@ def register(commands: Any) -> None:
         "infer",
         description="Run MODEL (a bundled name or a .tflite path) once on INPUT: an image "
         "file for camera models, a CSV file (one row per sample, one column per channel, "
-        "optional header) for sensor models.",
+        "optional header) for sensor models, a WAV file (mono samples in [-1, 1]) for audio "
+        "models.",
     )
     parser.add_argument("model", help="bundled model name or path to a .tflite file")
-    parser.add_argument("input", type=Path, help="image file, or CSV for sensor models")
+    parser.add_argument(
+        "input", type=Path, help="image file, CSV for sensor models, WAV for audio models"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--accelerator", default="auto", choices=["auto", "edgetpu", "gpu", "cpu"])
     parser.add_argument("--threads", type=int, default=2)
+    overrides = parser.add_argument_group(
+        "overrides", "what a pipeline's task/preprocess/labels would set (default: inferred)"
+    )
+    overrides.add_argument(
+        "--task",
+        choices=["classification", "detection", "pose", "segmentation", "anomaly", "raw"],
+        help="the task type (default: the manifest's, else inferred from the model)",
+    )
+    overrides.add_argument("--threshold", type=float, help="score threshold of the task")
+    overrides.add_argument("--iou-threshold", type=float, help="detection NMS overlap")
+    overrides.add_argument("--top-k", type=int, help="classification: classes reported")
+    overrides.add_argument("--max-detections", type=int, help="detection: at most this many")
+    overrides.add_argument(
+        "--layout", choices=["auto", "postprocess", "raw", "yolov8", "yolov5"], help="detection"
+    )
+    overrides.add_argument(
+        "--coordinates", choices=["auto", "normalized", "pixels"], help="detection boxes"
+    )
+    overrides.add_argument("--resize", choices=["stretch", "letterbox", "crop"])
+    overrides.add_argument("--color", choices=["rgb", "bgr", "gray"])
+    overrides.add_argument("--mean", type=float, nargs="+", help="one value or one per channel")
+    overrides.add_argument("--std", type=float, nargs="+", help="one value or one per channel")
+    overrides.add_argument("--labels", type=Path, help="a text file, one label per line")
     parser.set_defaults(handler=execute)
 
 
@@ -68,14 +107,57 @@ def _numeric(row: list[str]) -> bool:
     return True
 
 
+def describe_for(args: argparse.Namespace) -> ModelDescription:
+    """The model's description with the command line's overrides (pipeline semantics)."""
+    set_task = {k: getattr(args, k) for k in _TASK_OPTIONS if getattr(args, k) is not None}
+    set_image = {k: getattr(args, k) for k in _IMAGE_OPTIONS if getattr(args, k) is not None}
+    labels = _read_labels(args.labels) if args.labels is not None else None
+    if not (args.task or set_task or set_image):
+        return describe_model(args.model, labels=labels)
+    base = describe_model(args.model)
+    task: Task | None = None
+    if args.task or set_task:
+        spec = {"type": args.task or base.task.type, **set_task}
+        try:
+            task = TypeAdapter(Task).validate_python(spec)
+        except ValidationError as exc:
+            raise ConfigError(f"the task options do not fit task {spec['type']}: {exc}") from exc
+    preprocess: ImagePreprocess | WindowPreprocess | None = None
+    if set_image:
+        try:
+            preprocess = ImagePreprocess.model_validate(set_image)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid image preprocessing options: {exc}") from exc
+    return describe_model(args.model, task=task, labels=labels, preprocess=preprocess)
+
+
+def _read_labels(path: Path) -> tuple[str, ...]:
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceError(f"cannot read labels {path}: {exc}") from exc
+    while lines and not lines[-1]:
+        lines.pop()
+    return tuple(lines)
+
+
 def execute(args: argparse.Namespace) -> int:
-    description = describe_model(args.model)
+    description = describe_for(args)
     engine = Engine.load(description.path, accelerator=args.accelerator, threads=args.threads)
     try:
-        kind: SampleKind = "window" if args.input.suffix.lower() in (".csv", ".txt") else "image"
-        data = read_csv_window(args.input) if kind == "window" else read_image(args.input)
+        suffix = args.input.suffix.lower()
+        kind: SampleKind = "window" if suffix in (".csv", ".txt", ".wav") else "image"
+        data: npt.NDArray[Any]
+        if suffix == ".wav":
+            data = read_wav(args.input)[0][:, np.newaxis]
+        elif kind == "window":
+            data = read_csv_window(args.input)
+        else:
+            data = read_image(args.input)
         preprocess = make_preprocessor(description.preprocess, engine.inputs[0], kind)
-        decode = make_decoder(description.task, engine.outputs, description.labels)
+        decode = make_decoder(
+            description.task, engine.outputs, description.labels, inputs=engine.inputs
+        )
         t0 = time.perf_counter()
         prepared = preprocess(data)
         t1 = time.perf_counter()
@@ -100,6 +182,8 @@ def execute(args: argparse.Namespace) -> int:
             "postprocess": round((t3 - t2) * 1000, 3),
         },
         "task": description.task.type,
+        "inferred": description.explain(),
+        "sources": description.sources,
         "result": result,
     }
     if args.json:
@@ -113,11 +197,16 @@ def _human(report: dict[str, Any]) -> str:
     model = report["model"]
     lines = [
         f"{model['name']} {model['version']} on {report['accelerator']} "
-        f"(invoke {report['latency_ms']['invoke']:.2f} ms)"
+        f"(invoke {report['latency_ms']['invoke']:.2f} ms)",
+        f"  {report['inferred']}",
     ]
     result = report["result"]
     if "classes" in result:
-        lines += [f"  {c['label'] or c['index']:>12}  {c['score']:.3f}" for c in result["classes"]]
+        lines += [
+            f"  {c['label'] or c['index']:>12}  "
+            + (f"{c['fraction']:.1%} of the image" if "fraction" in c else f"{c['score']:.3f}")
+            for c in result["classes"]
+        ]
         if not result["classes"]:
             lines.append("  no class above the threshold")
     elif "detections" in result:
@@ -126,6 +215,12 @@ def _human(report: dict[str, Any]) -> str:
             lines.append(f"  {d['label'] or d['index']:>12}  {d['score']:.3f}  [{box}]")
         if not result["detections"]:
             lines.append("  no detection above the threshold")
+    elif "poses" in result:
+        for pose in result["poses"]:
+            seen = [k for k in pose["keypoints"] if k["score"] >= 0.3]
+            lines.append(f"  pose {pose['score']:.3f}: {len(seen)} of 17 keypoints seen")
+        if not result["poses"]:
+            lines.append("  no pose above the threshold")
     elif "score" in result:
         verdict = "ANOMALY" if result["anomaly"] else "normal"
         lines.append(f"  score {result['score']:.4f} (threshold {result['threshold']}): {verdict}")

@@ -33,7 +33,13 @@ Broker options: --host, --port, --username, --password-file, --tls-ca, --protoco
      "edgetpu": {"compiled": bool, "quantized": bool, "first_cpu_op": str | null,
                  "summary": str},
      "full_integer": bool, "integer_io": bool,
-     "metadata_names": [str], "associated_files": [str], "labels": [str]}
+     "metadata_names": [str], "associated_files": [str], "labels": [str],
+     "inferred": {"task": {...} | null, "explain": str, "sources": {"task": str,
+                  "labels": str, "preprocess": str}, "about": str}}
+
+`inferred` is what a pipeline with no task, labels or preprocess of its own would do with
+the model (manifest, then metadata, then graph; docs/models.md) and why; `about` is the
+metadata's model name and description.
 
 `runtime.runs` is true when this LiteRT loads the model on the CPU and runs it once on
 zeros; `unsupported` names the operators it lacks (builtins as "NAME (version N)").
@@ -250,6 +256,22 @@ def inspect_report(path: Path) -> dict[str, Any]:
         "metadata_names": list(model.metadata_names),
         "associated_files": [f.name for f in model.associated_files],
         "labels": list(model.labels),
+        "inferred": _inferred(path),
+    }
+
+
+def _inferred(path: Path) -> dict[str, Any]:
+    from edgeagent.models.catalog import describe_model
+
+    try:
+        description = describe_model(str(path))
+    except EdgeAgentError as exc:
+        return {"task": None, "explain": f"cannot describe: {exc}", "sources": {}, "about": ""}
+    return {
+        "task": description.task.model_dump(mode="json"),
+        "explain": description.explain(),
+        "sources": dict(description.sources),
+        "about": description.about,
     }
 
 
@@ -281,6 +303,8 @@ def execute_inspect(args: argparse.Namespace) -> int:
 
 def _inspect_text(r: dict[str, Any]) -> str:
     lines = [f"{r['path']}: {r['size']} bytes, sha256 {r['sha256'][:16]}..."]
+    if r["inferred"]["about"]:
+        lines.append(f"model: {r['inferred']['about']}")
     for title in ("inputs", "outputs"):
         lines.append(f"{title}:")
         for t in r[title]:
@@ -328,6 +352,7 @@ def _inspect_text(r: dict[str, Any]) -> str:
         lines.append(f"labels: {shown}")
     else:
         lines.append("labels: none")
+    lines.append(f"inferred: {r['inferred']['explain']}")
     return "\n".join(lines)
 
 
@@ -458,7 +483,8 @@ def build_manifest(
         "created_at": dt.datetime.now(dt.UTC),
     }
     if spec is not None:
-        values["task"] = spec.task
+        if "task" in spec.model_fields_set:  # else the device infers it, as for a local model
+            values["task"] = spec.task
         values["labels"] = spec.labels or model.labels
         values["preprocess"] = spec.preprocess
         if spec.reference is not None and spec_dir is not None:

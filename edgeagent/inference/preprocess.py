@@ -8,8 +8,9 @@ Which model inputs fit which source (checked once, when the preprocessor is made
 - window sources need [1, L, C], [1, L, C, 1] (convolutional sensor models) or [1, N]
   (flattened, sample-major: s0c0, s0c1, ..., s1c0...). For [1, N] the channel count is the
   window's own, so that check, and the [1, L, C] channel check, happen per window.
-- the input dtype is float32, int8 or uint8; integer inputs are quantised with the tensor's
-  scale and zero point, rounded and clipped to the dtype's range.
+- the input dtype is float32, int8, uint8 or int32 (MoveNet takes int32 pixels); integer
+  inputs are quantised with the tensor's scale and zero point, rounded and clipped to the
+  dtype's range.
 - mean and std hold 1 value (used for every channel) or one per channel.
 
 Without a spec, images are stretched, kept in RGB order and divided by 255 (mean 0, std 255),
@@ -33,7 +34,7 @@ from edgeagent.config import ImagePreprocess, WindowPreprocess
 from edgeagent.errors import ModelError
 from edgeagent.inference.engine import TensorInfo
 
-_DTYPES = ("float32", "int8", "uint8")
+_DTYPES = ("float32", "int8", "uint8", "int32")
 # ITU-R BT.601 luma weights, what Pillow's convert("L") uses.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -76,8 +77,8 @@ def make_preprocessor(
     when the model's input cannot take this kind of sample (see the module docstring)."""
     if tensor.dtype not in _DTYPES:
         raise ModelError(
-            f"model input {tensor.name!r} is {tensor.dtype}; the agent prepares float32, int8 "
-            "and uint8 inputs only: convert the model with one of those input types"
+            f"model input {tensor.name!r} is {tensor.dtype}; the agent prepares float32, int8, "
+            "uint8 and int32 inputs only: convert the model with one of those input types"
         )
     if kind == "image":
         if isinstance(spec, WindowPreprocess):

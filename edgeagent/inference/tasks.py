@@ -15,11 +15,27 @@ significant digits). The result of each task:
   to the source image (letterbox and crop undone) and clipped to [0, 1].
   `postprocess` takes the four outputs of TFLite_Detection_PostProcess, told apart by shape
   (boxes [1, M, 4], count [1]) and by name (scores / classes; the op's own ":1" classes,
-  ":2" scores suffixes), in any order. `raw` takes one [1, N, 4 + C] head ([1, 4 + C, N] is
-  accepted when the labels say C): (cx, cy, w, h) normalised to the model input, then C
-  class scores (a sigmoid is applied when any value lies outside [0, 1]); each box takes
-  its best class and class-wise non-maximum suppression removes overlaps.
-  `auto` picks postprocess for four outputs and raw for one.
+  ":2" scores suffixes), in any order; `box_index` places left, top, right, bottom in each
+  box. YOLO heads (`yolov8` alias `raw`, `yolov5`) take one [1, A, B] output: one row per
+  candidate of (cx, cy, w, h), then (yolov5) an objectness score, then C class scores.
+  Which axis holds the rows: the one the labels fit (4 + C or 5 + C values on the other
+  axis), else the longer one ([1, 4 + C, N] is the transposed YOLOv8/v11 export). A
+  sigmoid is applied once, only when some score lies outside [0, 1]; yolov5 scores are
+  objectness x class score. Coordinates are normalised to the model input, or pixels of
+  it (`coordinates: pixels`, or `auto` when a box centre lies beyond 1.5). Each row takes
+  its best class and class-wise non-maximum suppression removes overlaps. `auto` picks
+  postprocess for four outputs and a YOLO layout for one (yolov5 when the labels fit
+  5 + C values, else yolov8).
+- pose: {"poses": [{"score": float, "keypoints": [{"name": str, "x": float, "y": float,
+  "score": float}, ...17, COCO order]}, ...]}, best first; MoveNet [1, 1, 17, 3] (pose
+  score: the mean keypoint score) or [1, K, 56] (51 keypoint values, a box, the pose
+  score); keypoints are (y, x, score) normalised to the model input, mapped to the source.
+- segmentation: {"classes": [{"index": int, "label": str | None, "fraction": float}, ...]}
+  largest first (ties by index), each class's share (>= `min_fraction`, > 0) of the
+  pixels that show the source image (letterbox bars left out). [1, H, W, C >= 2]: the
+  per-pixel argmax; [1, H, W, 1]: foreground where the probability (a sigmoid of it when
+  some value lies outside [0, 1]) is >= `threshold`, reported as class 0. The last class
+  map is kept (`last_mask`) for the snapshot and never published.
 - anomaly: {"score": float, "anomaly": bool, "threshold": float}; `anomaly` is
   score > threshold. `output`: the mean of the first output. `reconstruction`: the mean
   squared error between the normalised input and the first output (equal sizes).
@@ -36,14 +52,43 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from edgeagent.config import AnomalyTask, ClassificationTask, DetectionTask, RawTask
+from edgeagent.config import (
+    AnomalyTask,
+    AnyTask,
+    ClassificationTask,
+    DetectionTask,
+    PoseTask,
+    SegmentationTask,
+)
 from edgeagent.errors import ModelError
 from edgeagent.inference.engine import TensorInfo
+from edgeagent.inference.layouts import read_yolo_head
 from edgeagent.inference.preprocess import Prepared
 
 _log = logging.getLogger(__name__)
 
-AnyTask = ClassificationTask | DetectionTask | AnomalyTask | RawTask
+# MoveNet's keypoints, in the COCO order every pose result uses.
+COCO_KEYPOINTS = (
+    "nose",
+    "left_eye",
+    "right_eye",
+    "left_ear",
+    "right_ear",
+    "left_shoulder",
+    "right_shoulder",
+    "left_elbow",
+    "right_elbow",
+    "left_wrist",
+    "right_wrist",
+    "left_hip",
+    "right_hip",
+    "left_knee",
+    "right_knee",
+    "left_ankle",
+    "right_ankle",
+)
+# A box centre beyond this is in input pixels, not normalised (auto coordinates).
+_PIXEL_EVIDENCE = 1.5
 Floats = npt.NDArray[np.float32]
 
 
@@ -62,21 +107,30 @@ def make_decoder(
 ) -> Decoder:
     """The decoder of `task` for a model with these outputs. Raises ModelError when the
     outputs do not fit the task. `inputs`, when given, lets a reconstruction anomaly task
-    check the input and output sizes now rather than at the first sample."""
+    check the input and output sizes now rather than at the first sample, and gives the
+    input size that pixel coordinates are divided by."""
     if not outputs:
         raise ModelError("the model has no outputs to decode")
     if isinstance(task, ClassificationTask):
         return _Classification(task, outputs[0], labels)
     if isinstance(task, DetectionTask):
-        layout = task.layout
-        if layout == "auto":
-            layout = "postprocess" if len(outputs) == 4 else "raw"
-        if layout == "postprocess":
-            return _PostprocessDetection(task, outputs, labels)
-        return _RawDetection(task, outputs, labels)
+        if task.layout == "postprocess" or (task.layout == "auto" and len(outputs) == 4):
+            return _PostprocessDetection(task, outputs, labels, _input_size(inputs))
+        return _YoloDetection(task, outputs, labels, _input_size(inputs))
+    if isinstance(task, PoseTask):
+        return _Pose(task, outputs)
+    if isinstance(task, SegmentationTask):
+        return _Segmentation(task, outputs, labels)
     if isinstance(task, AnomalyTask):
         return _Anomaly(task, outputs[0], inputs)
     return _Raw(outputs)
+
+
+def _input_size(inputs: Sequence[TensorInfo] | None) -> tuple[int, int] | None:
+    """(width, height) of an image input [1, H, W, C], else None."""
+    if not inputs or len(inputs[0].shape) != 4:
+        return None
+    return inputs[0].shape[2], inputs[0].shape[1]
 
 
 def _label(labels: Sequence[str], index: int) -> str | None:
@@ -154,7 +208,11 @@ def _detections(
 
 class _PostprocessDetection:
     def __init__(
-        self, task: DetectionTask, outputs: Sequence[TensorInfo], labels: Sequence[str]
+        self,
+        task: DetectionTask,
+        outputs: Sequence[TensorInfo],
+        labels: Sequence[str],
+        size: tuple[int, int] | None,
     ) -> None:
         def fail(why: str) -> ModelError:
             return ModelError(
@@ -176,7 +234,9 @@ class _PostprocessDetection:
             raise fail(f"classes and scores do not both hold {detections} values")
         scores, classes, self._by_name = _scores_and_classes(outputs, pair)
         self._count, self._boxes, self._scores, self._classes = count[0], boxes[0], scores, classes
-        self._outputs, self._task, self._labels = outputs, task, labels
+        if task.coordinates == "pixels" and size is None:
+            raise fail("coordinates are pixels and the model input's size is not known")
+        self._outputs, self._task, self._labels, self._size = outputs, task, labels, size
 
     def __call__(self, outputs: list[npt.NDArray[Any]], prepared: Prepared) -> dict[str, Any]:
         def value(i: int) -> Floats:
@@ -189,8 +249,11 @@ class _PostprocessDetection:
         count = min(round(float(value(self._count).reshape(-1)[0])), len(scores))
         keep = np.flatnonzero(scores[:count] >= self._task.threshold)
         keep = keep[np.argsort(-scores[keep], kind="stable")][: self._task.max_detections]
-        # The op gives (ymin, xmin, ymax, xmax); results are (x0, y0, x1, y1).
-        xyxy = boxes[keep][:, [1, 0, 3, 2]]
+        # The op gives (ymin, xmin, ymax, xmax), unless box_index says otherwise; results
+        # are (x0, y0, x1, y1).
+        xyxy = boxes[keep][:, list(self._task.box_index)]
+        if _in_pixels(self._task.coordinates, boxes[:count], self._size):
+            xyxy = _normalise(xyxy, self._size)
         return _detections(
             _to_source(xyxy, prepared),
             scores[keep],
@@ -220,37 +283,65 @@ def _integral(values: Floats) -> bool:
     return bool(values.size) and bool(np.all(values == np.rint(values)))
 
 
-class _RawDetection:
+def _in_pixels(coordinates: str, boxes: Floats, size: tuple[int, int] | None) -> bool:
+    if coordinates != "auto":
+        return coordinates == "pixels"
+    return size is not None and boxes.size > 0 and float(np.abs(boxes).max()) > _PIXEL_EVIDENCE
+
+
+def _normalise(xyxy: Floats, size: tuple[int, int] | None) -> Floats:
+    if size is None:
+        raise ModelError(
+            "the detections are in pixels but the model input's size is not known: "
+            "set coordinates: normalized, or give the decoder the model's inputs"
+        )
+    width, height = size
+    scale = np.array([width, height, width, height], np.float32)
+    normalised: Floats = (xyxy / scale).astype(np.float32)
+    return normalised
+
+
+class _YoloDetection:
     def __init__(
-        self, task: DetectionTask, outputs: Sequence[TensorInfo], labels: Sequence[str]
+        self,
+        task: DetectionTask,
+        outputs: Sequence[TensorInfo],
+        labels: Sequence[str],
+        size: tuple[int, int] | None,
     ) -> None:
-        shape = outputs[0].shape
-        if len(outputs) != 1 or len(shape) != 3 or shape[0] != 1:
+        if len(outputs) != 1:
             raise ModelError(
-                f"detection layout raw needs one [1, N, 4 + classes] output, but the model has "
-                f"{_shape(outputs)}; use layout postprocess for TFLite_Detection_PostProcess"
+                f"detection layout {task.layout} needs one [1, N, 4 + classes] output, but the "
+                f"model has {_shape(outputs)}; use layout postprocess for "
+                "TFLite_Detection_PostProcess"
             )
-        # [1, 4 + C, N] (YOLOv8-style exports) only when the labels pin C down.
-        self._transposed = bool(labels) and shape[1] == 4 + len(labels) != shape[2]
-        if (shape[1] if self._transposed else shape[2]) < 5:
+        self._head = read_yolo_head(outputs[0].shape, task.layout, len(labels) or None)
+        if task.coordinates == "pixels" and size is None:
             raise ModelError(
-                f"detection layout raw needs 4 box values and at least one class score per "
-                f"row, but the output {outputs[0].name!r} has shape {list(shape)}"
+                "detection coordinates are pixels but the model input's size is not known"
             )
-        self._output, self._task, self._labels = outputs[0], task, labels
+        self._output, self._task, self._labels, self._size = outputs[0], task, labels, size
 
     def __call__(self, outputs: list[npt.NDArray[Any]], prepared: Prepared) -> dict[str, Any]:
         head = self._output.dequantize(outputs[0])[0]
-        if self._transposed:
+        if self._head.transposed:
             head = head.T
-        scores = head[:, 4:]
-        if np.any(scores < 0.0) or np.any(scores > 1.0):
+        first = 5 if self._head.objectness else 4
+        scores = head[:, first:]
+        if self._head.objectness:
+            both = head[:, 4:]
+            if np.any(both < 0.0) or np.any(both > 1.0):
+                both = _sigmoid(both)
+            scores = both[:, 1:] * both[:, :1]
+        elif np.any(scores < 0.0) or np.any(scores > 1.0):
             scores = _sigmoid(scores)
         classes = np.argmax(scores, axis=1)
         best = scores[np.arange(len(scores)), classes]
         candidates = np.flatnonzero(best >= self._task.threshold)
         cx, cy, w, h = (head[candidates, k] for k in range(4))
         boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+        if _in_pixels(self._task.coordinates, head[:, :2], self._size):
+            boxes = _normalise(boxes, self._size)
         keep = non_max_suppression(
             boxes,
             best[candidates],
@@ -294,6 +385,122 @@ def non_max_suppression(
         iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
         order = rest[(iou <= iou_threshold) | (classes[rest] != classes[best])]
     return np.asarray(keep, dtype=np.intp)
+
+
+def _points_to_source(xy: Floats, prepared: Prepared) -> Floats:
+    """(..., 2) points (x, y) in model coordinates -> source coordinates, clipped."""
+    t = prepared.transform
+    if t is not None:
+        xy = xy * np.array([t.scale_x, t.scale_y], np.float32) + np.array(
+            [t.offset_x, t.offset_y], np.float32
+        )
+    return np.clip(xy, 0.0, 1.0)
+
+
+class _Pose:
+    def __init__(self, task: PoseTask, outputs: Sequence[TensorInfo]) -> None:
+        shape = outputs[0].shape
+        self._single = tuple(shape) == (1, 1, 17, 3)
+        multi = len(shape) == 3 and shape[0] == 1 and shape[2] == 56
+        if not (self._single or multi):
+            raise ModelError(
+                f"pose needs MoveNet's [1, 1, 17, 3] (SinglePose) or [1, K, 56] (MultiPose) "
+                f"output, but the first output {outputs[0].name!r} has shape {list(shape)}"
+            )
+        self._task, self._output = task, outputs[0]
+
+    def __call__(self, outputs: list[npt.NDArray[Any]], prepared: Prepared) -> dict[str, Any]:
+        values = self._output.dequantize(outputs[0])
+        if self._single:
+            people = values.reshape(1, 17, 3)
+            pose_scores = people[:, :, 2].mean(axis=1)
+        else:
+            rows = values.reshape(-1, 56)
+            people = rows[:, :51].reshape(-1, 17, 3)
+            pose_scores = rows[:, 55]
+        order = np.argsort(-pose_scores, kind="stable")
+        poses = []
+        for i in order[: self._task.max_poses]:
+            if pose_scores[i] < self._task.threshold:
+                continue
+            xy = _points_to_source(people[i][:, [1, 0]], prepared)  # (y, x) -> (x, y)
+            poses.append(
+                {
+                    "score": round(float(pose_scores[i]), 4),
+                    "keypoints": [
+                        {
+                            "name": name,
+                            "x": round(float(x), 4),
+                            "y": round(float(y), 4),
+                            "score": round(float(score), 4),
+                        }
+                        for name, (x, y), score in zip(
+                            COCO_KEYPOINTS, xy, people[i][:, 2], strict=True
+                        )
+                    ],
+                }
+            )
+        return {"poses": poses}
+
+
+class _Segmentation:
+    def __init__(
+        self, task: SegmentationTask, outputs: Sequence[TensorInfo], labels: Sequence[str]
+    ) -> None:
+        shape = outputs[0].shape
+        if len(shape) != 4 or shape[0] != 1 or min(shape[1:]) < 1:
+            raise ModelError(
+                f"segmentation needs one [1, height, width, classes] output, but the first "
+                f"output {outputs[0].name!r} has shape {list(shape)}"
+            )
+        self._task, self._output, self._labels = task, outputs[0], labels
+        self.last_mask: npt.NDArray[np.uint8] | None = None  # class per pixel, source area
+
+    def __call__(self, outputs: list[npt.NDArray[Any]], prepared: Prepared) -> dict[str, Any]:
+        scores = self._output.dequantize(outputs[0])[0]
+        if scores.shape[2] == 1:
+            values = scores[:, :, 0]
+            if np.any(values < 0.0) or np.any(values > 1.0):
+                values = _sigmoid(values)
+            mask = (values >= self._task.threshold).astype(np.uint8)
+        else:
+            mask = np.argmax(scores, axis=2).astype(np.uint8)
+        mask = _source_area(mask, prepared)
+        self.last_mask = mask
+        counts = np.bincount(mask.reshape(-1), minlength=1)
+        total = max(int(mask.size), 1)
+        present = [int(c) for c in np.argsort(-counts, kind="stable") if counts[c] > 0]
+        if scores.shape[2] == 1:
+            present = [c for c in present if c == 1]
+        classes = []
+        for c in present:
+            fraction = counts[c] / total
+            if fraction < self._task.min_fraction:
+                continue
+            index = 0 if scores.shape[2] == 1 else c
+            classes.append(
+                {
+                    "index": index,
+                    "label": _label(self._labels, index),
+                    "fraction": round(float(fraction), 4),
+                }
+            )
+        return {"classes": classes}
+
+
+def _source_area(mask: npt.NDArray[np.uint8], prepared: Prepared) -> npt.NDArray[np.uint8]:
+    """The part of `mask` (model coordinates) whose pixel centres show the source image."""
+    t = prepared.transform
+    if t is None:
+        return mask
+    height, width = mask.shape
+    xs = ((np.arange(width) + 0.5) / width) * t.scale_x + t.offset_x
+    ys = ((np.arange(height) + 0.5) / height) * t.scale_y + t.offset_y
+    cols = np.flatnonzero((xs >= 0.0) & (xs <= 1.0))
+    rows = np.flatnonzero((ys >= 0.0) & (ys <= 1.0))
+    if cols.size == 0 or rows.size == 0:
+        return mask
+    return mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 
 class _Anomaly:

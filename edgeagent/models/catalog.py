@@ -1,18 +1,26 @@
 """Finds a pipeline's model and merges what is known about it into one description.
 
 A model is named either by a bundled name (`shapes-detector`) or by a path to a
-`.tflite`. Its description comes, in order of precedence, from the pipeline's config,
-the manifest beside the file, and the labels embedded in the model's TFLite metadata.
+`.tflite`. Its task, labels and preprocess come, in order of precedence, from the
+pipeline's config, the manifest beside the file, then what the model says about itself
+(its TFLite metadata, then its graph: `introspect`). A config task of the same type as
+the one below it, and a config preprocess of the same type, override only the fields they
+set (`task: {type: detection, threshold: 0.3}` keeps the inferred layout); of another
+type they replace it. `ModelDescription.sources` says where each part came from.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
-from edgeagent.config import ImagePreprocess, RawTask, Task, WindowPreprocess
+from pydantic import BaseModel
+
+from edgeagent.config import ImagePreprocess, Task, WindowPreprocess
 from edgeagent.errors import ModelError
+from edgeagent.models.introspect import infer_description
 from edgeagent.models.manifest import Manifest, load_manifest
 from edgeagent.models.tflite import read_model
 
@@ -28,6 +36,20 @@ class ModelDescription:
     labels: tuple[str, ...]
     preprocess: ImagePreprocess | WindowPreprocess | None
     manifest: Manifest | None
+    # "task", "labels", "preprocess" -> where each came from, for people.
+    sources: dict[str, str] = field(default_factory=dict)
+    about: str = ""  # the metadata's model name and description
+
+    def explain(self) -> str:
+        """One line: what the agent will do with the model and why."""
+        task = self.sources.get("task", "")
+        parts = [task if task.startswith(f"{self.task.type}:") else f"{self.task.type}: {task}"]
+        labels = self.sources.get("labels", "")
+        parts.append(f"{len(self.labels)} labels {labels}" if self.labels else "no labels")
+        if isinstance(self.preprocess, ImagePreprocess):
+            why = self.sources.get("preprocess", "")
+            parts.append(f"input {_describe_image(self.preprocess)} ({why})")
+        return "; ".join(p.rstrip(": ") for p in parts if p)
 
 
 def bundled_dir() -> Path:
@@ -64,6 +86,17 @@ def resolve_model(ref: str) -> Path:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Declared:
+    """What a manifest says about its model: None or () where it says nothing, so that
+    the model's own metadata and graph decide. `origin` names the manifest for people."""
+
+    task: Task | None
+    labels: tuple[str, ...]
+    preprocess: ImagePreprocess | WindowPreprocess | None
+    origin: str = "the manifest"
+
+
 def describe_model(
     ref: str,
     *,
@@ -71,25 +104,105 @@ def describe_model(
     labels: tuple[str, ...] | None = None,
     preprocess: ImagePreprocess | WindowPreprocess | None = None,
 ) -> ModelDescription:
-    """Resolves `ref` and merges config overrides, its manifest and its metadata labels."""
+    """Resolves `ref` and merges the config overrides, its manifest and what the model
+    says about itself (see the module docstring)."""
     path = resolve_model(ref)
     manifest = load_manifest(path)
-    if labels is None:
-        labels = manifest.labels if manifest and manifest.labels else read_model(path).labels
-    if task is None:
-        task = manifest.task if manifest else RawTask()
-    if manifest is None and isinstance(task, RawTask):
-        log.info("model %s has no manifest and no task in the config: running it as raw", path)
-    return ModelDescription(
+    declared = None
+    if manifest is not None:
+        declared = Declared(
+            manifest.task if "task" in manifest.model_fields_set else None,
+            manifest.labels,
+            manifest.preprocess,
+        )
+    return describe_file(
+        path,
+        declared,
         name=manifest.name if manifest else path.stem,
         version=manifest.version if manifest else "unversioned",
-        path=path,
+        manifest=manifest,
         task=task,
         labels=labels,
-        preprocess=preprocess
-        if preprocess is not None
-        else manifest.preprocess
-        if manifest
-        else None,
-        manifest=manifest,
+        preprocess=preprocess,
     )
+
+
+def describe_file(
+    path: Path,
+    declared: Declared | None,
+    *,
+    name: str,
+    version: str,
+    manifest: Manifest | None = None,
+    task: Task | None = None,
+    labels: tuple[str, ...] | None = None,
+    preprocess: ImagePreprocess | WindowPreprocess | None = None,
+) -> ModelDescription:
+    """The description of the model file `path`, by the one precedence every model follows
+    (bundled, local or delivered over MQTT): the pipeline config (`task`, `labels`,
+    `preprocess`), then what its manifest `declared`, then its TFLite metadata, then its
+    graph. ModelError when the file cannot be read as a TFLite model."""
+    inferred = infer_description(read_model(path))
+    sources: dict[str, str] = {}
+    said = f"from {declared.origin}" if declared is not None else ""
+
+    if declared is not None and declared.task is not None:
+        base_task, sources["task"] = declared.task, said
+    else:
+        base_task, sources["task"] = inferred.task, inferred.task_reason
+    chosen_task, sources["task"] = _override(task, base_task, sources["task"])
+
+    if labels is not None:
+        chosen_labels, sources["labels"] = labels, "from the pipeline config"
+    elif declared is not None and declared.labels:
+        chosen_labels, sources["labels"] = declared.labels, said
+    else:
+        chosen_labels, sources["labels"] = inferred.labels, inferred.labels_reason
+
+    base_pre: ImagePreprocess | WindowPreprocess | None
+    if declared is not None and declared.preprocess is not None:
+        base_pre, sources["preprocess"] = declared.preprocess, said
+    else:
+        base_pre, sources["preprocess"] = inferred.preprocess, inferred.preprocess_reason
+    if preprocess is None:
+        chosen_pre = base_pre
+    elif base_pre is not None and preprocess.type == base_pre.type:
+        chosen_pre, sources["preprocess"] = _override(preprocess, base_pre, sources["preprocess"])
+    else:
+        chosen_pre, sources["preprocess"] = preprocess, "from the pipeline config"
+
+    description = ModelDescription(
+        name=name,
+        version=version,
+        path=path,
+        task=chosen_task,
+        labels=chosen_labels,
+        preprocess=chosen_pre,
+        manifest=manifest,
+        sources=sources,
+        about=inferred.about,
+    )
+    log.info("model %s %s: %s", name, version, description.explain())
+    return description
+
+
+_Spec = TypeVar("_Spec", bound=BaseModel)
+
+
+def _override(config: _Spec | None, base: _Spec, source: str) -> tuple[_Spec, str]:
+    """`config` over `base`: only the fields it sets when both are the same type."""
+    if config is None:
+        return base, source
+    if type(config) is not type(base):
+        return config, "from the pipeline config"
+    fields = config.model_fields_set - {"type"}
+    if not fields:
+        return base, source
+    merged = type(base).model_validate({**base.model_dump(), **config.model_dump(include=fields)})
+    return merged, f"{', '.join(sorted(fields))} from the pipeline config, the rest {source}"
+
+
+def _describe_image(spec: ImagePreprocess) -> str:
+    mean = ", ".join(f"{v:g}" for v in spec.mean)
+    std = ", ".join(f"{v:g}" for v in spec.std)
+    return f"{spec.resize}, {spec.color}, mean {mean}, std {std}"

@@ -59,9 +59,9 @@ from pathlib import Path
 from typing import Any, Final, Literal, Protocol
 
 from edgeagent.config import DeliveryConfig, PipelineConfig
-from edgeagent.errors import ConfigError, EdgeAgentError, ModelError
+from edgeagent.errors import ConfigError, EdgeAgentError
 from edgeagent.hal.source import Sample
-from edgeagent.models.catalog import ModelDescription
+from edgeagent.models.catalog import Declared, ModelDescription, describe_file
 from edgeagent.models.gate import validate_model
 from edgeagent.models.signing import (
     GATE_CODES,
@@ -76,7 +76,6 @@ from edgeagent.models.signing import (
     verify_manifest,
 )
 from edgeagent.models.store import ModelStore, StoredModel
-from edgeagent.models.tflite import read_model
 from edgeagent.models.transfer import ChunkAssembler, TransferTimer, fsync_dir, write_file_durably
 from edgeagent.mqtt.payload import to_json
 from edgeagent.mqtt.topics import Topics
@@ -251,24 +250,18 @@ def open_store(config: DeliveryConfig, default_root: Path | None = None) -> Mode
 
 
 def describe_stored(stored: StoredModel, config: PipelineConfig) -> ModelDescription:
-    """A pipeline's description of an installed version: the delivery manifest's task,
-    labels and preprocess; the config's labels/preprocess only where the manifest has
-    none, then the labels in the model's metadata."""
+    """A pipeline's description of an installed version, by the catalog's one precedence
+    (`catalog.describe_file`): the pipeline config, then the delivery manifest's task,
+    labels and preprocess, then the model's TFLite metadata, then its graph."""
     m = stored.manifest
-    labels: tuple[str, ...] = m.labels or config.labels or ()
-    if not labels:
-        try:
-            labels = read_model(stored.path).labels
-        except ModelError as exc:
-            _log.warning("no labels for %s %s: %s", m.name, m.version, exc)
-    return ModelDescription(
+    return describe_file(
+        stored.path,
+        Declared(m.task, m.labels, m.preprocess, origin="the delivery manifest"),
         name=m.name,
         version=m.version,
-        path=stored.path,
-        task=m.task,
-        labels=labels,
-        preprocess=m.preprocess if m.preprocess is not None else config.preprocess,
-        manifest=None,
+        task=config.task,
+        labels=config.labels,
+        preprocess=config.preprocess,
     )
 
 

@@ -298,7 +298,7 @@ def _detection_count(engine: Any, manifest: DeliveryManifest, outputs: list[Any]
     infos = engine.outputs
     if not isinstance(task, DetectionTask) or len(infos) != 4:
         return None
-    if task.layout == "raw" or len(infos[0].shape) < 2:
+    if task.layout not in ("auto", "postprocess") or len(infos[0].shape) < 2:
         return None
     counts = [i for i, info in enumerate(infos) if int(np.prod(info.shape)) == 1]
     if len(counts) != 1:

@@ -70,7 +70,7 @@ from pydantic import (
 )
 
 from edgeagent import __version__ as AGENT_VERSION  # noqa: N812 - a constant, named as one
-from edgeagent.config import Preprocess, RawTask, Task
+from edgeagent.config import Preprocess, Task
 from edgeagent.errors import ConfigError, EdgeAgentError
 from edgeagent.names import SAFE_NAME
 
@@ -301,7 +301,8 @@ class DeliveryManifest(_Frozen):
     size: int = Field(gt=0)
     chunk_size: int = Field(gt=0, le=MAX_CHUNK_SIZE)
     chunks: int = Field(gt=0)
-    task: Task = Field(default_factory=RawTask)
+    # None: the model says (its TFLite metadata, then its graph), as for a local model.
+    task: Task | None = None
     labels: tuple[str, ...] = ()
     preprocess: Preprocess | None = None
     min_agent_version: str = Field(default="0", pattern=r"^\d+(\.\d+)*$")

@@ -2,14 +2,23 @@
 
 The model flatbuffer is parsed with the schema module that ships with ai-edge-litert. Label
 files follow the TFLite Metadata convention: the `TFLITE_METADATA` buffer holds a
-`ModelMetadata` flatbuffer (tensorflow/tflite-support,
-tensorflow_lite_support/metadata/metadata_schema.fbs) that names the associated files, and
-the files themselves are a ZIP archive appended to the model.
+`ModelMetadata` flatbuffer (read by `edgeagent.models.metadata`) that names the associated
+files, and the files themselves are a ZIP archive appended to the model.
+
+Which packed file gives the labels, first match wins: the first output's
+TENSOR_AXIS_LABELS file; a TENSOR_VALUE_LABELS file of any output (the category output of
+a detector); any output's TENSOR_AXIS_LABELS file; the one `*label*.txt` in the archive;
+the class names of an Ultralytics export. Ultralytics packs its export metadata (task,
+class names, image size) as `metadata.json`, or, in older exports, as a Python dict literal
+in a text file that the metadata calls the output's labels; either is read as
+`ExportMetadata`, never as a list of labels.
 """
 
 from __future__ import annotations
 
+import ast
 import io
+import json
 import logging
 import struct
 import zipfile
@@ -19,29 +28,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import flatbuffers  # type: ignore[import-untyped]
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from edgeagent.errors import ModelError
+from edgeagent.models.metadata import (
+    TENSOR_AXIS_LABELS,
+    TENSOR_VALUE_LABELS,
+    AssociatedFile,
+    ModelMetadata,
+    parse_metadata,
+)
 
 _log = logging.getLogger(__name__)
 
 _TFLITE_IDENTIFIER = b"TFL3"
-_METADATA_IDENTIFIER = b"M001"
 METADATA_BUFFER_NAME = "TFLITE_METADATA"
+ULTRALYTICS_FILE = "metadata.json"
+_EXPORT_TEXT_LIMIT = 1 << 20  # an export metadata file larger than this is not one
 
-# Field slots of the metadata schema tables we read (metadata_schema.fbs, schema 1.1.0;
-# a field's slot is its declaration order, and none of these tables declares a union
-# before the fields used here, which would take two slots).
-_MODEL_METADATA_SUBGRAPHS = 3  # ModelMetadata.subgraph_metadata: [SubGraphMetadata]
-_MODEL_METADATA_FILES = 6  # ModelMetadata.associated_files: [AssociatedFile]
-_SUBGRAPH_OUTPUTS = 3  # SubGraphMetadata.output_tensor_metadata: [TensorMetadata]
-_SUBGRAPH_FILES = 4  # SubGraphMetadata.associated_files: [AssociatedFile]
-_TENSOR_FILES = 6  # TensorMetadata.associated_files: [AssociatedFile]
-_FILE_NAME = 0  # AssociatedFile.name: string
-_FILE_TYPE = 2  # AssociatedFile.type: AssociatedFileType (byte)
-TENSOR_AXIS_LABELS = 2  # AssociatedFileType.TENSOR_AXIS_LABELS
+__all__ = [
+    "TENSOR_AXIS_LABELS",
+    "TENSOR_VALUE_LABELS",
+    "AssociatedFile",
+    "ExportMetadata",
+    "ModelFile",
+    "TensorDescription",
+    "parse_model",
+    "read_model",
+]
 
 # Builtin operator codes -> names ("FULLY_CONNECTED"), from the generated enum class.
 _BUILTIN_NAMES: dict[int, str] = {
@@ -70,12 +85,13 @@ class TensorDescription:
 
 
 @dataclass(frozen=True, slots=True)
-class AssociatedFile:
-    """A file the TFLite metadata attaches to the model, tensor or subgraph."""
+class ExportMetadata:
+    """What an Ultralytics export packs about itself (`metadata.json` or a dict literal)."""
 
-    name: str
-    type: int  # AssociatedFileType: 2 = TENSOR_AXIS_LABELS
-    owner: str  # "model", "subgraph" or "output:<n>"
+    file: str  # the packed file it came from
+    task: str  # "detect", "segment", "pose", "classify", "obb", or "" when not given
+    names: tuple[str, ...]  # class names by index; () when not given
+    imgsz: tuple[int, int] | None  # (height, width) the model was exported for
 
 
 @dataclass(frozen=True)
@@ -91,6 +107,9 @@ class ModelFile:
     associated_files: tuple[AssociatedFile, ...]
     packed_files: tuple[str, ...]  # names in the ZIP archive appended to the model
     labels: tuple[str, ...]  # from the packed label file; () when there is none
+    labels_source: str = ""  # where the labels came from, for people ("" when none)
+    metadata: ModelMetadata | None = None  # the TFLITE_METADATA, when it parses
+    export: ExportMetadata | None = None  # an Ultralytics export's own metadata
 
     @property
     def operator_names(self) -> frozenset[str]:
@@ -140,16 +159,17 @@ def parse_model(data: bytes, path: Path) -> ModelFile:
             "the file is corrupt; rebuild it"
         ) from exc
     metadata = {_text(m.name): m.buffer for m in model.metadata or []}
-    files: tuple[AssociatedFile, ...] = ()
+    described: ModelMetadata | None = None
     if METADATA_BUFFER_NAME in metadata:
         blob = _buffer_bytes(model, metadata[METADATA_BUFFER_NAME], data)
         try:
-            files = _associated_files(blob)
+            described = parse_metadata(blob)
         except _PARSE_ERRORS as exc:
             _log.warning(
                 "model %s: its %s is unreadable, ignoring it: %s", path, METADATA_BUFFER_NAME, exc
             )
-    packed, labels = _packed_files(data, files, path)
+    files = described.files if described is not None else ()
+    packed, labels, source, export = _packed_files(data, files, path)
     return ModelFile(
         path=path,
         size=len(data),
@@ -160,6 +180,9 @@ def parse_model(data: bytes, path: Path) -> ModelFile:
         associated_files=files,
         packed_files=packed,
         labels=labels,
+        labels_source=source,
+        metadata=described,
+        export=export,
     )
 
 
@@ -214,81 +237,102 @@ def _buffer_bytes(model: Any, index: int, data: bytes) -> bytes:
     return b""
 
 
-class _Table:
-    """Just enough of a flatbuffers table reader for the few metadata fields we need."""
-
-    def __init__(self, buf: bytes, pos: int) -> None:
-        self._tab = flatbuffers.table.Table(buf, pos)
-
-    def _offset(self, slot: int) -> int:
-        return int(self._tab.Offset(4 + 2 * slot))
-
-    def string(self, slot: int) -> str:
-        o = self._offset(slot)
-        return _text(self._tab.String(o + self._tab.Pos)) if o else ""
-
-    def byte(self, slot: int) -> int:
-        o = self._offset(slot)
-        if not o:
-            return 0
-        return int(self._tab.Get(flatbuffers.number_types.Int8Flags, o + self._tab.Pos))
-
-    def tables(self, slot: int) -> list[_Table]:
-        o = self._offset(slot)
-        if not o:
-            return []
-        start = self._tab.Vector(o)
-        return [
-            _Table(self._tab.Bytes, self._tab.Indirect(start + 4 * i))
-            for i in range(self._tab.VectorLen(o))
-        ]
-
-
-def _associated_files(blob: bytes) -> tuple[AssociatedFile, ...]:
-    if len(blob) < 8 or blob[4:8] != _METADATA_IDENTIFIER:
-        raise ValueError("the metadata buffer has no 'M001' identifier")
-    root = _Table(blob, int(flatbuffers.encode.Get(flatbuffers.packer.uoffset, blob, 0)))
-    found: list[AssociatedFile] = []
-    for subgraph in root.tables(_MODEL_METADATA_SUBGRAPHS)[:1]:
-        for n, tensor in enumerate(subgraph.tables(_SUBGRAPH_OUTPUTS)):
-            found += _files(tensor.tables(_TENSOR_FILES), f"output:{n}")
-        found += _files(subgraph.tables(_SUBGRAPH_FILES), "subgraph")
-    found += _files(root.tables(_MODEL_METADATA_FILES), "model")
-    return tuple(found)
-
-
-def _files(tables: list[_Table], owner: str) -> list[AssociatedFile]:
-    return [AssociatedFile(t.string(_FILE_NAME), t.byte(_FILE_TYPE), owner) for t in tables]
-
-
 def _packed_files(
     data: bytes, files: tuple[AssociatedFile, ...], path: Path
-) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(names in the ZIP appended to the model, labels read from it)."""
+) -> tuple[tuple[str, ...], tuple[str, ...], str, ExportMetadata | None]:
+    """(names in the ZIP appended to the model, labels, where they came from, the export
+    metadata of an Ultralytics model)."""
     if b"PK\x05\x06" not in data[-65_600:]:  # no end-of-central-directory record
-        return (), ()
+        return (), (), "", None
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             names = tuple(archive.namelist())
-            label_file = _label_file(names, files)
-            if label_file is None:
-                return names, ()
-            text = archive.read(label_file).decode("utf-8", "replace")
+            export = None
+            if ULTRALYTICS_FILE in names:
+                export = _export_metadata(ULTRALYTICS_FILE, archive.read(ULTRALYTICS_FILE))
+            for name, why in _label_candidates(names, files):
+                raw = archive.read(name)
+                found = _export_metadata(name, raw)
+                if found is not None:
+                    export = export or found
+                    continue
+                labels = _lines(raw.decode("utf-8", "replace"))
+                if labels:
+                    return names, labels, f"metadata file {name} ({why})", export
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError, ValueError) as exc:
         # RuntimeError is zipfile's "encrypted, password required".
         _log.warning("model %s: its packed files are unreadable, ignoring them: %s", path, exc)
-        return (), ()
+        return (), (), "", None
+    if export is not None and export.names:
+        return names, export.names, f"class names in {export.file} (Ultralytics export)", export
+    return names, (), "", export
+
+
+def _lines(text: str) -> tuple[str, ...]:
     lines = [line.strip() for line in text.splitlines()]
     while lines and not lines[-1]:
         lines.pop()  # a trailing newline is not a class; blank lines inside keep indices
-    return names, tuple(lines)
+    return tuple(lines)
 
 
-def _label_file(names: tuple[str, ...], files: tuple[AssociatedFile, ...]) -> str | None:
-    """The TENSOR_AXIS_LABELS file of the first output, else the one obvious label file."""
-    for f in files:
-        if f.owner == "output:0" and f.type == TENSOR_AXIS_LABELS and f.name in names:
-            return f.name
-    candidates = {f.name for f in files if f.name in names} or set(names)
-    texts = [n for n in candidates if n.lower().endswith(".txt") and "label" in n.lower()]
-    return texts[0] if len(texts) == 1 else None
+def _label_candidates(
+    names: tuple[str, ...], files: tuple[AssociatedFile, ...]
+) -> list[tuple[str, str]]:
+    """Packed files that may hold the labels, best first, each with why it was chosen."""
+    present = [f for f in files if f.name in names]
+    found: list[tuple[str, str]] = []
+
+    def add(name: str, why: str) -> None:
+        if name not in (n for n, _ in found):
+            found.append((name, why))
+
+    for f in present:
+        if f.owner == "output:0" and f.type == TENSOR_AXIS_LABELS:
+            add(f.name, "TENSOR_AXIS_LABELS of output 0")
+    for f in present:
+        if f.owner.startswith("output:") and f.type == TENSOR_VALUE_LABELS:
+            add(f.name, f"TENSOR_VALUE_LABELS of output {f.owner.partition(':')[2]}")
+    for f in present:
+        if f.owner.startswith("output:") and f.type == TENSOR_AXIS_LABELS:
+            add(f.name, f"TENSOR_AXIS_LABELS of output {f.owner.partition(':')[2]}")
+    pool = {f.name for f in present} or set(names)
+    texts = [n for n in pool if n.lower().endswith(".txt") and "label" in n.lower()]
+    if len(texts) == 1:
+        add(texts[0], "the one label file packed in the model")
+    return found
+
+
+def _export_metadata(name: str, raw: bytes) -> ExportMetadata | None:
+    """The Ultralytics export metadata in `raw` (JSON, or a Python dict literal as older
+    exports write it), or None when it is not that."""
+    text = raw.decode("utf-8", "replace").strip()
+    if not text.startswith("{") or len(text) > _EXPORT_TEXT_LIMIT:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        try:
+            value = ast.literal_eval(text)  # literals only: no code runs
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return None
+    if not isinstance(value, dict) or not ({"names", "task", "imgsz"} & set(value)):
+        return None
+    names: tuple[str, ...] = ()
+    raw_names = value.get("names")
+    if isinstance(raw_names, dict):
+        try:
+            by_index = {int(k): str(v) for k, v in raw_names.items()}
+        except (TypeError, ValueError):
+            by_index = {}
+        if by_index and min(by_index) >= 0:
+            names = tuple(by_index.get(i, "") for i in range(max(by_index) + 1))
+    elif isinstance(raw_names, list):
+        names = tuple(str(v) for v in raw_names)
+    size = value.get("imgsz")
+    imgsz: tuple[int, int] | None = None
+    if isinstance(size, list | tuple) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        imgsz = (int(size[0]), int(size[1]))
+    elif isinstance(size, int):
+        imgsz = (size, size)
+    task = value.get("task")
+    return ExportMetadata(name, task if isinstance(task, str) else "", names, imgsz)

@@ -1,0 +1,1 @@
+"""Audio sources: synthetic labelled sounds, WAV file replay, an ALSA microphone."""
