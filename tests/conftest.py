@@ -8,6 +8,8 @@
 - `agent_process(config, env=None, entry=...)`: `edgeagent run --config CONFIG` as a
   subprocess (stderr kept for the test to read); killed at teardown if the test left it
   running. `entry` replaces `-m edgeagent.cli.main`, e.g. with tests/fault_agent.py.
+- `agents(config)`: `edgeagent run` processes whose log goes to a file (tests/delivery_e2e.py's
+  `Agent`); killed at teardown.
 - `_no_leaks` (automatic): a test fails if it leaves threads or child processes behind.
 """
 
@@ -25,6 +27,7 @@ from typing import Any
 import pytest
 
 from tests.broker import Mosquitto, MosquittoFactory, MqttReader, find_mosquitto
+from tests.delivery_e2e import Agent
 
 # Threads our code and paho start are daemons, so a leaked one would not hang the run;
 # they are named so that a leak is still caught.
@@ -158,3 +161,19 @@ def agent_process() -> Iterator[Callable[..., subprocess.Popen[str]]]:
         if process.poll() is None:
             process.kill()
         process.communicate(timeout=30)
+
+
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[Callable[[Path], Agent]]:
+    started: list[Agent] = []
+
+    def start(config: Path) -> Agent:
+        agent = Agent(config, tmp_path / f"agent-{len(started)}.log")
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        if agent.process.poll() is None:
+            agent.process.kill()
+        agent.process.wait(30)

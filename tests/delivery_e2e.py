@@ -10,12 +10,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import yaml
 from ai_edge_litert import schema_py_generated as s
 
@@ -164,22 +163,6 @@ class Agent:
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> int:
         self.process.send_signal(sig)
         return self.process.wait(timeout)
-
-
-@pytest.fixture
-def agents(tmp_path: Path) -> Iterator[Callable[[Path], Agent]]:
-    started: list[Agent] = []
-
-    def start(config: Path) -> Agent:
-        agent = Agent(config, tmp_path / f"agent-{len(started)}.log")
-        started.append(agent)
-        return agent
-
-    yield start
-    for agent in started:
-        if agent.process.poll() is None:
-            agent.process.kill()
-        agent.process.wait(30)
 
 
 # --- reading what the fleet sees ---------------------------------------------------------

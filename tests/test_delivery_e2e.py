@@ -28,7 +28,6 @@ from tests.delivery_e2e import (
     TOPIC,
     VIBRATION,
     Agent,
-    agents,  # noqa: F401 (a fixture the tests below use)
     body,
     command,
     deploy,
