@@ -44,6 +44,7 @@ from edgeagent.hal.source import Sample, Source
 from edgeagent.hal.sources import open_source
 from edgeagent.inference import Decoder, Engine, Prepared, make_decoder, make_preprocessor
 from edgeagent.models.catalog import ModelDescription, describe_model
+from edgeagent.mqtt.protocol import ResultEnvelope
 from edgeagent.mqtt.telemetry import LatencyWindow
 
 log = logging.getLogger(__name__)
@@ -581,23 +582,24 @@ class Pipeline:
             "postprocess": round(postprocess_s * 1000, 3),
         }
         self.stats.window.add(latency)
-        payload: dict[str, Any] = {
-            "ts": round(time.time(), 6),
-            "captured_at": round(sample.captured_at, 6),
-            "run": self._run_id,
-            "seq": self._sequence.take(),
-            "frame": sample.sequence,
-            "pipeline": self.name,
-            "model": {"name": runner.model.name, "version": runner.model.version},
-            "accelerator": runner.engine.accelerator,
-            "latency_ms": latency,
-            # JSON has no NaN or infinity: such values become null and the result says so.
-            "result": result if finite else _finite_or_none(result),
-        }
+        envelope = ResultEnvelope(
+            captured_at=sample.captured_at,
+            run=self._run_id,
+            seq=self._sequence.take(),
+            frame=sample.sequence,
+            pipeline=self.name,
+            model=runner.model.name,
+            version=runner.model.version,
+            accelerator=runner.engine.accelerator,
+            latency_ms=latency,
+        )
+        extra: dict[str, Any] = {}
         if not finite:
-            payload["non_finite"] = True
+            extra["non_finite"] = True
         if sample.truth is not None:
-            payload["truth"] = sample.truth
+            extra["truth"] = sample.truth
+        # JSON has no NaN or infinity: such values become null and the result says so.
+        payload = envelope.to_json(result if finite else _finite_or_none(result), **extra)
         self.last = (sample, result)
         self.last_mask = getattr(runner.decode, "last_mask", None)
         self.stats.results_out += 1

@@ -38,6 +38,7 @@ from edgeagent.mqtt.commands import CommandRouter
 from edgeagent.mqtt.discovery import DiscoveryAnnouncer, discovery_messages
 from edgeagent.mqtt.outbox import Outbox, OutboxPublisher
 from edgeagent.mqtt.payload import to_json
+from edgeagent.mqtt.protocol import StatusState, event_message, status_message
 from edgeagent.mqtt.telemetry import (
     MqttSnapshot,
     PipelineSnapshot,
@@ -312,7 +313,7 @@ class Agent:
             self._on_result(handoff)
 
     def _publish_event(self, pipeline: str, kind: str, details: dict[str, Any]) -> None:
-        event = {"ts": round(time.time(), 3), "type": kind, "pipeline": pipeline, **details}
+        event = event_message(kind, pipeline, **details)
         self._publish_durably(self.topics.events, to_json(event))
         if kind.startswith("accelerator-"):
             # Off the calling (inference) thread: the status probes every accelerator.
@@ -322,34 +323,31 @@ class Agent:
 
     # --- what the agent says about itself --------------------------------------------
 
-    def _status(self, state: str) -> dict[str, Any]:
-        status: dict[str, Any] = {
-            "state": state,
-            "device": self.device_id,
-            "ts": round(time.time(), 3),
-        }
-        if state == "online":
-            status.update(
-                version=__version__,
-                run=self.run_id,
-                started_at=round(self.started_at, 3),
-                pipelines=[
-                    self.describe_pipeline(p.name)
-                    if p.name in self.pipelines
-                    else {
-                        "name": p.name,
-                        "source": p.source.type,
-                        "state": "stopped" if p.name in self.stopped else "starting",
-                    }
-                    for p in self.config.pipelines
-                    if p.enabled or p.name in self.pipelines
-                ],
-                accelerators=[
-                    {"name": p.name, "state": str(p.state), "reason": p.reason}
-                    for p in probe_accelerators()
-                ],
-            )
-        return status
+    def _status(self, state: StatusState) -> dict[str, Any]:
+        if state == "offline":
+            return status_message(state, self.device_id)
+        return status_message(
+            state,
+            self.device_id,
+            version=__version__,
+            run=self.run_id,
+            started_at=round(self.started_at, 3),
+            pipelines=[
+                self.describe_pipeline(p.name)
+                if p.name in self.pipelines
+                else {
+                    "name": p.name,
+                    "source": p.source.type,
+                    "state": "stopped" if p.name in self.stopped else "starting",
+                }
+                for p in self.config.pipelines
+                if p.enabled or p.name in self.pipelines
+            ],
+            accelerators=[
+                {"name": p.name, "state": str(p.state), "reason": p.reason}
+                for p in probe_accelerators()
+            ],
+        )
 
     def readiness_reasons(self) -> str:
         """Why no result is stored or acknowledged yet, per running pipeline (for the

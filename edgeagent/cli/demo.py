@@ -26,6 +26,7 @@ from edgeagent.config import AgentConfig, MqttConfig, parse_config
 from edgeagent.models.catalog import samples_dir
 from edgeagent.mqtt.broker import LOOPBACK, LocalBroker
 from edgeagent.mqtt.client import make_client
+from edgeagent.mqtt.topics import Topics
 from edgeagent.service import Agent
 
 DEMO_CONFIG = """
@@ -90,7 +91,7 @@ class DashboardView:
 
     def __init__(self, broker: MqttConfig, device: str) -> None:
         self.port = broker.port
-        self.root = f"{broker.prefix}/{device}"
+        self.topics = Topics(broker.prefix, device)
         self.status: dict[str, Any] = {}
         self.pipelines: dict[str, _PipelineView] = {}
         self._lock = threading.Lock()
@@ -106,19 +107,20 @@ class DashboardView:
         self._client.loop_stop()
 
     def _on_connect(self, client: mqtt.Client, *_args: Any) -> None:
-        client.subscribe(f"{self.root}/#", qos=1)
+        client.subscribe(self.topics.fleet.device_filter(self.topics.device_id), qos=1)
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
             payload = json.loads(message.payload)
         except ValueError:
             return
+        pipeline = self.topics.result_pipeline(message.topic)
         with self._lock:
-            if message.topic == f"{self.root}/status":
+            if message.topic == self.topics.status:
                 # `offline` carries no pipelines: keep showing the last ones we knew.
                 self.status = {**self.status, **payload}
-            elif message.topic.startswith(f"{self.root}/results/"):
-                view = self.pipelines.setdefault(message.topic.rsplit("/", 1)[1], _PipelineView())
+            elif pipeline is not None:
+                view = self.pipelines.setdefault(pipeline, _PipelineView())
                 view.count += 1
                 view.last = payload
                 view.arrivals.append(time.monotonic())
@@ -127,10 +129,11 @@ class DashboardView:
         with self._lock:
             status = dict(self.status)
             views = {name: (v.count, v.rate(), dict(v.last)) for name, v in self.pipelines.items()}
+        every = self.topics.fleet.device_filter(self.topics.device_id)
         lines = [
             f"edgeagent demo - device {status.get('device', '?')} is "
             f"{status.get('state', 'unknown')} (agent {status.get('version', '?')})",
-            f"watch it yourself: mosquitto_sub -h {LOOPBACK} -p {self.port} -t '{self.root}/#' -v",
+            f"watch it yourself: mosquitto_sub -h {LOOPBACK} -p {self.port} -t '{every}' -v",
             "",
         ]
         accelerators = ", ".join(

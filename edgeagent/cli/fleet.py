@@ -43,8 +43,9 @@ from typing import Any
 from edgeagent.errors import ConfigError, EdgeAgentError
 from edgeagent.models.signing import check_safe_id, check_version
 from edgeagent.mqtt.fleet import FleetConnection, add_broker_options, broker_config
+from edgeagent.mqtt.protocol import desired_payload
 from edgeagent.mqtt.rollout import Rollout, merge_desired, parse_desired
-from edgeagent.mqtt.topics import Topics
+from edgeagent.mqtt.topics import FleetTopics
 
 EXIT_NOT_CONVERGED = 1
 SETTLE_S = 0.5  # retained messages arrive right after the SUBACK; judge only after them
@@ -120,9 +121,9 @@ def _who() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def _topics(prefix: str, device: str | None = None) -> Topics:
+def _topics(prefix: str) -> FleetTopics:
     try:
-        return Topics(prefix, device or "fleet-cli")
+        return FleetTopics(prefix)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
 
@@ -141,11 +142,8 @@ def execute_deploy(args: argparse.Namespace) -> int:
         target = (check_safe_id(args.model, "name"), check_version(args.version))
     config = broker_config(args)
     try:
-        topic = (
-            _topics(config.prefix, args.device).desired
-            if args.device
-            else _topics(config.prefix).group_desired(args.group)
-        )
+        topics = _topics(config.prefix)
+        topic = topics.desired(args.device) if args.device else topics.group_desired(args.group)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     with FleetConnection(config, name="deploy") as link:
@@ -156,8 +154,9 @@ def execute_deploy(args: argparse.Namespace) -> int:
         state = merge_desired(
             existing, pipeline, target, by=_who(), allow_downgrade=args.allow_downgrade
         )
-        payload = json.dumps(state, sort_keys=True, separators=(",", ":")).encode("utf-8")
-        link.wait_acked([link.publish(topic, payload, retain=True)], stall_timeout=30.0)
+        link.wait_acked(
+            [link.publish(topic, desired_payload(state), retain=True)], stall_timeout=30.0
+        )
     if args.json:
         print(json.dumps({"topic": topic, "desired": state}, indent=2))
         return 0
@@ -165,10 +164,10 @@ def execute_deploy(args: argparse.Namespace) -> int:
     if target is None:
         print(f"{who}: pipeline {pipeline} has no desired model any more ({topic})")
     else:
-        previous = ((existing or {}).get("pipelines") or {}).get(pipeline)
+        previous = existing.pipelines.get(pipeline) if existing is not None else None
         was = ""
-        if isinstance(previous, dict) and previous.get("version"):
-            was = f" (was {previous.get('model')} {previous.get('version')})"
+        if previous is not None and previous.version:
+            was = f" (was {previous.model} {previous.version})"
         downgrade = " (downgrade allowed)" if args.allow_downgrade else ""
         print(f"{who}: pipeline {pipeline} -> {target[0]} {target[1]}{was}{downgrade} ({topic})")
     others = sorted(p for p in state["pipelines"] if p != pipeline)
@@ -178,8 +177,12 @@ def execute_deploy(args: argparse.Namespace) -> int:
 
 
 def execute_watch(args: argparse.Namespace) -> int:
+    topics = _topics(args.prefix)
     for device in args.device:
-        _topics(args.prefix, device)  # a clear error for an id that cannot be a topic level
+        try:
+            topics.device_root(device)  # a clear error for an id that cannot be a topic level
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
     timeout = args.timeout
     if timeout is None and args.until_converged:
         timeout = 300.0

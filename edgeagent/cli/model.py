@@ -93,7 +93,7 @@ from edgeagent.mqtt.fleet import (
     add_broker_options,
     broker_config,
 )
-from edgeagent.mqtt.topics import Topics
+from edgeagent.mqtt.topics import FleetTopics
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,6 @@ PUBLIC_KEY_NAME = "edgeagent-signing.pub"
 DEFAULT_CHUNK_SIZE = 64 * 1024
 # Room left under the broker's message cap for the topic, properties and MQTT header.
 MAX_CHUNK_SIZE = BROKER_MESSAGE_CAP - 1024
-FLEET_TOOL_ID = "fleet-cli"  # Topics needs a device id; fleet tools use only fleet topics
 
 
 def register(commands: Any) -> None:
@@ -540,9 +539,9 @@ def _prepared_image(model_path: Path, spec: Manifest, image: Path) -> np.ndarray
     return result
 
 
-def _topics(prefix: str) -> Topics:
+def _topics(prefix: str) -> FleetTopics:
     try:
-        return Topics(prefix, FLEET_TOOL_ID)
+        return FleetTopics(prefix)
     except ValueError as exc:
         raise ConfigError(f"--prefix: {exc}") from exc
 
@@ -620,7 +619,7 @@ def execute_publish(args: argparse.Namespace) -> int:
         "chunks": signed.chunks,
         "key_id": signed.signature.key_id,
         "manifest_topic": topics.model_manifest(name, ver),
-        "chunk_topics": topics.model_chunk(name, ver, 0)[:-1] + "<i>",
+        "chunk_topics": topics.model_chunk_pattern(name, ver),
     }
     if args.json:
         print(json.dumps(report, indent=2))

@@ -7,7 +7,8 @@ and per group (`<prefix>/group/<g>/desired`)::
                                   "allow_downgrade": false}}, "ts": ...}
 
 A pipeline's desired version is the device's entry when there is one, else the entry of
-the first group (in config order) that names the pipeline. When it differs from what the
+the first group (in config order) that names the pipeline (`mqtt.protocol` parses the
+state and merges it, the same code `fleet watch` uses). When it differs from what the
 pipeline runs, the version is activated from the store when installed (a pin or a
 rollback: no download), else pulled: the signed manifest from
 `<prefix>/models/<name>/<version>/manifest`, then the missing chunks (`.../chunk/<i>`, a
@@ -78,6 +79,17 @@ from edgeagent.models.signing import (
 from edgeagent.models.store import ModelStore, StoredModel
 from edgeagent.models.transfer import ChunkAssembler, TransferTimer, fsync_dir, write_file_durably
 from edgeagent.mqtt.payload import to_json
+from edgeagent.mqtt.protocol import (
+    DesiredEntry,
+    DesiredState,
+    DesiredStateError,
+    ReportedPipeline,
+    ReportedState,
+    effective_desired,
+    event_message,
+    failure_record,
+    reported_message,
+)
 from edgeagent.mqtt.topics import Topics
 from edgeagent.pipeline import PipelineStats, source_kind
 
@@ -106,7 +118,7 @@ DELIVERY_CODES: Final = frozenset(
 """Reason codes of this module, beside `signing.REASON_CODES` (every code may appear in
 `reported.last_failure.code` and in events)."""
 
-PipelineState = Literal["running", "probation", "failed"]
+PipelineState = ReportedState
 """What a pipeline runs, as `reported` says: `running` its version; `probation` a new
 version not yet proven; `failed`: the pipeline does not run at all (it could not start).
 A refused or rolled-back delivery shows in `last_failure`, never here."""
@@ -155,15 +167,8 @@ class DeliveryPipeline(Protocol):
     def swap(self, model: ModelDescription, timeout: float = 30.0) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """One pipeline's desired model; `error` is (code, reason) for an unusable entry;
-    `allow_downgrade` lets it go below the highest version activated here."""
-
-    model: str
-    version: str
-    error: tuple[str, str] | None = None
-    allow_downgrade: bool = False
+Target = DesiredEntry
+"""One pipeline's desired model (`mqtt.protocol.DesiredEntry`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +298,6 @@ class ModelDelivery:
         self._pipelines = pipelines  # live: pipelines started or replaced later are followed
         self._trusted = load_trusted_keys(config.trusted_keys)
         self._group_topics = {topics.group_desired(g): g for g in config.groups}
-        self._models_prefix = f"{topics.prefix}/models/"
         self._marker_dir = store.root / _MARKER_DIR
 
         # Shared with handle_message (the dispatch thread), guarded by _cond.
@@ -307,8 +311,8 @@ class ModelDelivery:
         self.dropped_chunks = 0
 
         # Owned by the worker thread.
-        self._device_desired: dict[str, Target] = {}
-        self._group_desired: dict[str, dict[str, Target]] = {}
+        self._device_desired: DesiredState | None = None
+        self._group_desired: dict[str, DesiredState | None] = {}
         self._reports: defaultdict[str, _PipelineReport] = defaultdict(_PipelineReport)
         self._failed: defaultdict[str, dict[tuple[str, str], str]] = defaultdict(dict)
         self._unknown_reported: set[str] = set()
@@ -356,7 +360,7 @@ class ModelDelivery:
         return (
             topic == self._topics.desired
             or topic in self._group_topics
-            or topic.startswith(self._models_prefix)
+            or self._topics.fleet.is_model_topic(topic)
         )
 
     def handle_message(self, topic: str, payload: bytes, properties: Mapping[str, Any]) -> None:
@@ -366,7 +370,7 @@ class ModelDelivery:
                 self._desired_raw[topic] = payload  # only the newest matters
                 self._cond.notify()
             return
-        parsed = self._parse_model_topic(topic)
+        parsed = self._topics.fleet.parse_model(topic)
         if parsed is None:
             return
         name, version, index = parsed
@@ -489,12 +493,22 @@ class ModelDelivery:
     def _on_desired(self, topic: str, payload: bytes) -> None:
         group = self._group_topics.get(topic)
         where = "device" if group is None else f"group {group}"
-        entries = self._parse_desired(payload, where)
-        if entries is None:
+        try:
+            state = DesiredState.parse(payload, where)
+        except DesiredStateError as exc:
+            why = (
+                f"it is not UTF-8 JSON ({exc.detail})"
+                if exc.problem == "not-json"
+                else 'it must be an object {"pipelines": {...}}'
+            )
+            reason = f"the {where} desired state was ignored: {why}"
+            _log.warning("%s", reason)
+            self._event("rejected", None, None, None, code="malformed-desired", reason=reason)
             return
         before = {p: self._effective(p) for p in list(self._pipelines)}
         if group is None:
-            self._device_desired = entries
+            self._device_desired = state
+            entries = state.pipelines if state is not None else {}
             unknown = sorted(set(entries) - set(self._pipelines))
             for p in unknown:
                 if p not in self._unknown_reported:
@@ -509,67 +523,16 @@ class ModelDelivery:
                     )
             self._unknown_reported = set(unknown)
         else:
-            self._group_desired[group] = entries
+            self._group_desired[group] = state
         for p, old in before.items():
             new = self._effective(p)
             if new != old:
                 self._target_changed(p, new)
 
-    def _parse_desired(self, payload: bytes, where: str) -> dict[str, Target] | None:
-        """The entries of a desired-state message ({} when cleared), or None when the whole
-        message is unusable (reported as a `rejected` event)."""
-        if not payload.strip():
-            return {}  # a retained message cleared
-        try:
-            doc = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            self._reject_desired(where, f"it is not UTF-8 JSON ({exc})")
-            return None
-        if not isinstance(doc, dict) or not isinstance(doc.get("pipelines", {}), dict):
-            self._reject_desired(where, 'it must be an object {"pipelines": {...}}')
-            return None
-        entries: dict[str, Target] = {}
-        for pipeline, entry in doc.get("pipelines", {}).items():
-            if (
-                isinstance(entry, dict)
-                and isinstance(entry.get("model"), str)
-                and isinstance(entry.get("version"), str)
-                and isinstance(entry.get("allow_downgrade", False), bool)
-            ):
-                entries[pipeline] = Target(
-                    entry["model"],
-                    entry["version"],
-                    allow_downgrade=entry.get("allow_downgrade", False),
-                )
-            else:
-                model = entry.get("model") if isinstance(entry, dict) else None
-                version = entry.get("version") if isinstance(entry, dict) else None
-                entries[pipeline] = Target(
-                    str(model) if model is not None else "",
-                    str(version) if version is not None else "",
-                    (
-                        "malformed-desired",
-                        f"the {where} desired state of pipeline {pipeline} must be "
-                        f'{{"model": "<name>", "version": "<version>"}} (and optionally '
-                        f'"allow_downgrade": true or false), got {entry!r:.200}',
-                    ),
-                )
-        return entries
-
-    def _reject_desired(self, where: str, why: str) -> None:
-        reason = f"the {where} desired state was ignored: {why}"
-        _log.warning("%s", reason)
-        self._event("rejected", None, None, None, code="malformed-desired", reason=reason)
-
     def _effective(self, pipeline: str) -> Target | None:
-        found = self._device_desired.get(pipeline)
-        if found is not None:
-            return found
-        for group in self._config.groups:
-            found = self._group_desired.get(group, {}).get(pipeline)
-            if found is not None:
-                return found
-        return None
+        groups = (self._group_desired.get(g) for g in self._config.groups)
+        found = effective_desired(self._device_desired, groups).get(pipeline)
+        return found[0] if found is not None else None
 
     def _target_changed(self, pipeline: str, target: Target | None) -> None:
         """A new desired version: earlier failures may be retried; a bad entry fails now."""
@@ -577,7 +540,11 @@ class ModelDelivery:
         if target is None:
             return
         _log.info("pipeline %s: desired model is now %s %s", pipeline, target.model, target.version)
-        error = target.error or self._check_target(pipeline, target)
+        error = (
+            ("malformed-desired", target.error)
+            if target.error is not None
+            else self._check_target(pipeline, target)
+        )
         if error is not None:
             self._fail(pipeline, target.model, target.version, error[0], error[1])
 
@@ -828,16 +795,6 @@ class ModelDelivery:
             job.assembler.discard()
         self._fail(job.pipeline, job.target.model, job.target.version, exc.code, exc.message)
 
-    def _parse_model_topic(self, topic: str) -> tuple[str, str, int | None] | None:
-        if not topic.startswith(self._models_prefix):
-            return None
-        parts = topic[len(self._models_prefix) :].split("/")
-        if len(parts) == 3 and parts[2] == "manifest":
-            return parts[0], parts[1], None
-        if len(parts) == 4 and parts[2] == "chunk" and parts[3].isdigit() and len(parts[3]) < 10:
-            return parts[0], parts[1], int(parts[3])
-        return None
-
     # --- timers: stalls and probation ----------------------------------------------------
 
     def _tick(self) -> None:
@@ -1073,12 +1030,7 @@ class ModelDelivery:
         self._failed[pipeline][(model, version)] = code
         report = self._reports[pipeline]
         report.staged = None
-        report.last_failure = {
-            "version": version,
-            "code": code,
-            "reason": reason,
-            "ts": round(time.time(), 3),
-        }
+        report.last_failure = failure_record(version, code, reason)
         self._event(event, pipeline, model, version, code=code, reason=reason)
         self._publish_reported()
 
@@ -1090,30 +1042,23 @@ class ModelDelivery:
         version: str | None,
         **extra: Any,
     ) -> None:
-        body: dict[str, Any] = {
-            "ts": round(time.time(), 3),
-            "type": kind,
-            "pipeline": pipeline,
-            "model": model,
-            "version": version,
-            **extra,
-        }
+        body = event_message(kind, pipeline, model=model, version=version, **extra)
         self._publish_event(self._topics.events, to_json(body))
 
     def _publish_reported(self) -> None:
-        pipelines: dict[str, Any] = {}
+        pipelines: dict[str, ReportedPipeline] = {}
         for name, pipeline in list(self._pipelines.items()):
             running = pipeline.model
             report = self._reports[name]
             state: PipelineState = "probation" if name in self._probation else "running"
-            pipelines[name] = {
-                "model": running.name if running is not None else pipeline.config.model,
-                "version": running.version if running is not None else None,
-                "state": state if running is not None else "failed",
-                "staged": report.staged,
-                "last_failure": report.last_failure,
-            }
-        body = {"ts": round(time.time(), 3), "pipelines": pipelines}
+            pipelines[name] = ReportedPipeline(
+                running.name if running is not None else pipeline.config.model,
+                running.version if running is not None else None,
+                state if running is not None else "failed",
+                report.staged,
+                report.last_failure,
+            )
+        body = reported_message(pipelines)
         self._link.publish(self._topics.reported, to_json(body), qos=1, retain=True)
 
     # --- the probation marker (see the module doc) ------------------------------------

@@ -58,6 +58,7 @@ from pydantic import BaseModel, ValidationError
 from edgeagent.config import BUILTIN_COMMANDS, CommandsConfig
 from edgeagent.errors import EdgeAgentError
 from edgeagent.mqtt.payload import to_json
+from edgeagent.mqtt.protocol import reply_message
 from edgeagent.mqtt.topics import Topics
 from edgeagent.names import check_name
 
@@ -757,15 +758,7 @@ class CommandRouter:
         self, request_id: str | None, command: str | None, stage: Stage, **body: Any
     ) -> bytes:
         """One reply as JSON bytes; raises TypeError/ValueError if `body` is not JSON."""
-        message: dict[str, Any] = {
-            "id": request_id,
-            "command": command,
-            "device": self._topics.device_id,
-            "stage": stage,
-            "ts": round(time.time(), 3),
-        }
-        message.update(body)
-        return to_json(message)
+        return to_json(reply_message(request_id, command, self._topics.device_id, stage, **body))
 
     def _send(self, address: ReplyAddress, payload: bytes) -> None:
         try:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from edgeagent.config import DiscoveryConfig
-from edgeagent.mqtt.topics import Topics
+from edgeagent.mqtt.topics import Topics, discovery_birth, discovery_config
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +149,14 @@ def discovery_messages(
     messages: list[Message] = []
     for object_id, entity in entities:
         config = {**entity, "unique_id": f"edgeagent_{node}_{object_id}", **common}
-        topic = f"{prefix}/sensor/{node}/{object_id}/config"
+        topic = discovery_config(prefix, node, object_id)
         messages.append((topic, json.dumps(config, separators=(",", ":")).encode()))
     return messages
 
 
 def birth_topic(config: DiscoveryConfig) -> str:
     """Where HA publishes `online` when it starts: subscribe to it (QoS 1)."""
-    return f"{config.prefix}/status"
+    return discovery_birth(config.prefix)
 
 
 def is_birth_message(config: DiscoveryConfig, topic: str, payload: bytes) -> bool:

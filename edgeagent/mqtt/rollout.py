@@ -1,19 +1,16 @@
-"""Desired model versions and how a rollout converges, from the fleet's side.
+"""How a rollout converges, seen from the fleet's side.
 
 The desired state (retained, on `<prefix>/<device>/desired` or
-`<prefix>/group/<group>/desired`) says which model version each pipeline should run:
+`<prefix>/group/<group>/desired`) says which model version each pipeline should run; its
+type, `merge_desired` (set or clear one pipeline, keep the rest) and the device-over-group
+merge live in `mqtt.protocol`, shared with the agent. `parse_desired` words what `fleet
+deploy` cannot update with the fix.
 
-    {"pipelines": {"<pipeline>": {"model": "<name>", "version": "<version>"
-                                  [, "allow_downgrade": true]}},
-     "ts": <float>, "by": "<user@host>"}
-
-`merge_desired` updates one pipeline of an existing state and keeps the others; an entry
-says `allow_downgrade` only when that deployment asked for it (a later deploy of the
-pipeline without it drops it).
 `Rollout` folds what devices publish (`status`, `reported`, `events`, `desired`, formats in
 docs/protocol.md "Model delivery") into one view per device and says whether every
 watched device runs what it should. A device's effective desired state is its group's
-(when one is watched) with its own on top, pipeline by pipeline.
+(when one is watched) with its own on top, pipeline by pipeline, as the device reads it
+(`protocol.effective_desired`).
 
 A failure counts against a rollout only when it is for the desired model version and not
 older than the desired state (a `last_failure` left from an earlier attempt at another
@@ -27,83 +24,44 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from edgeagent.errors import EdgeAgentError
+from edgeagent.mqtt.protocol import (
+    DesiredState,
+    DesiredStateError,
+    effective_desired,
+    json_number,
+    merge_desired,
+    status_online,
+)
+from edgeagent.mqtt.topics import FleetTopics
 
 PipelineStatus = Literal["converged", "waiting", "failed", "unmanaged"]
 FAILURE_EVENTS = frozenset({"rejected", "rolled-back"})
-_DEVICE_KINDS = frozenset({"status", "reported", "events", "desired"})
+_WATCHED_KINDS = ("status", "reported", "events", "desired")
 
 
-class DesiredStateError(EdgeAgentError):
-    """The retained desired state on a topic is not one this tool can update."""
-
-
-def merge_desired(
-    existing: Mapping[str, Any] | None,
-    pipeline: str,
-    target: tuple[str, str] | None,
-    *,
-    by: str,
-    ts: float | None = None,
-    allow_downgrade: bool = False,
-) -> dict[str, Any]:
-    """`existing` with `pipeline` set to (model, version) (with `"allow_downgrade": true`
-    when asked), or removed when `target` is None; other pipelines and unknown top-level
-    members are kept."""
-    state = dict(existing or {})
-    pipelines = state.get("pipelines", {})
-    if not isinstance(pipelines, dict):
-        raise DesiredStateError(
-            f"the existing desired state's 'pipelines' is a {type(pipelines).__name__}, "
-            "not an object"
-        )
-    pipelines = dict(pipelines)
-    if target is None:
-        pipelines.pop(pipeline, None)
-    else:
-        entry: dict[str, Any] = {"model": target[0], "version": target[1]}
-        if allow_downgrade:
-            entry["allow_downgrade"] = True
-        pipelines[pipeline] = entry
-    state.update(pipelines=pipelines, ts=time.time() if ts is None else ts, by=by)
-    return state
-
-
-def parse_desired(payload: bytes, topic: str) -> dict[str, Any] | None:
-    """The desired state in a retained payload; None for an empty (cleared) one."""
-    if not payload:
-        return None
+def parse_desired(payload: bytes, topic: str) -> DesiredState | None:
+    """The desired state in a retained payload; None for an empty (cleared) one.
+    DesiredStateError, saying how to fix it, when it cannot be updated."""
     try:
-        state = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise DesiredStateError(
-            f"the retained desired state on {topic} is not JSON ({exc}): replace it with "
-            "--replace, or clear it (an empty retained message)"
-        ) from exc
-    if not isinstance(state, dict):
-        raise DesiredStateError(
-            f"the retained desired state on {topic} is a JSON {type(state).__name__}, not an "
-            "object: replace it with --replace"
-        )
-    return state
-
-
-def _pipelines(state: Any) -> dict[str, dict[str, Any]]:
-    if not isinstance(state, dict) or not isinstance(state.get("pipelines"), dict):
-        return {}
-    found = {}
-    for name, entry in state["pipelines"].items():
-        if isinstance(entry, dict) and "model" in entry and "version" in entry:
-            found[str(name)] = {"model": str(entry["model"]), "version": str(entry["version"])}
-    return found
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        return DesiredState.parse(payload)
+    except DesiredStateError as exc:
+        if exc.problem == "not-json":
+            message = (
+                f"the retained desired state on {topic} is not JSON ({exc.detail}): replace it "
+                "with --replace, or clear it (an empty retained message)"
+            )
+        elif exc.problem == "not-object":
+            message = (
+                f"the retained desired state on {topic} is a JSON {exc.detail}, not an "
+                "object: replace it with --replace"
+            )
+        else:
+            message = f"the existing desired state's 'pipelines' is a {exc.detail}, not an object"
+        raise DesiredStateError(exc.problem, exc.detail, message) from exc
 
 
 @dataclass
@@ -112,7 +70,7 @@ class DeviceView:
 
     name: str
     online: bool | None = None
-    desired: dict[str, Any] | None = None  # its own retained desired state
+    desired: DesiredState | None = None  # its own retained desired state
     reported: dict[str, Any] | None = None
     events: dict[str, dict[str, Any]] = field(default_factory=dict)  # pipeline -> last event
 
@@ -151,57 +109,59 @@ class Rollout:
     """Follows the devices of one rollout (see the module doc)."""
 
     def __init__(self, prefix: str, devices: Iterable[str] = (), group: str | None = None):
-        self.prefix = prefix.rstrip("/")
+        self.topics = FleetTopics(prefix)
+        self.prefix = self.topics.prefix
         self.group = group
         self.explicit = tuple(devices)
         self.devices: dict[str, DeviceView] = {d: DeviceView(d) for d in self.explicit}
-        self.group_desired: dict[str, Any] | None = None
+        self.group_desired: DesiredState | None = None
 
     def filters(self) -> list[str]:
         """The topic filters to subscribe to."""
-        found = [f"{self.prefix}/+/{kind}" for kind in ("status", "reported", "events", "desired")]
+        found = [self.topics.every_device(kind) for kind in _WATCHED_KINDS]
         if self.group is not None:
-            found.append(f"{self.prefix}/group/{self.group}/desired")
+            found.append(self.topics.group_desired(self.group))
         return found
 
     def feed(self, topic: str, payload: bytes) -> tuple[str | None, dict[str, Any] | None]:
         """Takes one message; returns (the device it changed, or "*" for the group's
         desired state, or None when ignored; the event it carried, if any)."""
-        if not topic.startswith(self.prefix + "/"):
-            return None, None
-        levels = topic[len(self.prefix) + 1 :].split("/")
-        if self.group is not None and levels == ["group", self.group, "desired"]:
-            self.group_desired = _loads(payload)
+        group = self.topics.parse_group(topic)
+        if group is not None:
+            if (group.group, group.kind, group.rest) != (self.group, "desired", ""):
+                return None, None
+            self.group_desired = _desired(payload)
             return "*", None
-        if len(levels) != 2 or levels[1] not in _DEVICE_KINDS or levels[0] in ("group", "models"):
+        parsed = self.topics.parse_device(topic)
+        if parsed is None or parsed.kind not in _WATCHED_KINDS or parsed.rest:
             return None, None
-        name, kind = levels
+        name, kind = parsed.device, parsed.kind
         if self.explicit and name not in self.devices:
             return None, None
         view = self.devices.setdefault(name, DeviceView(name))
+        if kind == "desired":
+            view.desired = _desired(payload)
+            return name, None
         data = _loads(payload)
         event = None
         if kind == "status":
-            state = data.get("state") if isinstance(data, dict) else None
-            view.online = None if state is None else state == "online"
+            view.online = status_online(data)
         elif kind == "reported":
             view.reported = data if isinstance(data, dict) else None
-        elif kind == "desired":
-            view.desired = data if isinstance(data, dict) else None
         elif isinstance(data, dict) and isinstance(data.get("pipeline"), str):
             view.events[data["pipeline"]] = data
             event = data
         return name, event
 
     def effective_desired(self, view: DeviceView) -> dict[str, tuple[dict[str, str], float | None]]:
-        found = {}
-        group_ts = _number((self.group_desired or {}).get("ts"))
-        for name, entry in _pipelines(self.group_desired).items():
-            found[name] = (entry, group_ts)
-        own_ts = _number((view.desired or {}).get("ts"))
-        for name, entry in _pipelines(view.desired).items():
-            found[name] = (entry, own_ts)
-        return found
+        """Per pipeline the usable desired entry (model, version) that applies to the device
+        and the `ts` of its state: `protocol.effective_desired`, the device's own rule."""
+        found = effective_desired(view.desired, [self.group_desired])
+        return {
+            name: ({"model": entry.model, "version": entry.version}, ts)
+            for name, (entry, ts) in found.items()
+            if entry.error is None
+        }
 
     def pipelines(self, view: DeviceView) -> dict[str, PipelineView]:
         desired = self.effective_desired(view)
@@ -251,7 +211,7 @@ class Rollout:
         target = f"{want['model']} {want['version']}"
 
         def current(ts: Any) -> bool:
-            stamp = _number(ts)
+            stamp = json_number(ts)
             return want_ts is None or stamp is None or stamp >= want_ts
 
         if (
@@ -333,12 +293,20 @@ def _progress(
         event
         and event.get("type") == "download-progress"
         and str(event.get("version")) == want["version"]
-        and _number(event.get("progress")) is not None
+        and json_number(event.get("progress")) is not None
     ):
-        return _number(event.get("progress"))
+        return json_number(event.get("progress"))
     if staged and str(staged.get("version")) == want["version"]:
-        return _number(staged.get("progress"))
+        return json_number(staged.get("progress"))
     return None
+
+
+def _desired(payload: bytes) -> DesiredState | None:
+    """A desired state as the device will read it; None when cleared or unreadable."""
+    try:
+        return DesiredState.parse(payload)
+    except DesiredStateError:
+        return None
 
 
 def _loads(payload: bytes) -> Any:
