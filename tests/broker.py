@@ -4,6 +4,7 @@
 TLS listener) and can be stopped and started again on the same port for outage tests.
 `MqttReader` subscribes with its own paho client and lets a test wait for messages.
 `Dashboard` plays the fleet: sends commands to a device and collects the replies.
+`body` and `all_running` read what a device publishes.
 """
 
 from __future__ import annotations
@@ -320,6 +321,26 @@ class Received:
 
     def text(self) -> str:
         return self.payload.decode("utf-8", errors="replace")
+
+
+def body(message: Received) -> dict[str, Any]:
+    """A message's JSON payload (an object)."""
+    data: dict[str, Any] = json.loads(message.payload)
+    return data
+
+
+def all_running(root: str) -> Callable[[Received], bool]:
+    """Matches the `online` status of the device at `root` once every pipeline runs."""
+
+    def running(message: Received) -> bool:
+        if message.topic != f"{root}/status":
+            return False
+        status = body(message)
+        return status["state"] == "online" and all(
+            p["state"] == "running" for p in status["pipelines"]
+        )
+
+    return running
 
 
 OnMessage = Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]

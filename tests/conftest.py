@@ -8,6 +8,8 @@
 - `agent_process(config, env=None, entry=...)`: `edgeagent run --config CONFIG` as a
   subprocess (stderr kept for the test to read); killed at teardown if the test left it
   running. `entry` replaces `-m edgeagent.cli.main`, e.g. with tests/fault_agent.py.
+- `dashboard(broker, protocol="5", root=...)`: a `Dashboard` (tests/broker.py) playing the
+  fleet for the device at `root`; closed at teardown.
 - `agents(config)`: `edgeagent run` processes whose log goes to a file (tests/delivery_e2e.py's
   `Agent`); killed at teardown.
 - `_no_leaks` (automatic): a test fails if it leaves threads or child processes behind.
@@ -26,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.broker import Mosquitto, MosquittoFactory, MqttReader, find_mosquitto
+from tests.broker import Dashboard, Mosquitto, MosquittoFactory, MqttReader, find_mosquitto
 from tests.delivery_e2e import Agent
 
 # Threads our code and paho start are daemons, so a leaked one would not hang the run;
@@ -134,6 +136,20 @@ def mqtt_reader() -> Iterator[Callable[..., MqttReader]]:
     yield subscribe
     for reader in readers:
         reader.close()
+
+
+@pytest.fixture
+def dashboard() -> Iterator[Callable[..., Dashboard]]:
+    made: list[Dashboard] = []
+
+    def make(broker: Mosquitto, protocol: str = "5", root: str = "edgeagent/cp") -> Dashboard:
+        board = Dashboard(broker, protocol, root)
+        made.append(board)
+        return board
+
+    yield make
+    for board in made:
+        board.close()
 
 
 @pytest.fixture

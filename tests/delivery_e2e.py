@@ -19,7 +19,8 @@ import yaml
 from ai_edge_litert import schema_py_generated as s
 
 from tests import modelfactory
-from tests.broker import Mosquitto, MqttReader, Received, publish_once
+from tests.agent_config import shapes_pipeline, write_agent_config
+from tests.broker import Mosquitto, MqttReader, Received, body, publish_once
 from tests.waiting import wait_until
 
 CLI = [sys.executable, "-m", "edgeagent.cli.main"]
@@ -116,31 +117,25 @@ def watch_until_converged(broker: Mosquitto, timeout: float) -> subprocess.Compl
 # --- the device: `edgeagent run` --------------------------------------------------------
 
 
-def write_config(tmp_path: Path, broker: Mosquitto, public_key: Path, **models: Any) -> Path:
-    config = {
-        "device": {"id": DEVICE},
-        "state_dir": str(tmp_path / "state"),
-        "control_socket": str(tmp_path / "control.sock"),
-        "mqtt": {
-            "host": broker.host,
-            "port": broker.port,
-            "prefix": PREFIX,
-            "reconnect_min_s": 0.2,
-            "reconnect_max_s": 1,
-        },
-        "pipelines": [
-            {
-                "name": "shapes",
-                "source": {"type": "synthetic", "fps": 20},
-                "model": MODEL,
-                "threads": 1,
-            }
-        ],
-        "models": {"trusted_keys": [str(public_key)], **models},
-    }
-    path = tmp_path / "agent.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
+def write_config(
+    tmp_path: Path,
+    broker: Mosquitto,
+    public_key: Path,
+    *,
+    log_level: str | None = None,
+    **models: Any,
+) -> Path:
+    """The device's config: the `shapes` pipeline on MODEL, trusting `public_key`, with
+    `models` settings (and `log_level` when given)."""
+    return write_agent_config(
+        tmp_path,
+        broker,
+        device=DEVICE,
+        pipelines=[shapes_pipeline(MODEL, fps=20)],
+        mqtt={"prefix": PREFIX, "reconnect_max_s": 1},
+        models={"trusted_keys": [str(public_key)], **models},
+        **({} if log_level is None else {"log_level": log_level}),
+    )
 
 
 class Agent:
@@ -166,11 +161,6 @@ class Agent:
 
 
 # --- reading what the fleet sees ---------------------------------------------------------
-
-
-def body(message: Received) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(message.payload)
-    return data
 
 
 def results(reader: MqttReader, since: int = 0) -> list[dict[str, Any]]:
@@ -264,17 +254,7 @@ def nan_on_the_synthetic_scene() -> bytes:
     g.op(s.BuiltinOperator.DEQUANTIZE, [image], [real])
     weights = np.zeros((pixels, 3), np.float32)
     weights[:, 0], weights[:, 2] = -1.0 / pixels, 1.0 / pixels
-    w = g.tensor("w", [1, pixels * 3], data=weights.reshape(1, -1))
-    b = g.tensor("b", [1], data=np.array([0.1], np.float32))
-    fc = g.tensor("fc", [1, 1])
-    g.op(
-        s.BuiltinOperator.FULLY_CONNECTED,
-        [real, w, b],
-        [fc],
-        (s.BuiltinOptions.FullyConnectedOptions, s.FullyConnectedOptionsT()),
-    )
-    root = g.tensor("root", [1, 1])
-    g.op(s.BuiltinOperator.SQRT, [fc], [root])
+    root = modelfactory.sqrt_of_fc(g, real, weights.reshape(1, -1), 0.1)
     return g.build([image], [root])
 
 

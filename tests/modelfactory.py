@@ -195,23 +195,9 @@ def with_labels(
     """Adds labels the way the TFLite Metadata writer does: a TFLITE_METADATA buffer that
     names the file as the first output's TENSOR_AXIS_LABELS, and a ZIP appended to the model
     holding the file. With `in_metadata=False` only the ZIP is appended."""
-    if in_metadata:
-        parsed = s.ModelT.InitFromPackedBuf(model, 0)
-        buf = s.BufferT()
-        buf.data = list(metadata_flatbuffer(name))
-        parsed.buffers.append(buf)
-        entry = s.MetadataT()
-        entry.name, entry.buffer = "TFLITE_METADATA", len(parsed.buffers) - 1
-        parsed.metadata = [*(parsed.metadata or []), entry]
-        builder = flatbuffers.Builder(1024)
-        builder.Finish(parsed.Pack(builder), file_identifier=b"TFL3")
-        model = bytes(builder.Output())
-    out = io.BytesIO(model)
-    # Mode "a" on a file that is not a ZIP appends a new archive, as the metadata writer does.
-    with zipfile.ZipFile(out, "a") as archive:
-        archive.writestr(name, "\n".join(labels) + "\n")
-        archive.writestr("README.txt", "not the labels")
-    return out.getvalue()
+    metadata = metadata_flatbuffer(name) if in_metadata else None
+    packed = {name: "\n".join(labels) + "\n", "README.txt": "not the labels"}
+    return with_metadata(model, metadata, packed)
 
 
 def metadata_flatbuffer(label_file: str) -> bytes:
@@ -251,6 +237,18 @@ def metadata_flatbuffer(label_file: str) -> bytes:
     b.PrependUOffsetTRelativeSlot(6, readme, 0)
     b.Finish(b.EndObject(), file_identifier=b"M001")
     return bytes(b.Output())
+
+
+def sqrt_of_fc(g: Graph, x: int, weights: np.ndarray, bias: float) -> int:
+    """Adds root = sqrt(x . weights + bias) to `g`, x flattened and `weights` of shape
+    [1, n]: one output, NaN wherever the weighted sum falls below -bias. Returns root."""
+    w = g.tensor("w", list(weights.shape), data=weights)
+    b = g.tensor("b", [1], data=np.array([bias], np.float32))
+    fc = g.tensor("fc", [1, 1])
+    g.op(s.BuiltinOperator.FULLY_CONNECTED, [x, w, b], [fc], _fc_options())
+    root = g.tensor("root", [1, 1])
+    g.op(s.BuiltinOperator.SQRT, [fc], [root])
+    return root
 
 
 def _fc_options() -> tuple[int, Any]:
@@ -408,6 +406,7 @@ def with_metadata(model: bytes, metadata: bytes | None, packed: dict[str, str]) 
     if not packed:
         return model
     out = io.BytesIO(model)
+    # Mode "a" on a file that is not a ZIP appends a new archive, as the metadata writer does.
     with zipfile.ZipFile(out, "a") as archive:
         for name, text in packed.items():
             archive.writestr(name, text)

@@ -13,9 +13,8 @@ from typing import Any
 
 import pytest
 
-from edgeagent.control import ask
-from edgeagent.errors import EdgeAgentError
 from edgeagent.models.catalog import samples_dir
+from tests.agent_config import status_or_none
 from tests.broker import Mosquitto, MqttReader, Received, free_port
 from tests.waiting import wait_until
 
@@ -179,15 +178,6 @@ def test_unreachable_broker_at_start_keeps_running_and_connects_later(
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 0
     assert f"{broker.host}:{broker.port}" in stderr, "the outage was logged with the address"
-
-
-def status_or_none(tmp_path: Path) -> dict[str, Any] | None:
-    """The agent's status over its control socket; None while the socket is not up yet."""
-    try:
-        status: dict[str, Any] = ask(tmp_path / "control.sock", "status")
-    except EdgeAgentError:  # the socket appears once the agent started
-        return None
-    return status
 
 
 def away_with_a_backlog(tmp_path: Path) -> bool:

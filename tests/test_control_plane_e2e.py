@@ -4,11 +4,10 @@ the durable outbox through a broker outage and a kill -9."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,8 @@ import pytest
 import yaml
 
 from edgeagent.control import ask
-from edgeagent.errors import EdgeAgentError
-from tests.broker import Dashboard, Mosquitto, MqttReader, Received
+from tests.agent_config import shapes_pipeline, status_or_none, write_agent_config
+from tests.broker import Dashboard, Mosquitto, MqttReader, Received, all_running, body
 from tests.waiting import wait_until
 
 AGENT = [sys.executable, "-m", "edgeagent.cli.main"]
@@ -25,56 +24,17 @@ ROOT = "edgeagent/cp"
 
 
 def write_config(tmp_path: Path, broker: Mosquitto, *, protocol: str = "5", fps: int = 20) -> Path:
-    config = {
-        "device": {"id": "cp"},
-        "state_dir": str(tmp_path / "state"),
-        "control_socket": str(tmp_path / "control.sock"),
-        "mqtt": {
-            "host": broker.host,
-            "port": broker.port,
-            "protocol": protocol,
-            "reconnect_min_s": 0.2,
-            "reconnect_max_s": 0.5,
-        },
-        "telemetry": {"interval_s": 1},
-        "pipelines": [
-            {
-                "name": "shapes",
-                "source": {"type": "synthetic", "fps": fps},
-                "model": "shapes-detector",
-                "threads": 1,
-            }
-        ],
-    }
-    path = tmp_path / "agent.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
+    return write_agent_config(
+        tmp_path,
+        broker,
+        device="cp",
+        pipelines=[shapes_pipeline(fps=fps)],
+        mqtt={"protocol": protocol},
+        telemetry={"interval_s": 1},
+    )
 
 
-def payload(message: Received) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(message.payload)
-    return data
-
-
-def running(message: Received) -> bool:
-    if message.topic != f"{ROOT}/status":
-        return False
-    body = payload(message)
-    return body["state"] == "online" and all(p["state"] == "running" for p in body["pipelines"])
-
-
-@pytest.fixture
-def dashboard() -> Iterator[Callable[[Mosquitto, str], Dashboard]]:
-    made: list[Dashboard] = []
-
-    def make(broker: Mosquitto, protocol: str = "5") -> Dashboard:
-        board = Dashboard(broker, protocol)
-        made.append(board)
-        return board
-
-    yield make
-    for board in made:
-        board.close()
+running = all_running(ROOT)
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
@@ -83,13 +43,13 @@ def test_every_command_round_trips(
     mosquitto: Mosquitto,
     mqtt_reader: Callable[..., MqttReader],
     agent_process: Callable[[Path], subprocess.Popen[str]],
-    dashboard: Callable[[Mosquitto, str], Dashboard],
+    dashboard: Callable[..., Dashboard],
     protocol: str,
 ) -> None:
     config_path = write_config(tmp_path, mosquitto, protocol=protocol)
     reader = mqtt_reader(mosquitto, f"{ROOT}/#", protocol=protocol)
     process = agent_process(config_path)
-    first = payload(reader.wait_for(running, timeout=30))
+    first = body(reader.wait_for(running, timeout=30))
     board = dashboard(mosquitto, protocol)
 
     pong = board.call("ping")
@@ -196,11 +156,11 @@ def test_every_command_round_trips(
     assert again == first_answer
 
     # Telemetry carries real numbers.
-    telemetry = payload(
+    telemetry = body(
         reader.wait_for(
             lambda m: (
                 m.topic == f"{ROOT}/telemetry"
-                and payload(m)["pipelines"].get("shapes", {}).get("results_out", 0) > 0
+                and body(m)["pipelines"].get("shapes", {}).get("results_out", 0) > 0
             ),
             timeout=30,
         )
@@ -212,7 +172,7 @@ def test_every_command_round_trips(
 
     # restart: the service restarts in place (same pid under systemd) with a new run.
     assert board.call("restart")["stage"] == "succeeded"
-    reader.wait_for(lambda m: running(m) and payload(m)["run"] != first["run"], timeout=60)
+    reader.wait_for(lambda m: running(m) and body(m)["run"] != first["run"], timeout=60)
     assert process.poll() is None
 
     process.send_signal(signal.SIGTERM)
@@ -261,15 +221,6 @@ def test_status_answers_over_the_control_socket_while_the_broker_is_down(
     mosquitto.start()
 
 
-def status_or_none(tmp_path: Path) -> dict[str, Any] | None:
-    """The agent's status over its control socket; None while the socket is not up yet."""
-    try:
-        status: dict[str, Any] = ask(tmp_path / "control.sock", "status")
-    except EdgeAgentError:  # the socket appears once the agent started
-        return None
-    return status
-
-
 def status_where(tmp_path: Path, check: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
     """The agent's status when `check` holds for it, else None."""
     status = status_or_none(tmp_path)
@@ -280,8 +231,8 @@ def _result_seqs(messages: list[Received]) -> dict[str, list[int]]:
     runs: dict[str, list[int]] = {}
     for message in messages:
         if message.topic == f"{ROOT}/results/shapes":
-            body = payload(message)
-            runs.setdefault(body["run"], []).append(body["seq"])
+            result = body(message)
+            runs.setdefault(result["run"], []).append(result["seq"])
     return runs
 
 

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from ai_edge_litert import schema_py_generated as s
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image
@@ -627,17 +626,7 @@ def nan_on_bright_frames() -> bytes:
     g = modelfactory.Graph()
     n = 8 * 8 * 3
     x = g.tensor("image", [1, 8, 8, 3])
-    w = g.tensor("w", [1, n], data=np.full((1, n), -1.0 / n, np.float32))
-    b = g.tensor("b", [1], data=np.array([0.75], np.float32))
-    fc = g.tensor("fc", [1, 1])
-    g.op(
-        s.BuiltinOperator.FULLY_CONNECTED,
-        [x, w, b],
-        [fc],
-        (s.BuiltinOptions.FullyConnectedOptions, s.FullyConnectedOptionsT()),
-    )
-    y = g.tensor("root", [1, 1])
-    g.op(s.BuiltinOperator.SQRT, [fc], [y])
+    y = modelfactory.sqrt_of_fc(g, x, np.full((1, n), -1.0 / n, np.float32), 0.75)
     return g.build([x], [y])
 
 

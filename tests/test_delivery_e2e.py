@@ -18,7 +18,7 @@ from pathlib import Path
 
 from edgeagent.inference import Engine
 from edgeagent.models.store import ModelStore
-from tests.broker import Mosquitto, MqttReader, Received
+from tests.broker import Mosquitto, MqttReader, Received, body
 from tests.delivery_e2e import (
     BUNDLED,
     DELIVERY_STEPS,
@@ -28,7 +28,6 @@ from tests.delivery_e2e import (
     TOPIC,
     VIBRATION,
     Agent,
-    body,
     command,
     deploy,
     event,

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from edgeagent.cli.main import main
 from edgeagent.models.signing import (
@@ -331,13 +330,34 @@ def test_a_refused_downgrade_fails_the_rollout_while_the_old_version_runs() -> N
 # --- the real daemon ----------------------------------------------------------------------
 
 
-def agent_config(tmp_path: Path, broker: Mosquitto, public: Path, **models: Any) -> Path:
-    """The delivery e2e config, logging warnings only (the fixture pipes stderr)."""
-    path = write_config(tmp_path, broker, public, **models)
-    config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    config["log_level"] = "warning"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
+@pytest.fixture
+def signing_keys(tmp_path: Path) -> tuple[Path, Path]:
+    """A fresh (private, public) signing key pair; `start_device` trusts the public one."""
+    return keygen(tmp_path / "keys")
+
+
+DeviceStarter = Callable[..., tuple[MqttReader, subprocess.Popen[str], Path]]
+
+
+@pytest.fixture
+def start_device(
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    mqtt_reader: Callable[..., MqttReader],
+    agent_process: Callable[..., subprocess.Popen[str]],
+    signing_keys: tuple[Path, Path],
+) -> DeviceStarter:
+    """`start(**models)`: writes the delivery e2e config with `models` settings, logging
+    warnings only (the fixture pipes stderr), subscribes to everything the device publishes
+    and starts the daemon; returns (reader, daemon, config)."""
+
+    def start(**models: Any) -> tuple[MqttReader, subprocess.Popen[str], Path]:
+        _key, public = signing_keys
+        config = write_config(tmp_path, mosquitto, public, log_level="warning", **models)
+        reader = mqtt_reader(mosquitto, f"{TOPIC}/#")
+        return reader, agent_process(config), config
+
+    return start
 
 
 def stop(agent: subprocess.Popen[str]) -> None:
@@ -370,16 +390,15 @@ def test_downgrades_are_refused_unless_allowed_and_the_floor_survives_restarts_a
     mosquitto: Mosquitto,
     mqtt_reader: Callable[..., MqttReader],
     agent_process: Callable[..., subprocess.Popen[str]],
+    signing_keys: tuple[Path, Path],
+    start_device: DeviceStarter,
 ) -> None:
-    key, public = keygen(tmp_path / "keys")
+    key, _public = signing_keys
     detector = BUNDLED / "shapes-detector.yaml"
     publish(mosquitto, key, SSD, "2.0.0", BUNDLED / "shapes-detector-ssd.yaml", 16384)
     publish(mosquitto, key, DETECTOR, "2.1.0", detector, 16384)
     publish(mosquitto, key, DETECTOR, "1.5.0", detector, 16384)
-    config = agent_config(
-        tmp_path,
-        mosquitto,
-        public,
+    reader, agent, config = start_device(
         keep=1,  # 2.1.0 is pruned once 1.5.0 is activated: only the record remembers it
         probation_s=1,
         probation_min_results=5,
@@ -387,8 +406,6 @@ def test_downgrades_are_refused_unless_allowed_and_the_floor_survives_restarts_a
         latency_factor=50,  # ~0.15 ms models: keep scheduler noise out of probation
     )
     store = tmp_path / "state" / "models"
-    reader = mqtt_reader(mosquitto, f"{TOPIC}/#")
-    agent = agent_process(config)
     reader.wait_for(lambda m: m.topic.endswith("/results/shapes"), timeout=30)
     for version in ("2.0.0", "2.1.0"):
         deploy(mosquitto, version)
@@ -451,12 +468,11 @@ def test_a_trusted_manifest_of_134_million_chunks_is_refused_and_costs_no_memory
     tmp_path: Path,
     mosquitto: Mosquitto,
     mqtt_reader: Callable[..., MqttReader],
-    agent_process: Callable[..., subprocess.Popen[str]],
+    signing_keys: tuple[Path, Path],
+    start_device: DeviceStarter,
 ) -> None:
-    key, public = keygen(tmp_path / "keys")
-    config = agent_config(tmp_path, mosquitto, public)  # max_model_bytes: 128 MiB (default)
-    reader = mqtt_reader(mosquitto, f"{TOPIC}/#")
-    agent = agent_process(config)
+    key, _public = signing_keys
+    reader, agent, _config = start_device()  # max_model_bytes: 128 MiB (default)
     wait_until(lambda: len(results(reader)) >= 40, 30, "the agent settles into producing results")
     before = peak_rss_kib(agent.pid)
 

@@ -107,7 +107,7 @@ def test_a_malformed_entry_is_kept_with_the_reason_the_device_reports() -> None:
         "\"<version>\"} (and optionally \"allow_downgrade\": true or false), got {'model': 'm'}"
     )
     assert state.pipelines["dg"].error is not None
-    assert set(state.usable()) == {"ok"}
+    assert {name for name, entry in state.pipelines.items() if entry.error is None} == {"ok"}
 
 
 def test_the_device_entry_wins_over_the_first_group_that_names_the_pipeline() -> None:
@@ -210,7 +210,7 @@ def test_the_result_envelope_carries_every_common_member() -> None:
 
 def test_every_topic_built_parses_back() -> None:
     fleet = FleetTopics("site/edge/")
-    device = fleet.device("pi-1")
+    device = Topics("site/edge/", "pi-1")
     assert fleet.parse_device(device.status) == DeviceTopic("pi-1", "status", "")
     assert fleet.parse_device(device.results("cam")) == DeviceTopic("pi-1", "results", "cam")
     assert fleet.parse_device(device.cmd("model.rollback")) == DeviceTopic(

@@ -6,12 +6,10 @@ control socket with silent clients."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import socket
 import subprocess
 import time
-import uuid
 import wave
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -24,7 +22,8 @@ import yaml
 from edgeagent.control import ControlServer, ask
 from edgeagent.errors import EdgeAgentError
 from edgeagent.models.catalog import bundled_dir, samples_dir
-from tests.broker import Mosquitto, MqttReader, Received, publish_once
+from tests.agent_config import write_agent_config
+from tests.broker import Dashboard, Mosquitto, MqttReader, all_running, body
 
 DEVICE = "sec"
 ROOT = f"edgeagent/{DEVICE}"
@@ -36,56 +35,7 @@ VIBRATION = {
 }
 
 
-def write_config(tmp_path: Path, broker: Mosquitto, **extra: Any) -> Path:
-    config: dict[str, Any] = {
-        "device": {"id": DEVICE},
-        "state_dir": str(tmp_path / "state"),
-        "control_socket": str(tmp_path / "control.sock"),
-        "mqtt": {
-            "host": broker.host,
-            "port": broker.port,
-            "reconnect_min_s": 0.2,
-            "reconnect_max_s": 0.5,
-        },
-        "pipelines": [VIBRATION],
-        **extra,
-    }
-    path = tmp_path / "agent.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def body(message: Received) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(message.payload)
-    return data
-
-
-def running(message: Received) -> bool:
-    if message.topic != f"{ROOT}/status":
-        return False
-    status = body(message)
-    return status["state"] == "online" and all(p["state"] == "running" for p in status["pipelines"])
-
-
-class Fleet:
-    """The fleet operator: sends a command, waits for its terminal reply on `/reply`."""
-
-    def __init__(self, broker: Mosquitto, reader: MqttReader) -> None:
-        self._broker = broker
-        self._reader = reader
-
-    def call(self, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        request_id = uuid.uuid4().hex
-
-        def terminal(message: Received) -> bool:
-            if message.topic != f"{ROOT}/reply":
-                return False
-            reply = body(message)
-            return reply.get("id") == request_id and reply["stage"] in ("succeeded", "failed")
-
-        request = json.dumps({"id": request_id, "args": args or {}}).encode()
-        publish_once(self._broker, f"{ROOT}/cmd/{name}", request)
-        return body(self._reader.wait_for(terminal, timeout=60))
+running = all_running(ROOT)
 
 
 @pytest.fixture
@@ -94,16 +44,20 @@ def fleet_agent(
     mosquitto: Mosquitto,
     mqtt_reader: Callable[..., MqttReader],
     agent_process: Callable[[Path], subprocess.Popen[str]],
-) -> Iterator[Callable[..., tuple[Fleet, MqttReader, Path]]]:
-    """Starts the daemon with `write_config(**extra)`; (fleet, reader of ROOT/#, config)."""
+    dashboard: Callable[..., Dashboard],
+) -> Iterator[Callable[..., tuple[Dashboard, MqttReader, Path]]]:
+    """Starts the daemon running VIBRATION, with `extra` top-level config keys;
+    (fleet, reader of ROOT/#, config)."""
     started: list[subprocess.Popen[str]] = []
 
-    def start(**extra: Any) -> tuple[Fleet, MqttReader, Path]:
-        config = write_config(tmp_path, mosquitto, **extra)
+    def start(**extra: Any) -> tuple[Dashboard, MqttReader, Path]:
+        config = write_agent_config(
+            tmp_path, mosquitto, device=DEVICE, pipelines=[VIBRATION], **extra
+        )
         reader = mqtt_reader(mosquitto, f"{ROOT}/#")
         started.append(agent_process(config))
         reader.wait_for(running, timeout=60)
-        return Fleet(mosquitto, reader), reader, config
+        return dashboard(mosquitto, root=ROOT), reader, config
 
     yield start
     for process in started:
@@ -113,7 +67,7 @@ def fleet_agent(
 
 
 def test_config_set_cannot_change_local_only_keys(
-    fleet_agent: Callable[..., tuple[Fleet, MqttReader, Path]],
+    fleet_agent: Callable[..., tuple[Dashboard, MqttReader, Path]],
 ) -> None:
     fleet, reader, config_path = fleet_agent()
     on_disk = config_path.read_bytes()
@@ -198,7 +152,7 @@ def _listener(path: str) -> dict[str, Any]:
 
 def test_remote_file_paths_must_resolve_under_remote_paths(
     tmp_path: Path,
-    fleet_agent: Callable[..., tuple[Fleet, MqttReader, Path]],
+    fleet_agent: Callable[..., tuple[Dashboard, MqttReader, Path]],
 ) -> None:
     layout = _paths_layout(tmp_path)
     allowed, secret = layout["allowed"], layout["secret"]
@@ -240,7 +194,7 @@ def test_remote_file_paths_must_resolve_under_remote_paths(
 
 def test_a_device_without_remote_paths_accepts_no_file_from_commands(
     tmp_path: Path,
-    fleet_agent: Callable[..., tuple[Fleet, MqttReader, Path]],
+    fleet_agent: Callable[..., tuple[Dashboard, MqttReader, Path]],
 ) -> None:
     layout = _paths_layout(tmp_path)
     fleet, _reader, config_path = fleet_agent()
@@ -255,7 +209,7 @@ def test_a_device_without_remote_paths_accepts_no_file_from_commands(
 
 def test_command_args_are_strictly_typed_over_mqtt_and_the_control_socket(
     tmp_path: Path,
-    fleet_agent: Callable[..., tuple[Fleet, MqttReader, Path]],
+    fleet_agent: Callable[..., tuple[Dashboard, MqttReader, Path]],
 ) -> None:
     fleet, _reader, _config = fleet_agent()
     control = tmp_path / "control.sock"
@@ -287,7 +241,7 @@ def test_command_args_are_strictly_typed_over_mqtt_and_the_control_socket(
 
 def test_silent_local_clients_do_not_block_status(
     tmp_path: Path,
-    fleet_agent: Callable[..., tuple[Fleet, MqttReader, Path]],
+    fleet_agent: Callable[..., tuple[Dashboard, MqttReader, Path]],
 ) -> None:
     fleet_agent()
     control = tmp_path / "control.sock"

@@ -15,20 +15,18 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeagent.control import ask
-from tests.broker import Mosquitto, MqttReader, free_port
+from tests.agent_config import shapes_pipeline, write_agent_config
+from tests.broker import Dashboard, Mosquitto, MqttReader, free_port
 from tests.notify_socket import Notification, NotifySocket
 
 pytestmark = pytest.mark.broker
@@ -40,81 +38,13 @@ AgentStarter = Callable[..., subprocess.Popen[str]]
 
 
 def write_config(tmp_path: Path, broker: Mosquitto, **overrides: Any) -> Path:
-    config: dict[str, Any] = {
-        "device": {"id": DEVICE},
-        "state_dir": str(tmp_path / "state"),
-        "control_socket": str(tmp_path / "control.sock"),
-        "mqtt": {
-            "host": broker.host,
-            "port": broker.port,
-            "reconnect_min_s": 0.2,
-            "reconnect_max_s": 0.5,
-        },
-        "pipelines": [
-            {
-                "name": "shapes",
-                "source": {"type": "synthetic", "width": 320, "height": 240, "fps": 20},
-                "model": "shapes-detector",
-                "threads": 1,
-            }
-        ],
-    }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key] = {**config[key], **value}
-        else:
-            config[key] = value
-    path = tmp_path / "agent.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
-
-
-class Fleet:
-    """The fleet operator: sends a command, waits for its terminal reply."""
-
-    def __init__(self, broker: Mosquitto) -> None:
-        self._cond = threading.Condition()
-        self._replies: dict[str, dict[str, Any]] = {}
-        subscribed = threading.Event()
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self._client.on_message = self._on_message
-        self._client.on_subscribe = lambda *_a: subscribed.set()
-        self._client.on_connect = lambda c, *_a: c.subscribe(f"{ROOT}/reply", 1)
-        self._client.connect(broker.host, broker.port)
-        self._client.loop_start()
-        assert subscribed.wait(10)
-
-    def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
-        body = json.loads(message.payload)
-        if body.get("stage") in ("succeeded", "failed"):
-            with self._cond:
-                self._replies[body["id"]] = body
-                self._cond.notify_all()
-
-    def call(self, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        request_id = uuid.uuid4().hex
-        body = json.dumps({"id": request_id, "args": args or {}}).encode()
-        self._client.publish(f"{ROOT}/cmd/{name}", body, qos=1)
-        with self._cond:
-            assert self._cond.wait_for(lambda: request_id in self._replies, 60), name
-            return self._replies[request_id]
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
-
-
-@pytest.fixture
-def fleet() -> Iterator[Callable[[Mosquitto], Fleet]]:
-    made: list[Fleet] = []
-
-    def make(broker: Mosquitto) -> Fleet:
-        made.append(Fleet(broker))
-        return made[-1]
-
-    yield make
-    for one in made:
-        one.close()
+    return write_agent_config(
+        tmp_path,
+        broker,
+        device=DEVICE,
+        pipelines=[shapes_pipeline(width=320, height=240, fps=20)],
+        **overrides,
+    )
 
 
 def results(reader: MqttReader) -> list[dict[str, Any]]:
@@ -148,48 +78,55 @@ def stop(process: subprocess.Popen[str]) -> str:
 # --- (run, pipeline, seq) ------------------------------------------------------------
 
 
-def test_pipeline_restart_never_repeats_a_result_key(
+@dataclass(frozen=True)
+class Producing:
+    """The agent on `write_config`'s config, 20 results in, and the fleet's dashboard."""
+
+    config: Path
+    process: subprocess.Popen[str]
+    reader: MqttReader  # of ROOT/results/#
+    fleet: Dashboard
+
+
+@pytest.fixture
+def producing(
     tmp_path: Path,
     mosquitto: Mosquitto,
     mqtt_reader: Callable[..., MqttReader],
     agent_process: AgentStarter,
-    fleet: Callable[[Mosquitto], Fleet],
-) -> None:
+    dashboard: Callable[..., Dashboard],
+) -> Producing:
     reader = mqtt_reader(mosquitto, f"{ROOT}/results/#")
-    process = agent_process(write_config(tmp_path, mosquitto))
+    config = write_config(tmp_path, mosquitto)
+    process = agent_process(config)
     wait_more_results(reader, 20)
-    operator = fleet(mosquitto)
+    return Producing(config, process, reader, dashboard(mosquitto, root=ROOT))
 
-    for _ in range(2):
-        restarted = operator.call("pipeline.restart", {"pipeline": "shapes"})
-        assert restarted["stage"] == "succeeded", restarted
-        wait_more_results(reader, 20)
-    stop(process)
 
-    found = results(reader)
+def assert_one_run_numbered_without_gaps(found: list[dict[str, Any]]) -> None:
     assert len({r["run"] for r in found}) == 1, "one agent process, one run"
     assert_keys_name_one_result(found)
     seqs = sorted({r["seq"] for r in found})
     assert seqs == list(range(len(seqs))), "numbers continue across restarts, without gaps"
 
 
-def test_config_set_and_its_rollback_never_repeat_a_result_key(
-    tmp_path: Path,
-    mosquitto: Mosquitto,
-    mqtt_reader: Callable[..., MqttReader],
-    agent_process: AgentStarter,
-    fleet: Callable[[Mosquitto], Fleet],
-) -> None:
-    reader = mqtt_reader(mosquitto, f"{ROOT}/results/#")
-    config_path = write_config(tmp_path, mosquitto)
-    process = agent_process(config_path)
-    wait_more_results(reader, 20)
-    operator = fleet(mosquitto)
-    pipeline = yaml.safe_load(config_path.read_text())["pipelines"][0]
+def test_pipeline_restart_never_repeats_a_result_key(producing: Producing) -> None:
+    reader = producing.reader
+    for _ in range(2):
+        restarted = producing.fleet.call("pipeline.restart", {"pipeline": "shapes"})
+        assert restarted["stage"] == "succeeded", restarted
+        wait_more_results(reader, 20)
+    stop(producing.process)
+    assert_one_run_numbered_without_gaps(results(reader))
+
+
+def test_config_set_and_its_rollback_never_repeat_a_result_key(producing: Producing) -> None:
+    reader, fleet = producing.reader, producing.fleet
+    pipeline = yaml.safe_load(producing.config.read_text())["pipelines"][0]
 
     # A threshold change restarts the pipeline with its new configuration.
     lower = {**pipeline, "task": {"type": "detection", "threshold": 0.3}}
-    changed = operator.call("config.set", {"config": {"pipelines": [lower]}})
+    changed = fleet.call("config.set", {"config": {"pipelines": [lower]}})
     assert changed["stage"] == "succeeded", changed
     assert "pipelines" in changed["result"]["changed"]
     wait_more_results(reader, 20)
@@ -197,32 +134,19 @@ def test_config_set_and_its_rollback_never_repeat_a_result_key(
     # A change whose pipeline cannot start (a sensor model on a camera) is rolled back:
     # the previous pipeline starts again.
     broken = {**pipeline, "model": "vibration-anomaly"}
-    rolled_back = operator.call("config.set", {"config": {"pipelines": [broken]}})
+    rolled_back = fleet.call("config.set", {"config": {"pipelines": [broken]}})
     assert rolled_back["stage"] == "failed", rolled_back
     assert "rolled back" in rolled_back["reason"]
     wait_more_results(reader, 20)
-    stop(process)
-
-    found = results(reader)
-    assert len({r["run"] for r in found}) == 1
-    assert_keys_name_one_result(found)
-    seqs = sorted({r["seq"] for r in found})
-    assert seqs == list(range(len(seqs)))
+    stop(producing.process)
+    assert_one_run_numbered_without_gaps(results(reader))
 
 
-def test_the_restart_command_starts_a_new_run_of_64_random_bits(
-    tmp_path: Path,
-    mosquitto: Mosquitto,
-    mqtt_reader: Callable[..., MqttReader],
-    agent_process: AgentStarter,
-    fleet: Callable[[Mosquitto], Fleet],
-) -> None:
-    reader = mqtt_reader(mosquitto, f"{ROOT}/results/#")
-    process = agent_process(write_config(tmp_path, mosquitto))
-    wait_more_results(reader, 20)
+def test_the_restart_command_starts_a_new_run_of_64_random_bits(producing: Producing) -> None:
+    reader, process = producing.reader, producing.process
     first_run = results(reader)[0]["run"]
 
-    assert fleet(mosquitto).call("restart")["stage"] == "succeeded"
+    assert producing.fleet.call("restart")["stage"] == "succeeded"
     reader.wait_for(
         lambda m: m.topic == RESULTS and json.loads(m.payload)["run"] != first_run, timeout=60
     )
