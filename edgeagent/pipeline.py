@@ -61,10 +61,6 @@ _SOURCE_BACKOFF_MAX_S = 10.0
 _HEALTH_CHECK_S = 0.5  # how often the active accelerator's probe is consulted
 
 
-def source_kind(config: PipelineConfig) -> SampleKind:
-    return config.source.kind
-
-
 @dataclass(frozen=True, slots=True)
 class Runner:
     """A loaded model with what turns samples into its input and its output into results."""
@@ -88,6 +84,7 @@ def build_runner(
         accelerator=accelerator or config.accelerator,
         threads=config.threads,
         accelerators=accelerators,
+        model=model.model_file,
     )
     try:
         kind = _check_fits(model, engine, config)
@@ -113,7 +110,7 @@ def _finite_or_none(value: Any) -> Any:
 
 def _check_fits(model: ModelDescription, engine: Engine, config: PipelineConfig) -> SampleKind:
     """The source's sample kind, once the model is known to take one input of that kind."""
-    kind = source_kind(config)
+    kind = config.source.kind
     if len(engine.inputs) != 1:
         raise ModelError(
             f"pipeline {config.name}: model {model.path} has {len(engine.inputs)} inputs; "

@@ -27,6 +27,7 @@ from edgeagent.hal.audio.wav import read_wav
 from edgeagent.hal.settings import SampleKind
 from edgeagent.inference import Engine, make_decoder, make_preprocessor
 from edgeagent.models.catalog import ModelDescription, describe_model
+from edgeagent.models.tflite import label_lines
 
 _TASK_OPTIONS = ("threshold", "iou_threshold", "top_k", "max_detections", "layout", "coordinates")
 _IMAGE_OPTIONS = ("resize", "color", "mean", "std")
@@ -114,10 +115,11 @@ def describe_for(args: argparse.Namespace) -> ModelDescription:
     labels = _read_labels(args.labels) if args.labels is not None else None
     if not (args.task or set_task or set_image):
         return describe_model(args.model, labels=labels)
-    base = describe_model(args.model)
     task: Task | None = None
     if args.task or set_task:
-        spec = {"type": args.task or base.task.type, **set_task}
+        # Options given without --task adjust the task the model is described with.
+        task_type = args.task or describe_model(args.model).task.type
+        spec = {"type": task_type, **set_task}
         try:
             task = TypeAdapter(Task).validate_python(spec)
         except ValidationError as exc:
@@ -133,17 +135,20 @@ def describe_for(args: argparse.Namespace) -> ModelDescription:
 
 def _read_labels(path: Path) -> tuple[str, ...]:
     try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SourceError(f"cannot read labels {path}: {exc}") from exc
-    while lines and not lines[-1]:
-        lines.pop()
-    return tuple(lines)
+    return label_lines(text)
 
 
 def execute(args: argparse.Namespace) -> int:
     description = describe_for(args)
-    engine = Engine.load(description.path, accelerator=args.accelerator, threads=args.threads)
+    engine = Engine.load(
+        description.path,
+        accelerator=args.accelerator,
+        threads=args.threads,
+        model=description.model_file,
+    )
     try:
         suffix = args.input.suffix.lower()
         kind: SampleKind = "window" if suffix in (".csv", ".txt", ".wav") else "image"

@@ -255,15 +255,15 @@ def inspect_report(path: Path) -> dict[str, Any]:
         "metadata_names": list(model.metadata_names),
         "associated_files": [f.name for f in model.associated_files],
         "labels": list(model.labels),
-        "inferred": _inferred(path),
+        "inferred": _inferred(path, model),
     }
 
 
-def _inferred(path: Path) -> dict[str, Any]:
+def _inferred(path: Path, model: ModelFile) -> dict[str, Any]:
     from edgeagent.models.catalog import describe_model
 
     try:
-        description = describe_model(str(path))
+        description = describe_model(str(path), model_file=model)
     except EdgeAgentError as exc:
         return {"task": None, "explain": f"cannot describe: {exc}", "sources": {}, "about": ""}
     return {

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from edgeagent.inference.engine import Engine, TensorInfo
-from edgeagent.models.catalog import describe_model
+from edgeagent.models.catalog import resolve_model
 
 
 def random_input(tensor: TensorInfo, rng: np.random.Generator) -> np.ndarray:
@@ -31,7 +31,7 @@ def measure(
 ) -> dict[str, Any]:
     """Loads `model` and times `runs` invokes after a warm-up; `on_progress(done)` after
     each. Percentiles are numpy's (linear), as in telemetry."""
-    path = describe_model(model).path
+    path = resolve_model(model)
     started = time.perf_counter()
     engine = Engine.load(path, accelerator=accelerator, threads=threads)
     load_ms = (time.perf_counter() - started) * 1000

@@ -138,16 +138,19 @@ class Engine:
         accelerator: str = "auto",
         threads: int = 1,
         accelerators: Mapping[str, Accelerator] | None = None,
+        model: ModelFile | None = None,
     ) -> Engine:
         """Loads `path` on `accelerator` ("auto" or a name). `accelerators` replaces the
-        registry (tests, or a service that already holds probed instances).
+        registry (tests, or a service that already holds probed instances); `model` is
+        `path` already parsed (`read_model`), so that the file is not parsed again.
 
         Raises ModelError when the file is not a model this runtime can run, and
         AcceleratorError when the named accelerator (or, for auto, every one) cannot."""
         if threads < 1:
             raise ValueError(f"threads must be 1 or more, got {threads}")
         started = time.perf_counter()
-        model = read_model(path)
+        if model is None:
+            model = read_model(path)
         names = _candidates(accelerator, accelerators)
         explicit = accelerator != "auto"
         skipped: list[str] = []  # one sentence per accelerator passed over

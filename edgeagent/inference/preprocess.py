@@ -55,6 +55,12 @@ class ImageTransform:
         offset = np.array([self.offset_x, self.offset_y] * 2, dtype=np.float32)
         return np.asarray(boxes, dtype=np.float32) * scale + offset
 
+    def points_to_source(self, points: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """(..., 2) points as x, y in model coordinates -> source coordinates."""
+        scale = np.array([self.scale_x, self.scale_y], dtype=np.float32)
+        offset = np.array([self.offset_x, self.offset_y], dtype=np.float32)
+        return np.asarray(points, dtype=np.float32) * scale + offset
+
 
 @dataclass(frozen=True, slots=True)
 class Prepared:

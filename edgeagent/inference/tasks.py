@@ -387,16 +387,6 @@ def non_max_suppression(
     return np.asarray(keep, dtype=np.intp)
 
 
-def _points_to_source(xy: Floats, prepared: Prepared) -> Floats:
-    """(..., 2) points (x, y) in model coordinates -> source coordinates, clipped."""
-    t = prepared.transform
-    if t is not None:
-        xy = xy * np.array([t.scale_x, t.scale_y], np.float32) + np.array(
-            [t.offset_x, t.offset_y], np.float32
-        )
-    return np.clip(xy, 0.0, 1.0)
-
-
 class _Pose:
     def __init__(self, task: PoseTask, outputs: Sequence[TensorInfo]) -> None:
         shape = outputs[0].shape
@@ -423,7 +413,10 @@ class _Pose:
         for i in order[: self._task.max_poses]:
             if pose_scores[i] < self._task.threshold:
                 continue
-            xy = _points_to_source(people[i][:, [1, 0]], prepared)  # (y, x) -> (x, y)
+            xy = people[i][:, [1, 0]]  # (y, x) -> (x, y)
+            if prepared.transform is not None:
+                xy = prepared.transform.points_to_source(xy)
+            xy = np.clip(xy, 0.0, 1.0)
             poses.append(
                 {
                     "score": round(float(pose_scores[i]), 4),

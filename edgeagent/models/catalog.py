@@ -22,7 +22,7 @@ from edgeagent.config import ImagePreprocess, Task, WindowPreprocess
 from edgeagent.errors import ModelError
 from edgeagent.models.introspect import infer_description
 from edgeagent.models.manifest import Manifest, load_manifest
-from edgeagent.models.tflite import read_model
+from edgeagent.models.tflite import ModelFile, read_model
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ class ModelDescription:
     labels: tuple[str, ...]
     preprocess: ImagePreprocess | WindowPreprocess | None
     manifest: Manifest | None
+    # The parsed file, handed to `Engine.load` so that starting a pipeline reads it once.
+    model_file: ModelFile
     # "task", "labels", "preprocess" -> where each came from, for people.
     sources: dict[str, str] = field(default_factory=dict)
     about: str = ""  # the metadata's model name and description
@@ -71,10 +73,19 @@ def bundled_models() -> list[str]:
     return sorted(p.stem for p in bundled_dir().glob("*.tflite"))
 
 
+def bundled_path(ref: str) -> Path | None:
+    """The bundled model that `ref` names, or None: a bundled name has no `/` and no
+    `.tflite` suffix, and wins over a file of the same name."""
+    if "/" in ref or ref.endswith(".tflite"):
+        return None
+    path = bundled_dir() / f"{ref}.tflite"
+    return path if path.is_file() else None
+
+
 def resolve_model(ref: str) -> Path:
     """The `.tflite` file that `ref` names; ModelError saying what exists when none does."""
-    bundled = bundled_dir() / f"{ref}.tflite"
-    if "/" not in ref and not ref.endswith(".tflite") and bundled.is_file():
+    bundled = bundled_path(ref)
+    if bundled is not None:
         return bundled
     path = Path(ref).expanduser()
     if path.is_file():
@@ -103,10 +114,14 @@ def describe_model(
     task: Task | None = None,
     labels: tuple[str, ...] | None = None,
     preprocess: ImagePreprocess | WindowPreprocess | None = None,
+    model_file: ModelFile | None = None,
 ) -> ModelDescription:
     """Resolves `ref` and merges the config overrides, its manifest and what the model
-    says about itself (see the module docstring)."""
+    says about itself (see the module docstring). `model_file` is the file `ref` names,
+    already parsed (`read_model`); it is not parsed again."""
     path = resolve_model(ref)
+    if model_file is not None and model_file.path != path:
+        model_file = None  # `ref` named a bundled model, not the file that was parsed
     manifest = load_manifest(path)
     declared = None
     if manifest is not None:
@@ -124,6 +139,7 @@ def describe_model(
         task=task,
         labels=labels,
         preprocess=preprocess,
+        model_file=model_file,
     )
 
 
@@ -137,12 +153,16 @@ def describe_file(
     task: Task | None = None,
     labels: tuple[str, ...] | None = None,
     preprocess: ImagePreprocess | WindowPreprocess | None = None,
+    model_file: ModelFile | None = None,
 ) -> ModelDescription:
     """The description of the model file `path`, by the one precedence every model follows
     (bundled, local or delivered over MQTT): the pipeline config (`task`, `labels`,
     `preprocess`), then what its manifest `declared`, then its TFLite metadata, then its
-    graph. ModelError when the file cannot be read as a TFLite model."""
-    inferred = infer_description(read_model(path))
+    graph. ModelError when the file cannot be read as a TFLite model. `model_file` is
+    `path` already parsed (`read_model`), to spare parsing it again."""
+    if model_file is None:
+        model_file = read_model(path)
+    inferred = infer_description(model_file)
     sources: dict[str, str] = {}
     said = f"from {declared.origin}" if declared is not None else ""
 
@@ -179,6 +199,7 @@ def describe_file(
         labels=chosen_labels,
         preprocess=chosen_pre,
         manifest=manifest,
+        model_file=model_file,
         sources=sources,
         about=inferred.about,
     )

@@ -91,7 +91,7 @@ from edgeagent.mqtt.protocol import (
     reported_message,
 )
 from edgeagent.mqtt.topics import Topics
-from edgeagent.pipeline import PipelineStats, source_kind
+from edgeagent.pipeline import PipelineStats
 
 _log = logging.getLogger(__name__)
 
@@ -756,7 +756,7 @@ class ModelDelivery:
             validate_model(
                 staged,
                 manifest,
-                source_kind=source_kind(pipeline.config),
+                source_kind=pipeline.config.source.kind,
                 source_shape=_source_shape(pipeline),
                 timeout_s=self._config.gate_timeout_s,
             )

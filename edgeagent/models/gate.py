@@ -186,7 +186,7 @@ def _run_checks(
         raise _Reject("not-tflite", str(exc)) from exc
     started = time.perf_counter()
     try:
-        engine = Engine.load(path, accelerator="cpu", threads=1)
+        engine = Engine.load(path, accelerator="cpu", threads=1, model=model_file)
     except ModelError as exc:
         op = missing_operator(f"{exc.__cause__ or ''}\n{exc}")
         if op is not None:

@@ -28,6 +28,7 @@ stretched.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -103,11 +104,10 @@ def _task(model: ModelFile) -> tuple[AnyTask, str]:
         where = f"Ultralytics export (task {export.task!r} in {export.file})"
         if export.task == "detect" and len(outputs) == 1:
             try:
-                head = read_yolo_head(outputs[0].shape, "auto", classes)
+                layout, why = _yolo_layout(outputs[0].shape, classes)
             except ModelError as exc:
                 return RawTask(), f"raw: {where}, but {exc}"
-            layout = "yolov5" if head.objectness else "yolov8"
-            return DetectionTask(layout=layout), f"detection: {where}; YOLO head {head.reason}"
+            return DetectionTask(layout=layout), f"detection: {where}; YOLO head {why}"
         if export.task == "classify" and _score_vector(outputs[0].shape):
             return ClassificationTask(), f"classification: {where}"
         return RawTask(), (
@@ -148,14 +148,22 @@ def _task(model: ModelFile) -> tuple[AnyTask, str]:
         return ClassificationTask(), f"classification: one {list(shape)} output"
     if image is not None and len(shape) == 3 and shape[0] == 1:
         try:
-            head = read_yolo_head(shape, "auto", classes)
+            layout, why = _yolo_layout(shape, classes)
         except ModelError as exc:
             return RawTask(), f"raw: one {list(shape)} output is not a YOLO head ({exc})"
-        layout = "yolov5" if head.objectness else "yolov8"
         return DetectionTask(layout=layout), (
-            f"detection: one {list(shape)} output read as a {layout} head ({head.reason})"
+            f"detection: one {list(shape)} output read as a {layout} head ({why})"
         )
     return RawTask(), f"raw: no rule fits the output {list(shape)}; set the task in the pipeline"
+
+
+def _yolo_layout(
+    shape: tuple[int, ...], classes: int | None
+) -> tuple[Literal["yolov5", "yolov8"], str]:
+    """The detection layout of a YOLO head of `shape`, and why; ModelError when `shape`
+    is not one."""
+    head = read_yolo_head(shape, "auto", classes)
+    return ("yolov5" if head.objectness else "yolov8"), head.reason
 
 
 def _score_vector(shape: tuple[int, ...]) -> bool:

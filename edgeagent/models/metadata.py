@@ -11,12 +11,12 @@ the value), as flatc lays them out.
 What is read (everything else is ignored; a metadata buffer that does not parse is
 reported by the caller and ignored as a whole):
 
-- ModelMetadata: name, description, version, author, associated_files, and the first
-  subgraph's input/output TensorMetadata and associated_files.
-- TensorMetadata: name, description, content (ImageProperties colour space and default
-  size, BoundingBoxProperties index / type / coordinate type, AudioProperties sample rate
-  and channels), process units (NormalizationOptions mean/std, ScoreThresholdingOptions
-  global threshold), value range, associated files.
+- ModelMetadata: name, description, associated_files, and the first subgraph's
+  input/output TensorMetadata and associated_files.
+- TensorMetadata: name, description, content (its kind, ImageProperties colour space,
+  BoundingBoxProperties index / type / coordinate type), process units
+  (NormalizationOptions mean/std, ScoreThresholdingOptions global threshold), associated
+  files.
 """
 
 from __future__ import annotations
@@ -29,18 +29,13 @@ import flatbuffers  # type: ignore[import-untyped]
 IDENTIFIER: Final = b"M001"
 
 # AssociatedFileType
-DESCRIPTIONS: Final = 1
 TENSOR_AXIS_LABELS: Final = 2
 TENSOR_VALUE_LABELS: Final = 3
 # ColorSpaceType
-COLOR_RGB: Final = 1
 COLOR_GRAYSCALE: Final = 2
 # BoundingBoxType
 BOX_BOUNDARIES: Final = 1
-BOX_UPPER_LEFT: Final = 2
-BOX_CENTER: Final = 3
 # CoordinateType
-COORDINATES_RATIO: Final = 0
 COORDINATES_PIXEL: Final = 1
 
 # union ContentProperties { FeatureProperties, ImageProperties, BoundingBoxProperties,
@@ -52,21 +47,17 @@ _NORMALIZATION: Final = 1
 _SCORE_THRESHOLDING: Final = 3
 
 # Field slots, per table, in declaration order.
-_MODEL_NAME, _MODEL_DESCRIPTION, _MODEL_VERSION, _MODEL_SUBGRAPHS = 0, 1, 2, 3
-_MODEL_AUTHOR, _MODEL_FILES = 4, 6
+_MODEL_NAME, _MODEL_DESCRIPTION, _MODEL_SUBGRAPHS, _MODEL_FILES = 0, 1, 3, 6
 _SUBGRAPH_INPUTS, _SUBGRAPH_OUTPUTS, _SUBGRAPH_FILES = 2, 3, 4
 _TENSOR_NAME, _TENSOR_DESCRIPTION, _TENSOR_CONTENT = 0, 1, 3
 _TENSOR_PROCESS_UNITS, _TENSOR_FILES = 4, 6
-_CONTENT_TYPE, _CONTENT_VALUE, _CONTENT_RANGE = 0, 1, 2  # a union takes two slots
-_IMAGE_COLOR_SPACE, _IMAGE_DEFAULT_SIZE = 0, 1
-_SIZE_WIDTH, _SIZE_HEIGHT = 0, 1
+_CONTENT_TYPE, _CONTENT_VALUE = 0, 1  # a union takes two slots
+_IMAGE_COLOR_SPACE = 0
 _BOX_INDEX, _BOX_TYPE, _BOX_COORDINATES = 0, 1, 2
-_AUDIO_SAMPLE_RATE, _AUDIO_CHANNELS = 0, 1
-_RANGE_MIN, _RANGE_MAX = 0, 1
 _UNIT_TYPE, _UNIT_VALUE = 0, 1
 _NORM_MEAN, _NORM_STD = 0, 1
 _THRESHOLD_VALUE = 0
-_FILE_NAME, _FILE_DESCRIPTION, _FILE_TYPE, _FILE_LOCALE = 0, 1, 2, 3
+_FILE_NAME, _FILE_TYPE = 0, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +67,6 @@ class AssociatedFile:
     name: str
     type: int  # AssociatedFileType: 2 = TENSOR_AXIS_LABELS, 3 = TENSOR_VALUE_LABELS
     owner: str  # "model", "subgraph", "input:<n>" or "output:<n>"
-    locale: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,14 +85,10 @@ class TensorMetadata:
     description: str
     content: str  # "image", "bounding_box", "feature", "audio", or "" when not declared
     color_space: int  # ColorSpaceType, images only (0 when unknown)
-    default_size: tuple[int, int] | None  # (width, height), images only
     box: BoxProperties | None
-    sample_rate: int  # audio only (0 when not declared)
-    channels: int  # audio only
     mean: tuple[float, ...]  # NormalizationOptions; () when there is none
     std: tuple[float, ...]
     score_threshold: float | None  # ScoreThresholdingOptions.global_score_threshold
-    value_range: tuple[int, int] | None  # Content.range (min, max dimension)
     files: tuple[AssociatedFile, ...]
 
 
@@ -110,8 +96,6 @@ class TensorMetadata:
 class ModelMetadata:
     name: str
     description: str
-    version: str
-    author: str
     inputs: tuple[TensorMetadata, ...]
     outputs: tuple[TensorMetadata, ...]
     files: tuple[AssociatedFile, ...]  # every file, tensors' first, then subgraph, model
@@ -140,8 +124,6 @@ def parse_metadata(blob: bytes) -> ModelMetadata:
     return ModelMetadata(
         name=root.string(_MODEL_NAME),
         description=root.string(_MODEL_DESCRIPTION),
-        version=root.string(_MODEL_VERSION),
-        author=root.string(_MODEL_AUTHOR),
         inputs=inputs,
         outputs=outputs,
         files=tuple(files),
@@ -149,7 +131,7 @@ def parse_metadata(blob: bytes) -> ModelMetadata:
 
 
 def _tensor(table: _Table, owner: str) -> TensorMetadata:
-    content, color, size, box, rate, channels, value_range = "", 0, None, None, 0, 0, None
+    content, color, box = "", 0, None
     block = table.table(_TENSOR_CONTENT)
     if block is not None:
         kind = block.uint8(_CONTENT_TYPE)
@@ -157,20 +139,12 @@ def _tensor(table: _Table, owner: str) -> TensorMetadata:
         value = block.table(_CONTENT_VALUE)
         if value is not None and content == "image":
             color = value.uint8(_IMAGE_COLOR_SPACE)
-            dims = value.table(_IMAGE_DEFAULT_SIZE)
-            if dims is not None:
-                size = (dims.uint32(_SIZE_WIDTH), dims.uint32(_SIZE_HEIGHT))
         elif value is not None and content == "bounding_box":
             box = BoxProperties(
                 tuple(value.uint32s(_BOX_INDEX)),
                 value.uint8(_BOX_TYPE),
                 value.uint8(_BOX_COORDINATES),
             )
-        elif value is not None and content == "audio":
-            rate, channels = value.uint32(_AUDIO_SAMPLE_RATE), value.uint32(_AUDIO_CHANNELS)
-        limits = block.table(_CONTENT_RANGE)
-        if limits is not None:
-            value_range = (limits.int32(_RANGE_MIN), limits.int32(_RANGE_MAX))
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     threshold: float | None = None
@@ -188,23 +162,16 @@ def _tensor(table: _Table, owner: str) -> TensorMetadata:
         description=table.string(_TENSOR_DESCRIPTION),
         content=content,
         color_space=color,
-        default_size=size,
         box=box,
-        sample_rate=rate,
-        channels=channels,
         mean=mean,
         std=std,
         score_threshold=threshold,
-        value_range=value_range,
         files=tuple(_files(table.tables(_TENSOR_FILES), owner)),
     )
 
 
 def _files(tables: list[_Table], owner: str) -> list[AssociatedFile]:
-    return [
-        AssociatedFile(t.string(_FILE_NAME), t.uint8(_FILE_TYPE), owner, t.string(_FILE_LOCALE))
-        for t in tables
-    ]
+    return [AssociatedFile(t.string(_FILE_NAME), t.uint8(_FILE_TYPE), owner) for t in tables]
 
 
 class _Table:
@@ -232,12 +199,6 @@ class _Table:
 
     def uint8(self, slot: int) -> int:
         return int(self._scalar(slot, flatbuffers.number_types.Uint8Flags, 0))
-
-    def uint32(self, slot: int) -> int:
-        return int(self._scalar(slot, flatbuffers.number_types.Uint32Flags, 0))
-
-    def int32(self, slot: int) -> int:
-        return int(self._scalar(slot, flatbuffers.number_types.Int32Flags, 0))
 
     def float32(self, slot: int) -> float:
         return float(self._scalar(slot, flatbuffers.number_types.Float32Flags, 0.0))

@@ -54,6 +54,7 @@ __all__ = [
     "ExportMetadata",
     "ModelFile",
     "TensorDescription",
+    "label_lines",
     "parse_model",
     "read_model",
 ]
@@ -256,7 +257,7 @@ def _packed_files(
                 if found is not None:
                     export = export or found
                     continue
-                labels = _lines(raw.decode("utf-8", "replace"))
+                labels = label_lines(raw.decode("utf-8", "replace"))
                 if labels:
                     return names, labels, f"metadata file {name} ({why})", export
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError, ValueError) as exc:
@@ -268,7 +269,8 @@ def _packed_files(
     return names, (), "", export
 
 
-def _lines(text: str) -> tuple[str, ...]:
+def label_lines(text: str) -> tuple[str, ...]:
+    """One label per line, stripped; blank lines keep their index, trailing ones go."""
     lines = [line.strip() for line in text.splitlines()]
     while lines and not lines[-1]:
         lines.pop()  # a trailing newline is not a class; blank lines inside keep indices
