@@ -43,6 +43,14 @@ def _topic_prefix(value: str) -> str:
     return value.rstrip("/")
 
 
+def _needs_key(value: Path | None, info: ValidationInfo, other: str, message: str) -> Path | None:
+    """`value`, refused with `message` when it is set and the key `other` is not."""
+    # `other` is declared first, so it is in info.data unless it was itself invalid.
+    if value is not None and other in info.data and info.data[other] is None:
+        raise ValueError(message)
+    return value
+
+
 def _group_names(value: tuple[str, ...]) -> tuple[str, ...]:
     for group in value:
         check_name(group, "group name")
@@ -209,12 +217,12 @@ class TlsConfig(_Model):
     @field_validator("key_file")
     @classmethod
     def _key_needs_certificate(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        # cert_file is declared first, so it is in info.data unless it was itself invalid.
-        if value is not None and "cert_file" in info.data and info.data["cert_file"] is None:
-            raise ValueError(
-                "a client key needs its certificate: set cert_file as well (or remove key_file)"
-            )
-        return value
+        return _needs_key(
+            value,
+            info,
+            "cert_file",
+            "a client key needs its certificate: set cert_file as well (or remove key_file)",
+        )
 
 
 class MqttConfig(_Model):
@@ -240,19 +248,14 @@ class MqttConfig(_Model):
     @field_validator("password_file")
     @classmethod
     def _password_needs_username(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        # username is declared first, so it is in info.data unless it was itself invalid.
-        if value is not None and "username" in info.data and info.data["username"] is None:
-            raise ValueError(
-                "a password needs a user name: set username as well (or remove password_file)"
-            )
-        return value
+        return _needs_key(
+            value,
+            info,
+            "username",
+            "a password needs a user name: set username as well (or remove password_file)",
+        )
 
-    @field_validator("prefix")
-    @classmethod
-    def _prefix(cls, value: str) -> str:
-        if not value or any(c in value for c in "#+\0") or value.startswith("/"):
-            raise ValueError("must be a non-empty topic without '#', '+' or a leading '/'")
-        return value.rstrip("/")
+    _prefix = field_validator("prefix")(_topic_prefix)
 
 
 class DeviceConfig(_Model):

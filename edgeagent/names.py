@@ -31,9 +31,15 @@ def check_name(value: str, what: str | None = None) -> str:
     return value
 
 
+def check_not_reserved(device_id: str) -> str:
+    """Returns `device_id` unless it is one of the fleet-wide topic levels (ValueError)."""
+    if device_id in RESERVED_DEVICE_IDS:
+        raise ValueError(
+            f"device id {device_id!r} is reserved for fleet-wide topics; choose another"
+        )
+    return device_id
+
+
 def check_device_id(value: str) -> str:
     """A device id: a safe name that is not one of the fleet-wide topic levels."""
-    check_name(value)
-    if value in RESERVED_DEVICE_IDS:
-        raise ValueError(f"device id {value!r} is reserved for fleet-wide topics; choose another")
-    return value
+    return check_not_reserved(check_name(value))

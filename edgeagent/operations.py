@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -28,12 +29,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from edgeagent import __version__
 from edgeagent.config import AgentConfig, PipelineConfig, validate_config_data
 from edgeagent.errors import ConfigError, EdgeAgentError
-from edgeagent.hal.audio.settings import WavAudio
-from edgeagent.hal.camera.settings import ImagesCamera, OpenCVCamera
-from edgeagent.hal.sensor.settings import CsvSensor
+from edgeagent.hal.settings import RemotePath
 from edgeagent.inference.benchmark import measure
-from edgeagent.models.catalog import bundled_dir
-from edgeagent.mqtt.commands import BinaryResult, CommandRouter, Progress, Request
+from edgeagent.models.catalog import bundled_path
+from edgeagent.mqtt.commands import (
+    BinaryResult,
+    CommandRouter,
+    Progress,
+    Request,
+    validation_reason,
+)
 from edgeagent.names import SAFE_NAME
 from edgeagent.snapshot import render_mask, render_snapshot
 
@@ -64,8 +69,6 @@ paths in it must resolve under `commands.remote_paths`. Everything else is local
 here): it decides whom the device trusts, where it connects or what it writes, and only
 root changes it, in the file. Documented in docs/protocol.md."""
 
-_NETWORK_STREAM = re.compile(r"(?:rtsps?|https?)://\S+", re.IGNORECASE)
-_VIDEO_DEVICE = re.compile(r"/dev/video[0-9]{1,3}")
 _GLOB_MAGIC = re.compile(r"[*?\[]")
 
 A = TypeVar("A", bound=BaseModel)
@@ -114,11 +117,7 @@ def parse_args(schema: type[A], args: dict[str, Any], command: str) -> A:
     try:
         return schema.model_validate(args)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or 'args'}: {error['msg']}"
-            for error in exc.errors(include_url=False)
-        )
-        raise EdgeAgentError(f"invalid args for {command!r}: {problems}") from None
+        raise EdgeAgentError(validation_reason(command, exc)) from None
 
 
 def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -153,10 +152,9 @@ def _remotely_allowed(path: str) -> bool:
     return any(path == key or path.startswith(key + ".") for key in REMOTE_CONFIG_KEYS)
 
 
-def forbidden_changes(old: AgentConfig, new: AgentConfig) -> list[str]:
-    """The key paths `new` changes that a command sender may not change."""
-    changed = _changed_paths(old.model_dump(mode="json"), new.model_dump(mode="json"))
-    return [path for path in changed if not _remotely_allowed(path)]
+def _changed_keys(old: AgentConfig, new: AgentConfig) -> list[str]:
+    """The dotted key paths whose values `new` changes, e.g. `telemetry.interval_s`."""
+    return list(_changed_paths(old.model_dump(mode="json"), new.model_dump(mode="json")))
 
 
 def _resolved(path: Path) -> Path | None:
@@ -195,8 +193,8 @@ def _file_refusal(value: str, roots: tuple[Path, ...]) -> str | None:
     return None
 
 
-def _images_refusal(pattern: str, roots: tuple[Path, ...]) -> str | None:
-    """An images source reads a folder, a file or a glob: its fixed part and every file it
+def _glob_refusal(pattern: str, roots: tuple[Path, ...]) -> str | None:
+    """A folder, a file or a glob (an images source): its fixed part and every file it
     matches now must lie in a root (a symlink inside a root may not lead out of it)."""
     parts = Path(pattern).parts
     fixed = next((i for i, part in enumerate(parts) if _GLOB_MAGIC.search(part)), len(parts))
@@ -212,23 +210,13 @@ def _images_refusal(pattern: str, roots: tuple[Path, ...]) -> str | None:
     return None
 
 
-def _opencv_refusal(uri: str, roots: tuple[Path, ...]) -> str | None:
-    """Network streams, device indexes and /dev/videoN are fine; a file must be in a root."""
-    if uri.isdigit() or _NETWORK_STREAM.fullmatch(uri) or _VIDEO_DEVICE.fullmatch(uri):
-        return None
-    if "://" in uri or uri.startswith("/dev/"):
-        return "a command may name an rtsp(s)/http(s) stream, /dev/videoN, a device index or a file"
-    return _file_refusal(uri, roots)
-
-
 def model_is_path(ref: str) -> bool:
     """Whether a pipeline's or bench's `model` names a file: not a bundled model, and not a
     plain name (a model delivered over MQTT) without a file of that name at hand."""
-    if "/" not in ref and not ref.endswith(".tflite"):
-        if (bundled_dir() / f"{ref}.tflite").is_file():
-            return False
-        if SAFE_NAME.fullmatch(ref) and ".." not in ref:
-            return Path(ref).expanduser().exists()
+    if bundled_path(ref) is not None:
+        return False
+    if SAFE_NAME.fullmatch(ref) and ".." not in ref and not ref.endswith(".tflite"):
+        return Path(ref).expanduser().exists()
     return True
 
 
@@ -263,14 +251,18 @@ def _pipeline_files(
 ) -> Iterator[tuple[str, str, Callable[[], str | None]]]:
     """(key, value, check) for every file a pipeline may name; `check` says why it may
     not be set by a command, or None."""
-    source = pipeline.source
-    if isinstance(source, ImagesCamera):
-        yield "source.path", source.path, lambda: _images_refusal(source.path, roots)
-    elif isinstance(source, CsvSensor | WavAudio):
-        yield "source.path", source.path, lambda: _file_refusal(source.path, roots)
-    elif isinstance(source, OpenCVCamera):
-        yield "source.uri", source.uri, lambda: _opencv_refusal(source.uri, roots)
+    for path in pipeline.source.remote_paths():
+        yield path.key, path.value, partial(_remote_path_refusal, path, roots)
     yield "model", pipeline.model, lambda: _model_refusal(pipeline.model, roots)
+
+
+def _remote_path_refusal(path: RemotePath, roots: tuple[Path, ...]) -> str | None:
+    """Why a command may not set `path` (the check its source declares), or None."""
+    if path.check == "glob":
+        return _glob_refusal(path.value, roots)
+    if path.check == "never":
+        return path.refusal
+    return _file_refusal(path.value, roots)
 
 
 class Operations:
@@ -391,7 +383,8 @@ class Operations:
             raise EdgeAgentError(
                 f"the new configuration is invalid, nothing changed: {exc}"
             ) from exc
-        forbidden = forbidden_changes(agent.config, new)
+        changed_paths = _changed_keys(agent.config, new)
+        forbidden = [path for path in changed_paths if not _remotely_allowed(path)]
         if forbidden:
             raise EdgeAgentError(
                 f"forbidden-key: {', '.join(forbidden)}: local-only, changed only in the "
@@ -405,11 +398,7 @@ class Operations:
                 f"commands.remote_paths ({_roots_text(agent.config.commands.remote_paths)}); "
                 "nothing changed"
             )
-        changed = sorted(
-            key
-            for key in AgentConfig.model_fields
-            if getattr(new, key) != getattr(agent.config, key)
-        )
+        changed = sorted({path.split(".", 1)[0] for path in changed_paths})
         if not changed:
             return {"changed": [], "restart_required": []}
         if "pipelines" in changed:

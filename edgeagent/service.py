@@ -132,7 +132,7 @@ class Agent:
             self.topics,
             self.store,
             self.pipelines,
-            publish_event=self._publish_durably,
+            publish_event=self._publish_delivery_event,
         )
         self.operations = Operations(self)
         self.router = CommandRouter(
@@ -291,20 +291,24 @@ class Agent:
                 self.topics.status, to_json(self._status("online")), qos=1, retain=True
             )
 
-    def _publish_durably(self, topic: str, payload: bytes) -> None:
-        """Results and events: stored first, removed once the broker acknowledged them."""
+    def _publish_durably(self, topic: str, payload: bytes) -> int | PublishTicket | None:
+        """Results and events: stored first, removed once the broker acknowledged them.
+        Returns the outbox entry id (None: not stored, counted by the outbox) or, with no
+        outbox, the link's ticket."""
         if self._outbox_publisher is None:
-            self._link.publish(topic, payload, qos=self.config.mqtt.qos)
-        else:
-            self._outbox_publisher.submit(topic, payload, qos=self.config.mqtt.qos)
+            return self._link.publish(topic, payload, qos=self.config.mqtt.qos)
+        return self._outbox_publisher.submit(topic, payload, qos=self.config.mqtt.qos)
+
+    def _publish_delivery_event(self, topic: str, payload: bytes) -> None:
+        """Model delivery's events go out durably; what became of them is not reported."""
+        self._publish_durably(topic, payload)
 
     def _publish_result(self, pipeline: str, result: dict[str, Any]) -> None:
-        topic, payload = self.topics.results(pipeline), to_json(result)
+        handed = self._publish_durably(self.topics.results(pipeline), to_json(result))
         handoff: ResultHandoff | None
-        if self._outbox_publisher is None:
-            ticket = self._link.publish(topic, payload, qos=self.config.mqtt.qos)
-            handoff = ResultHandoff(pipeline, stored=False, ticket=ticket)
-        elif self._outbox_publisher.submit(topic, payload, qos=self.config.mqtt.qos) is None:
+        if isinstance(handed, PublishTicket):
+            handoff = ResultHandoff(pipeline, stored=False, ticket=handed)
+        elif handed is None:
             handoff = None  # not stored (disk full, storage error): counted by the outbox
         else:
             durable = self.outbox is not None and self.outbox.durable

@@ -5,7 +5,8 @@ carries the backend's facts, so that nothing else keeps a list of source types: 
 implementation is (imported only when the source is opened), the kind of sample it
 delivers, whether `read()` paces itself, the shape of one sample (for the delivery gate
 before the first sample), the device family the doctor checks for it, and its doctor
-pre-flight check. The models live in light modules (`hal/camera/settings.py`,
+pre-flight check, and the file paths it reads (which a command may set only under
+`commands.remote_paths`). The models live in light modules (`hal/camera/settings.py`,
 `hal/sensor/settings.py`) that import no vendor library and no numpy, so that loading the
 configuration stays cheap; `edgeagent.config.SOURCE_BACKENDS` is the one list of them.
 """
@@ -14,14 +15,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, get_args
 
 from pydantic import BaseModel, ConfigDict
 
 SampleKind = Literal["image", "window"]
 DeviceFamily = Literal["camera", "i2c"]
+PathCheck = Literal["file", "glob", "never"]
 
 
 class PreflightEnv(Protocol):
@@ -50,6 +53,18 @@ class DeviceUse:
 
     family: DeviceFamily
     node: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RemotePath:
+    """A setting that names something to read, as a command would set it. `check`: "file"
+    must resolve under a root; "glob" also every file it matches now; "never" is refused
+    whatever the roots, for the reason `refusal`."""
+
+    key: str  # below the pipeline, e.g. `source.path`
+    value: str
+    check: PathCheck
+    refusal: str | None = None
 
 
 class SourceSettings(BaseModel):
@@ -81,10 +96,42 @@ class SourceSettings(BaseModel):
     def device(self) -> DeviceUse | None:
         return None
 
+    def remote_paths(self) -> Iterator[RemotePath]:
+        """The file paths these settings read, each with the check a command's value must
+        pass; a source that reads no file yields none."""
+        yield from ()
+
     def preflight(self, env: PreflightEnv) -> Preflight:
         """Whether the backend's library and what it reads are there, without opening it."""
         del env
         return Preflight(True, "built in")
+
+
+class WindowSettings(SourceSettings):
+    """A source of windows of `window` samples, a new one every `hop_samples`."""
+
+    kind: ClassVar[SampleKind] = "window"
+    window: int  # samples per window
+    if TYPE_CHECKING:
+        # Each backend declares `hop` (samples between windows; None: window) in its own
+        # place: a field declared here would move it in the order of keys and errors.
+        hop: int | None
+
+    @property
+    def hop_samples(self) -> int:
+        """Samples from the start of one window to the next: `hop`, else `window`."""
+        return self.hop or self.window
+
+
+class RealtimeWindows(WindowSettings):
+    """A window source that renders or replays its samples: `realtime` paces the windows
+    at the sample rate; false delivers them as fast as they are read."""
+
+    if TYPE_CHECKING:
+        realtime: bool  # declared by each backend, in its place, as `hop` is
+
+    def paced(self) -> bool:
+        return self.realtime
 
 
 def importable(module: str) -> bool | str:

@@ -348,10 +348,6 @@ class _Seen:
     dropped: tuple[str, int] | None = None
     cost: int = 0  # bytes the ledger counts for this entry
 
-    @property
-    def finished(self) -> bool:
-        return self.final is not None or self.dropped is not None
-
 
 # The bytes one remembered id costs beyond its strings and replies: the dict slot, the
 # _Seen object and the str/bytes headers (measured with sys.getsizeof, rounded up).
@@ -456,7 +452,9 @@ def _ping(_request: Request) -> dict[str, Any]:
     return {"pong": True, "ts": round(time.time(), 3)}
 
 
-def _validation_reason(name: str, exc: ValidationError) -> str:
+def validation_reason(name: str, exc: ValidationError) -> str:
+    """Why the args of command `name` were refused, naming each bad argument; the words
+    the router replies with and the control socket raises."""
     problems = [
         f"{'.'.join(str(p) for p in error['loc']) or 'args'}: {error['msg']}"
         for error in exc.errors(include_url=False)
@@ -613,7 +611,7 @@ class CommandRouter:
             try:
                 params = command.schema.model_validate(request.args)
             except ValidationError as exc:
-                reason = _validation_reason(request.name, exc)
+                reason = validation_reason(request.name, exc)
                 log.warning("command %s (id %r) refused: %s", request.name, request.id, reason)
                 self._finish(
                     request, seen, "failed", self._answer(request, "failed", reason=reason)

@@ -89,10 +89,6 @@ class DesiredState:
             entries, json_number(document.get("ts")), by if isinstance(by, str) else None, document
         )
 
-    def usable(self) -> dict[str, DesiredEntry]:
-        """The entries without an error."""
-        return {n: e for n, e in self.pipelines.items() if e.error is None}
-
 
 def _pipelines_member(document: Mapping[str, Any]) -> dict[str, Any]:
     pipelines = document.get("pipelines", {})
@@ -248,7 +244,9 @@ class ResultEnvelope:
     model: str
     version: str
     accelerator: str
-    latency_ms: Mapping[str, float]
+    # A dict, put into the message as it is (json.dumps takes no other Mapping): each
+    # result has its own, which nothing changes after.
+    latency_ms: dict[str, float]
 
     def to_json(self, result: Any, **extra: Any) -> dict[str, Any]:
         return {
@@ -260,7 +258,7 @@ class ResultEnvelope:
             "pipeline": self.pipeline,
             "model": {"name": self.model, "version": self.version},
             "accelerator": self.accelerator,
-            "latency_ms": dict(self.latency_ms),
+            "latency_ms": self.latency_ms,
             "result": result,
             **extra,
         }

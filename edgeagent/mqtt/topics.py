@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from edgeagent.names import GROUPS_LEVEL as _GROUPS
 from edgeagent.names import MODELS_LEVEL as _MODELS
-from edgeagent.names import RESERVED_DEVICE_IDS
+from edgeagent.names import RESERVED_DEVICE_IDS, check_not_reserved
 
 _FORBIDDEN = frozenset("/+#\0")
 DEVICE_KINDS = frozenset(
@@ -39,12 +39,7 @@ def _level(value: str, what: str) -> str:
 
 
 def _device(device_id: str) -> str:
-    _level(device_id, "device id")
-    if device_id in RESERVED_DEVICE_IDS:
-        raise ValueError(
-            f"device id {device_id!r} is reserved for fleet-wide topics; choose another"
-        )
-    return device_id
+    return check_not_reserved(_level(device_id, "device id"))
 
 
 class DeviceTopic(NamedTuple):
@@ -89,9 +84,6 @@ class FleetTopics:
 
     def __repr__(self) -> str:
         return f"FleetTopics(prefix={self.prefix!r})"
-
-    def device(self, device_id: str) -> Topics:
-        return Topics(self.prefix, device_id)
 
     def device_root(self, device_id: str) -> str:
         """`<prefix>/<device>`; its topics are this plus `/<kind>...`."""

@@ -12,21 +12,19 @@ from typing import Any
 import numpy as np
 
 from edgeagent.errors import MissingDependencyError, SourceError
-from edgeagent.hal.audio.settings import AlsaMicrophone
+from edgeagent.hal.audio.settings import ALSA_INSTALL_HINT, AlsaMicrophone
 from edgeagent.hal.audio.windows import SampleWindows
 from edgeagent.hal.settings import SampleKind
 from edgeagent.hal.source import Sample
 
 logger = logging.getLogger(__name__)
 
-_INSTALL = "sudo apt install libasound2-dev, then pip install 'edgeagent[audio]' (pyalsaaudio)"
-
 
 def _alsaaudio() -> ModuleType:
     try:
         import alsaaudio  # type: ignore[import-not-found, unused-ignore]
     except ImportError as exc:
-        raise MissingDependencyError("the ALSA microphone source", _INSTALL) from exc
+        raise MissingDependencyError("the ALSA microphone source", ALSA_INSTALL_HINT) from exc
     module: ModuleType = alsaaudio
     return module
 
@@ -37,7 +35,7 @@ class AlsaSource:
     def __init__(self, config: AlsaMicrophone) -> None:
         self.config = config
         self._pcm: Any = None
-        self._windows = SampleWindows(config.window, config.hop or config.window)
+        self._windows = SampleWindows(config.window, config.hop_samples)
         self._sequence = 0
 
     def open(self) -> None:

@@ -6,6 +6,7 @@ rest of the agent it is a window source like the sensors.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -14,23 +15,23 @@ from pydantic import Field
 from edgeagent.hal.settings import (
     Preflight,
     PreflightEnv,
-    SampleKind,
-    SourceSettings,
+    RealtimeWindows,
+    RemotePath,
+    WindowSettings,
     library_preflight,
 )
 
-ALSA_INSTALL_HINT = "sudo apt install libasound2-dev, then pip install 'edgeagent[audio]'"
+ALSA_INSTALL_HINT = (
+    "sudo apt install libasound2-dev, then pip install 'edgeagent[audio]' (pyalsaaudio)"
+)
 
 
-class _Audio(SourceSettings):
-    kind: ClassVar[SampleKind] = "window"
-    window: int  # samples per window
-
+class _Audio(WindowSettings):
     def sample_shape(self) -> tuple[int, ...]:
         return (self.window, 1)
 
 
-class SyntheticSounds(_Audio):
+class SyntheticSounds(_Audio, RealtimeWindows):
     """Labelled sounds (background, beep, siren, knock), one class per segment, at random."""
 
     implementation: ClassVar[str] = "edgeagent.hal.audio.synthetic:SyntheticSoundsSource"
@@ -44,11 +45,8 @@ class SyntheticSounds(_Audio):
     seed: int = 0
     realtime: bool = True  # pace windows at rate_hz; false: as fast as read
 
-    def paced(self) -> bool:
-        return self.realtime
 
-
-class WavAudio(_Audio):
+class WavAudio(_Audio, RealtimeWindows):
     """Replays a PCM WAV file (8, 16, 24 or 32 bit) as mono windows in [-1, 1]."""
 
     implementation: ClassVar[str] = "edgeagent.hal.audio.wav:WavSource"
@@ -60,8 +58,8 @@ class WavAudio(_Audio):
     loop: bool = True
     realtime: bool = True  # pace windows at the file's sample rate
 
-    def paced(self) -> bool:
-        return self.realtime
+    def remote_paths(self) -> Iterator[RemotePath]:
+        yield RemotePath("source.path", self.path, "file")
 
     def preflight(self, env: PreflightEnv) -> Preflight:
         del env

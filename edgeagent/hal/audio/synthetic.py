@@ -29,10 +29,10 @@ class SyntheticSoundsSource:
         self.config = config
         self.sounds = config.sounds or SOUNDS
         self._segment = config.segment or config.window
-        self._windows = SampleWindows(config.window, config.hop or config.window)
+        self._windows = SampleWindows(config.window, config.hop_samples)
         self._generator = SoundGenerator(config.rate_hz, config.seed)
         self._rng = np.random.default_rng(config.seed + 1)
-        period = (config.hop or config.window) / config.rate_hz if config.realtime else 0.0
+        period = config.hop_samples / config.rate_hz if config.realtime else 0.0
         self._pacer = Pacer(period)
         self._sequence = 0
         self._open = False

@@ -59,7 +59,7 @@ class WavSource:
         self.rate_hz = 0
         self._samples: npt.NDArray[np.float32] | None = None
         self._position = 0
-        self._windows = SampleWindows(config.window, config.hop or config.window)
+        self._windows = SampleWindows(config.window, config.hop_samples)
         self._pacer = Pacer(0.0)
         self._sequence = 0
 
@@ -71,15 +71,14 @@ class WavSource:
                 f"window of {self.config.window}"
             )
         self._samples, self.rate_hz, self._position, self._sequence = samples, rate, 0, 0
-        hop = self.config.hop or self.config.window
-        self._pacer = Pacer(hop / rate if self.config.realtime else 0.0)
+        self._pacer = Pacer(self.config.hop_samples / rate if self.config.realtime else 0.0)
         logger.info(
             "wav source: %s, %.1f s at %d Hz, windows of %d every %d samples",
             self.config.path,
             len(samples) / rate,
             rate,
             self.config.window,
-            hop,
+            self.config.hop_samples,
         )
 
     def read(self) -> Sample:

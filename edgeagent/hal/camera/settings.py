@@ -7,6 +7,8 @@ and no numpy; each backend imports its own library when it is opened.
 from __future__ import annotations
 
 import glob
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -16,6 +18,7 @@ from edgeagent.hal.settings import (
     DeviceUse,
     Preflight,
     PreflightEnv,
+    RemotePath,
     SampleKind,
     SourceSettings,
     library_preflight,
@@ -28,6 +31,13 @@ PICAMERA2_INSTALL_HINT = (
     "it, as deploy/install.sh does"
 )
 
+
+# What a command may name as an OpenCV source besides a file (strict: a command's value).
+_NETWORK_STREAM = re.compile(r"(?:rtsps?|https?)://\S+", re.IGNORECASE)
+_VIDEO_DEVICE = re.compile(r"/dev/video[0-9]{1,3}")
+_REMOTE_URI_REFUSAL = (
+    "a command may name an rtsp(s)/http(s) stream, /dev/videoN, a device index or a file"
+)
 
 _DEFAULT_WIDTH, _DEFAULT_HEIGHT = 640, 480  # what the gate assumes of a camera of no set size
 
@@ -73,6 +83,9 @@ class ImagesCamera(_Camera):
     def sample_shape(self) -> tuple[int, ...]:
         return _frame(None, None)  # each file has its own size
 
+    def remote_paths(self) -> Iterator[RemotePath]:
+        yield RemotePath("source.path", self.path, "glob")
+
     def preflight(self, env: PreflightEnv) -> Preflight:
         del env
         path = Path(self.path)
@@ -103,6 +116,17 @@ class OpenCVCamera(_Camera):
     def device(self) -> DeviceUse | None:
         on_device = self.uri.startswith("/dev/video") or self.uri.isdigit()
         return DeviceUse("camera") if on_device else None
+
+    def remote_paths(self) -> Iterator[RemotePath]:
+        """Network streams, device indexes and /dev/videoN read no file; a file must be
+        checked; any other scheme or /dev node is refused."""
+        uri = self.uri
+        if uri.isdigit() or _NETWORK_STREAM.fullmatch(uri) or _VIDEO_DEVICE.fullmatch(uri):
+            return
+        if "://" in uri or uri.startswith("/dev/"):
+            yield RemotePath("source.uri", uri, "never", _REMOTE_URI_REFUSAL)
+        else:
+            yield RemotePath("source.uri", uri, "file")
 
     def preflight(self, env: PreflightEnv) -> Preflight:
         missing = library_preflight("cv2", "OpenCV", OPENCV_INSTALL_HINT)

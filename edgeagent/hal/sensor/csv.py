@@ -31,7 +31,7 @@ class CsvSource:
     def __init__(self, config: CsvSensor) -> None:
         self.config = config
         self.window = config.window
-        self.hop = config.hop or config.window
+        self.hop = config.hop_samples
         self.channels: tuple[str, ...] = ()
         self._data: npt.NDArray[np.float32] | None = None
         self._position = 0

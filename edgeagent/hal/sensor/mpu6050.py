@@ -96,7 +96,7 @@ class Mpu6050Source:
     ) -> None:
         self.config = config
         self.window = config.window
-        self.hop = config.hop or config.window
+        self.hop = config.hop_samples
         self.error_timeout_s = error_timeout_s
         self._bus_factory = bus_factory
         self._bus: SMBusLike | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -11,8 +12,9 @@ from edgeagent.hal.settings import (
     DeviceUse,
     Preflight,
     PreflightEnv,
-    SampleKind,
-    SourceSettings,
+    RealtimeWindows,
+    RemotePath,
+    WindowSettings,
     library_preflight,
 )
 
@@ -21,15 +23,12 @@ I2C_ENABLE_HINT = "enable I2C with `sudo raspi-config nonint do_i2c 0` (Interfac
 _AXES = 3  # channels of an accelerometer window (x, y, z)
 
 
-class _Sensor(SourceSettings):
-    kind: ClassVar[SampleKind] = "window"
-    window: int  # samples per window
-
+class _Sensor(WindowSettings):
     def sample_shape(self) -> tuple[int, ...]:
         return (self.window, _AXES)
 
 
-class SyntheticVibration(_Sensor):
+class SyntheticVibration(_Sensor, RealtimeWindows):
     """An accelerometer-like signal with faults that can be injected."""
 
     implementation: ClassVar[str] = "edgeagent.hal.sensor.synthetic_vibration:SyntheticVibration"
@@ -41,9 +40,6 @@ class SyntheticVibration(_Sensor):
     seed: int = 0
     fault_rate: float = Field(default=0.1, ge=0, le=1)  # fraction of windows with a fault
     realtime: bool = True  # pace windows at rate_hz; false: as fast as read
-
-    def paced(self) -> bool:
-        return self.realtime
 
 
 class CsvSensor(_Sensor):
@@ -62,6 +58,9 @@ class CsvSensor(_Sensor):
     def sample_shape(self) -> tuple[int, ...]:
         # Without `columns` the file decides; the gate assumes an accelerometer's three.
         return (self.window, len(self.columns) if self.columns else _AXES)
+
+    def remote_paths(self) -> Iterator[RemotePath]:
+        yield RemotePath("source.path", self.path, "file")
 
     def preflight(self, env: PreflightEnv) -> Preflight:
         del env

@@ -129,7 +129,7 @@ class SyntheticVibration:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.config = config
-        self.hop = config.hop or config.window
+        self.hop = config.hop_samples
         self._clock = clock
         self._sleep = sleep
         self._generator: VibrationGenerator | None = None
