@@ -57,10 +57,10 @@ import paho.mqtt.client as mqtt
 from ai_edge_litert import schema_py_generated as s
 
 from edgeagent.cli.model import build_manifest
-from edgeagent.models.manifest import load_manifest
-from edgeagent.models.signing import sign_manifest
-from edgeagent.models.tflite import read_model
-from edgeagent.models.transfer import write_file_durably
+from edgeagent.delivery.signing import sign_manifest
+from edgeagent.delivery.transfer import write_file_durably
+from edgeagent.modelfile.manifest import load_manifest
+from edgeagent.modelfile.tflite import read_model
 from edgeagent.mqtt.topics import Topics
 from tests.broker import Mosquitto, Publisher, find_mosquitto, subscriber
 

@@ -27,7 +27,7 @@ from edgeagent.config import MqttConfig
 from edgeagent.hal.camera.settings import SyntheticCamera as SyntheticCameraConfig
 from edgeagent.hal.camera.synthetic import SyntheticCamera
 from edgeagent.inference import Engine, make_decoder, make_preprocessor
-from edgeagent.models.catalog import describe_model
+from edgeagent.modelfile.catalog import describe_model
 from edgeagent.mqtt.broker import LOOPBACK, LocalBroker
 from edgeagent.mqtt.client import make_client
 

@@ -11,9 +11,10 @@ import their section from here, never the reverse.
 
 from __future__ import annotations
 
+import logging
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Union
 
 import yaml
 from pydantic import (
@@ -31,6 +32,8 @@ from edgeagent.hal.camera.settings import ImagesCamera, OpenCVCamera, PiCamera, 
 from edgeagent.hal.sensor.settings import CsvSensor, Mpu6050Sensor, SyntheticVibration
 from edgeagent.hal.settings import SourceSettings
 from edgeagent.names import check_device_id, check_name
+
+log = logging.getLogger(__name__)
 
 
 class _Model(BaseModel):
@@ -271,8 +274,8 @@ _MIB = 1 << 20
 
 
 class DeliveryConfig(_Model):
-    """`models:`: the on-device model store, trusted signing keys, limits and probation
-    for models delivered over MQTT (docs/model-delivery.md)."""
+    """`delivery:` (formerly `models:`): the on-device model store, trusted signing keys,
+    limits and probation for models delivered over MQTT (docs/model-delivery.md)."""
 
     store: Path | None = None  # default: <state_dir>/models (edgeagent/paths.py)
     trusted_keys: tuple[Path, ...] = ()  # Ed25519 public key PEM files
@@ -299,7 +302,7 @@ _DAY_S = 24 * 3600.0
 
 
 class OutboxConfig(_Model):
-    """`outbox:`: the durable store of results and events (edgeagent/mqtt/outbox.py)."""
+    """`outbox:`: the durable store of results and events (edgeagent/outbox/store.py)."""
 
     path: Path | None = None  # default: <state_dir>/outbox.db (edgeagent/paths.py)
     max_bytes: int = Field(default=256 * _MIB, gt=0)  # topic + payload bytes stored
@@ -325,7 +328,7 @@ BUILTIN_COMMANDS = frozenset(
         "restart",
     }
 )
-"""Every command the agent knows (edgeagent/mqtt/commands.py routes them); `commands.allow`
+"""Every command the agent knows (edgeagent/commands/router.py routes them); `commands.allow`
 picks from these."""
 
 
@@ -337,7 +340,7 @@ class CommandsConfig(_Model):
     groups: tuple[str, ...] = ()  # fan-out groups this device answers in
     dedup_size: int = Field(default=1024, ge=1, le=1_000_000)  # request ids remembered
     dedup_ttl_s: float = Field(default=3600.0, gt=0)
-    # Bytes of recorded replies (and ids) the repeat-id cache may hold (mqtt/commands.py).
+    # Bytes of recorded replies (and ids) the repeat-id cache may hold (commands/router.py).
     dedup_max_bytes: int = Field(default=1024 * 1024, ge=16 * 1024, le=1024 * 1024 * 1024)
     # Folders under which a file path set by `config.set` (an images, csv or wav source's
     # `path`, an opencv `uri` that is a file, a pipeline's `model`) or `bench`'s `model`
@@ -378,14 +381,14 @@ class PrometheusConfig(_Model):
 
 
 class TelemetryConfig(_Model):
-    """`telemetry:` (edgeagent/mqtt/telemetry.py)."""
+    """`telemetry:` (edgeagent/telemetry/report.py)."""
 
     interval_s: float = Field(default=30.0, gt=0)
     prometheus: PrometheusConfig | None = None  # None: no HTTP endpoint
 
 
 class DiscoveryConfig(_Model):
-    """`homeassistant:`: Home Assistant MQTT discovery (edgeagent/mqtt/discovery.py)."""
+    """`homeassistant:`: Home Assistant MQTT discovery (edgeagent/telemetry/homeassistant.py)."""
 
     enabled: bool = False
     prefix: str = "homeassistant"  # HA's discovery prefix; its birth topic is <prefix>/status
@@ -401,7 +404,7 @@ class AgentConfig(_Model):
     commands: CommandsConfig = Field(default_factory=CommandsConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     homeassistant: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
-    models: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     # Durable state (outbox, model store); default: $STATE_DIRECTORY (systemd), else
     # /var/lib/edgeagent. See edgeagent/paths.py.
     state_dir: Path | None = None
@@ -522,6 +525,33 @@ def _nearest_line(path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> i
     return None
 
 
+RENAMED_KEYS: Final = {"models": "delivery"}
+"""Top-level keys renamed since they were introduced: the old name keeps working for now,
+with a warning that names the new one."""
+
+
+def rename_legacy_keys(
+    data: dict[str, Any], source: str, lines: dict[tuple[Any, ...], int] | None = None
+) -> dict[str, Any]:
+    """`data` with each old top-level key in `RENAMED_KEYS` under its new name (warning
+    once per key); ConfigError when both names are given."""
+    for old, new in RENAMED_KEYS.items():
+        if old not in data:
+            continue
+        line = (lines or {}).get((old,))
+        where = f"{source}:{line}" if line else source
+        if new in data:
+            raise ConfigError(f"{where}: {old}: is the old name of {new}:; give only {new}:")
+        log.warning(
+            "%s: '%s:' is now called '%s:'; the old name still works for now", where, old, new
+        )
+        data = {(new if key == old else key): value for key, value in data.items()}
+        if lines is not None:
+            for path in [p for p in lines if p[:1] == (old,)]:
+                lines[(new, *path[1:])] = lines.pop(path)
+    return data
+
+
 def parse_config(text: str, source: str = "<config>") -> AgentConfig:
     """Validates YAML text into an `AgentConfig`; raises `ConfigError` naming lines."""
     lines: dict[tuple[Any, ...], int] = {}
@@ -532,6 +562,7 @@ def parse_config(text: str, source: str = "<config>") -> AgentConfig:
     data = _strip(raw, (), lines) if raw is not None else {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping (device:, mqtt:, ...)")
+    data = rename_legacy_keys(data, source, lines)
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
@@ -540,6 +571,7 @@ def parse_config(text: str, source: str = "<config>") -> AgentConfig:
 
 def validate_config_data(data: dict[str, Any], source: str) -> AgentConfig:
     """Validates already-parsed configuration data (no line numbers to report)."""
+    data = rename_legacy_keys(data, source)
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:

@@ -29,7 +29,7 @@ def outbox_path(config: AgentConfig) -> Path:
 
 
 def model_store_root(config: AgentConfig) -> Path:
-    return config.models.store or state_dir(config) / "models"
+    return config.delivery.store or state_dir(config) / "models"
 
 
 def control_socket(config: AgentConfig | None) -> Path:

@@ -43,9 +43,9 @@ from edgeagent.hal.settings import SampleKind
 from edgeagent.hal.source import Sample, Source
 from edgeagent.hal.sources import open_source
 from edgeagent.inference import Decoder, Engine, Prepared, make_decoder, make_preprocessor
-from edgeagent.models.catalog import ModelDescription, describe_model
+from edgeagent.modelfile.catalog import ModelDescription, describe_model
 from edgeagent.mqtt.protocol import ResultEnvelope
-from edgeagent.mqtt.telemetry import LatencyWindow
+from edgeagent.telemetry.report import LatencyWindow
 
 log = logging.getLogger(__name__)
 

@@ -23,32 +23,32 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from edgeagent import __version__
+from edgeagent.commands.operations import Operations
+from edgeagent.commands.router import CommandRouter
 from edgeagent.config import AgentConfig, PipelineConfig
 from edgeagent.control import ControlServer
+from edgeagent.delivery.worker import ModelDelivery, open_store
 from edgeagent.errors import EdgeAgentError
 from edgeagent.hal.accel import probe_accelerators
 from edgeagent.hal.accel.base import Accelerator
 from edgeagent.hal.sources import open_source
 from edgeagent.hal.system import CpuSampler, read_system_facts
 from edgeagent.logbuffer import install as install_log_buffer
-from edgeagent.models.delivery import ModelDelivery, open_store
 from edgeagent.mqtt import MqttLink, Topics
 from edgeagent.mqtt.client import PublishTicket
-from edgeagent.mqtt.commands import CommandRouter
-from edgeagent.mqtt.discovery import DiscoveryAnnouncer, discovery_messages
-from edgeagent.mqtt.outbox import Outbox, OutboxPublisher
 from edgeagent.mqtt.payload import to_json
 from edgeagent.mqtt.protocol import StatusState, event_message, status_message
-from edgeagent.mqtt.telemetry import (
+from edgeagent.outbox.store import Outbox, OutboxPublisher
+from edgeagent.paths import control_socket, model_store_root, outbox_path
+from edgeagent.pipeline import Pipeline, ResultSequence, SourceFactory
+from edgeagent.telemetry.homeassistant import DiscoveryAnnouncer, discovery_messages
+from edgeagent.telemetry.report import (
     MqttSnapshot,
     PipelineSnapshot,
     PrometheusExporter,
     TelemetryPublisher,
     build_telemetry,
 )
-from edgeagent.operations import Operations
-from edgeagent.paths import control_socket, model_store_root, outbox_path
-from edgeagent.pipeline import Pipeline, ResultSequence, SourceFactory
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,10 @@ class Agent:
             self._outbox_publisher = OutboxPublisher.from_config(
                 self.outbox, self._link, config.outbox
             )
-        self.store = open_store(config.models, model_store_root(config))
+        self.store = open_store(config.delivery, model_store_root(config))
         # Reads self.pipelines live: pipelines started or restarted later are followed.
         self.delivery = ModelDelivery(
-            config.models,
+            config.delivery,
             self._link,
             self.topics,
             self.store,

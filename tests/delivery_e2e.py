@@ -133,7 +133,7 @@ def write_config(
         device=DEVICE,
         pipelines=[shapes_pipeline(MODEL, fps=20)],
         mqtt={"prefix": PREFIX, "reconnect_max_s": 1},
-        models={"trusted_keys": [str(public_key)], **models},
+        delivery={"trusted_keys": [str(public_key)], **models},
         **({} if log_level is None else {"log_level": log_level}),
     )
 

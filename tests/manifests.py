@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from edgeagent.models.signing import DeliveryManifest
+from edgeagent.delivery.signing import DeliveryManifest
 
 
 def manifest_for(model: Path, version: str, name: str = "m", **changes: Any) -> DeliveryManifest:

@@ -18,7 +18,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as s
 
 from edgeagent.inference import Engine, make_decoder, make_preprocessor
-from edgeagent.models.catalog import ModelDescription, describe_model
+from edgeagent.modelfile.catalog import ModelDescription, describe_model
 
 _TYPES = {
     "float32": s.TensorType.FLOAT32,

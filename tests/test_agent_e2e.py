@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from edgeagent.models.catalog import samples_dir
+from edgeagent.modelfile.catalog import samples_dir
 from tests.agent_config import status_or_none
 from tests.broker import Mosquitto, MqttReader, Received, free_port
 from tests.waiting import wait_until

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
 
-from edgeagent.models.manifest import load_manifest
+from edgeagent.modelfile.manifest import load_manifest
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 BUNDLED = MODELS / "bundled"

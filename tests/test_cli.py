@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.models.catalog import samples_dir
+from edgeagent.modelfile.catalog import samples_dir
 
 AGENT = [sys.executable, "-m", "edgeagent.cli.main"]
 

@@ -18,10 +18,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from edgeagent.config import BUILTIN_COMMANDS, CommandsConfig
-from edgeagent.errors import EdgeAgentError
-from edgeagent.mqtt import MqttLink, Topics
-from edgeagent.mqtt.commands import (
+from edgeagent.commands.router import (
     MAX_PENDING,
     BinaryResult,
     CommandRejected,
@@ -30,6 +27,9 @@ from edgeagent.mqtt.commands import (
     Request,
     parse_request,
 )
+from edgeagent.config import BUILTIN_COMMANDS, CommandsConfig
+from edgeagent.errors import EdgeAgentError
+from edgeagent.mqtt import MqttLink, Topics
 from tests.broker import Mosquitto, MqttReader, publish_once
 
 DEVICE = "pi-cmd-01"
@@ -193,7 +193,7 @@ def test_a_handler_that_raises_fails_with_its_reason(
 
     router.register("pipeline.stop", refuses)
     router.register("status", crashes)
-    with caplog.at_level(logging.WARNING, "edgeagent.mqtt.commands"):
+    with caplog.at_level(logging.WARNING, "edgeagent.commands.router"):
         router.handle_message(TOPICS.cmd("pipeline.stop"), request("a"), {})
         router.handle_message(TOPICS.cmd("status"), request("b"), {})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,25 @@ def test_task_override_is_typed() -> None:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read configuration"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_the_old_name_of_delivery_still_works_with_a_warning_naming_the_new_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    text = "device:\n  id: pi-1\nmodels:\n  keep: 5\n  allow_unsigned: true\n"
+    with caplog.at_level(logging.WARNING, "edgeagent.config"):
+        config = parse_config(text, "agent.yaml")
+    assert config.delivery.keep == 5
+    assert config.delivery.allow_unsigned is True
+    assert "agent.yaml:3: 'models:' is now called 'delivery:'" in caplog.text
+
+
+def test_the_old_and_the_new_name_of_delivery_together_are_refused() -> None:
+    text = "models:\n  keep: 5\ndelivery:\n  keep: 2\n"
+    with pytest.raises(ConfigError, match=r"agent.yaml:1: models: is the old name of delivery:"):
+        parse_config(text, "agent.yaml")
+
+
+def test_an_error_under_the_old_name_names_its_line() -> None:
+    with pytest.raises(ConfigError, match=r"agent.yaml:4: delivery.keep:"):
+        parse_config("device:\n  id: pi-1\nmodels:\n  keep: 0\n", "agent.yaml")

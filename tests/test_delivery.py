@@ -25,19 +25,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image
 
 from edgeagent.config import ClassificationTask, ImagePreprocess, ImagesCamera, PipelineConfig
-from edgeagent.inference import Engine, make_decoder, make_preprocessor
-from edgeagent.models import gate, transfer
-from edgeagent.models.catalog import samples_dir
-from edgeagent.models.delivery import DeliveryConfig, ModelDelivery, describe_stored
-from edgeagent.models.metadata import TENSOR_AXIS_LABELS
-from edgeagent.models.signing import (
+from edgeagent.delivery import gate, transfer
+from edgeagent.delivery.signing import (
     DeliveryManifest,
     canonical_bytes,
     generate_keypair,
     key_id,
     sign_manifest,
 )
-from edgeagent.models.store import ModelStore, StoredModel
+from edgeagent.delivery.store import ModelStore, StoredModel
+from edgeagent.delivery.worker import DeliveryConfig, ModelDelivery, describe_stored
+from edgeagent.inference import Engine, make_decoder, make_preprocessor
+from edgeagent.modelfile.catalog import samples_dir
+from edgeagent.modelfile.metadata import TENSOR_AXIS_LABELS
 from edgeagent.mqtt import MqttLink, Topics
 from edgeagent.pipeline import Pipeline
 from tests import modelfactory

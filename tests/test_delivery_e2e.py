@@ -16,8 +16,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from edgeagent.delivery.store import ModelStore
 from edgeagent.inference import Engine
-from edgeagent.models.store import ModelStore
 from tests.broker import Mosquitto, MqttReader, Received, body
 from tests.delivery_e2e import (
     BUNDLED,

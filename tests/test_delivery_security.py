@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from edgeagent.cli.main import main
-from edgeagent.models.signing import (
+from edgeagent.delivery.signing import (
     MAX_CHUNKS,
     MIN_CHUNK_SIZE,
     DeliveryError,
@@ -36,9 +36,9 @@ from edgeagent.models.signing import (
     verify_manifest,
     version_key,
 )
-from edgeagent.models.store import ModelStore
-from edgeagent.models.transfer import ChunkAssembler, ChunkBitmap
-from edgeagent.mqtt.rollout import Rollout, merge_desired
+from edgeagent.delivery.store import ModelStore
+from edgeagent.delivery.transfer import ChunkAssembler, ChunkBitmap
+from edgeagent.fleet.rollout import Rollout, merge_desired
 from tests.broker import Mosquitto, MqttReader, publish_once
 from tests.delivery_e2e import (
     BUNDLED,

@@ -15,14 +15,19 @@ from pydantic import ValidationError
 from edgeagent.config import DiscoveryConfig
 from edgeagent.hal.system import read_system_facts
 from edgeagent.mqtt import MqttLink, Topics
-from edgeagent.mqtt.discovery import (
+from edgeagent.pipeline import PipelineStats
+from edgeagent.telemetry.homeassistant import (
     DiscoveryAnnouncer,
     birth_topic,
     discovery_messages,
     is_birth_message,
 )
-from edgeagent.mqtt.telemetry import LatencyWindow, MqttSnapshot, PipelineSnapshot, build_telemetry
-from edgeagent.pipeline import PipelineStats
+from edgeagent.telemetry.report import (
+    LatencyWindow,
+    MqttSnapshot,
+    PipelineSnapshot,
+    build_telemetry,
+)
 from tests.broker import Mosquitto, MqttReader, publish_once
 
 DEVICE = "pi-ha-01"

@@ -18,7 +18,8 @@ from cryptography.x509.oid import NameOID
 
 from edgeagent.cli.main import main
 from edgeagent.config import MqttConfig, TlsConfig, parse_config
-from edgeagent.diagnostics import (
+from edgeagent.delivery.store import ModelStore
+from edgeagent.doctor.checks import (
     CheckResult,
     Environment,
     Verdict,
@@ -32,8 +33,7 @@ from edgeagent.diagnostics import (
     run_checks,
 )
 from edgeagent.hal.accel import Probe, ProbeState, probe_accelerators
-from edgeagent.models.catalog import bundled_dir
-from edgeagent.models.store import ModelStore
+from edgeagent.modelfile.catalog import bundled_dir
 from tests.broker import MosquittoFactory, free_port, make_tls_files
 from tests.manifests import manifest_for
 

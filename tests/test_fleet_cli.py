@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from edgeagent.cli.main import main
-from edgeagent.mqtt.rollout import Rollout, merge_desired
+from edgeagent.fleet.rollout import Rollout, merge_desired
 from tests.broker import Mosquitto, MqttReader, publish_once
 
 Reader = Callable[..., MqttReader]

@@ -19,9 +19,14 @@ import numpy as np
 import pytest
 import yaml
 
-from edgeagent.models import gate
-from edgeagent.models.gate import GateReport, SourceKind, validate_model
-from edgeagent.models.signing import DeliveryError, DeliveryManifest, DeliveryReference, TensorBlob
+from edgeagent.delivery import gate
+from edgeagent.delivery.gate import GateReport, SourceKind, validate_model
+from edgeagent.delivery.signing import (
+    DeliveryError,
+    DeliveryManifest,
+    DeliveryReference,
+    TensorBlob,
+)
 from tests import modelfactory
 from tests.waiting import wait_until
 

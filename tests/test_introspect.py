@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from edgeagent.config import ClassificationTask, DetectionTask, ImagePreprocess
-from edgeagent.models.catalog import bundled_dir, describe_model
-from edgeagent.models.metadata import TENSOR_AXIS_LABELS, TENSOR_VALUE_LABELS, parse_metadata
-from edgeagent.models.tflite import read_model
+from edgeagent.modelfile.catalog import bundled_dir, describe_model
+from edgeagent.modelfile.metadata import TENSOR_AXIS_LABELS, TENSOR_VALUE_LABELS, parse_metadata
+from edgeagent.modelfile.tflite import read_model
 from tests import modelfactory as mf
 from tests.modelfactory import run
 

@@ -19,9 +19,9 @@ from ai_edge_litert import schema_py_generated as schema
 from PIL import Image
 
 from edgeagent.cli.main import main
-from edgeagent.models.catalog import bundled_dir
-from edgeagent.models.signing import key_id, verify_manifest
-from edgeagent.models.tflite import read_model
+from edgeagent.delivery.signing import key_id, verify_manifest
+from edgeagent.modelfile.catalog import bundled_dir
+from edgeagent.modelfile.tflite import read_model
 from tests import modelfactory as mf
 from tests.broker import Mosquitto, MqttReader
 from tests.data.make_float_model import LABELS, pattern

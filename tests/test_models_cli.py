@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from edgeagent.cli.main import main
-from edgeagent.models.catalog import bundled_dir
-from edgeagent.models.store import ModelStore
+from edgeagent.delivery.store import ModelStore
+from edgeagent.modelfile.catalog import bundled_dir
 from tests.manifests import manifest_for
 
 NAME = "digits-classifier"

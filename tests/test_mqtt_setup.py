@@ -14,11 +14,11 @@ import pytest
 from pydantic import ValidationError
 
 from edgeagent.config import MqttConfig, TlsConfig, parse_config
-from edgeagent.diagnostics import Environment, Verdict, broker_mqtt_result, run_checks
+from edgeagent.doctor.checks import Environment, Verdict, broker_mqtt_result, run_checks
 from edgeagent.errors import ConfigError
+from edgeagent.fleet.connection import FleetConnection, broker_config
 from edgeagent.mqtt import MqttLink
 from edgeagent.mqtt.client import PasswordFileError, TlsSetupError, make_client
-from edgeagent.mqtt.fleet import FleetConnection, broker_config
 from tests.broker import Mosquitto, free_port
 
 Factory = Callable[..., Mosquitto]

@@ -18,7 +18,7 @@ from PIL import Image
 from edgeagent.config import ImagePreprocess, PoseTask, SegmentationTask
 from edgeagent.inference import TensorInfo, make_preprocessor
 from edgeagent.inference.tasks import COCO_KEYPOINTS
-from edgeagent.models.metadata import TENSOR_AXIS_LABELS
+from edgeagent.modelfile.metadata import TENSOR_AXIS_LABELS
 from tests import modelfactory as mf
 from tests.broker import Dashboard, Mosquitto
 from tests.modelfactory import run

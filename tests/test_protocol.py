@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from edgeagent.fleet.rollout import Rollout, parse_desired
 from edgeagent.mqtt.payload import to_json
 from edgeagent.mqtt.protocol import (
     DesiredEntry,
@@ -25,7 +26,6 @@ from edgeagent.mqtt.protocol import (
     status_message,
     status_online,
 )
-from edgeagent.mqtt.rollout import Rollout, parse_desired
 from edgeagent.mqtt.topics import (
     DeviceTopic,
     FleetTopics,

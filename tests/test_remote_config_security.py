@@ -21,7 +21,7 @@ import yaml
 
 from edgeagent.control import ControlServer, ask
 from edgeagent.errors import EdgeAgentError
-from edgeagent.models.catalog import bundled_dir, samples_dir
+from edgeagent.modelfile.catalog import bundled_dir, samples_dir
 from tests.agent_config import write_agent_config
 from tests.broker import Dashboard, Mosquitto, MqttReader, all_running, body
 
@@ -74,7 +74,9 @@ def test_config_set_cannot_change_local_only_keys(
     running_config = fleet.call("config.get")["result"]
 
     refused = {
-        "trust": {"models": {"allow_unsigned": True, "trusted_keys": []}},
+        "trust": {"delivery": {"allow_unsigned": True, "trusted_keys": []}},
+        # The old name of `delivery:` is refused the same way.
+        "trust-old-name": {"models": {"allow_unsigned": True, "trusted_keys": []}},
         "broker": {"mqtt": {"port": 1, "username": "x", "password_file": "/etc/shadow"}},
         "listening socket": {"telemetry": {"prometheus": {"host": "0.0.0.0", "port": 9108}}},
         "paths": {"state_dir": "/tmp/elsewhere", "outbox": {"path": "/tmp/outbox.db"}},
@@ -90,7 +92,8 @@ def test_config_set_cannot_change_local_only_keys(
         assert not config_path.with_name("agent.yaml.bak").exists()
         assert fleet.call("config.get")["result"] == running_config, what
     assert (
-        "models.allow_unsigned" in fleet.call("config.set", {"config": refused["trust"]})["reason"]
+        "delivery.allow_unsigned"
+        in fleet.call("config.set", {"config": refused["trust"]})["reason"]
     )
     reason = fleet.call("config.set", {"config": refused["broker"]})["reason"]
     assert all(key in reason for key in ("mqtt.port", "mqtt.username", "mqtt.password_file"))

@@ -15,8 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgeagent.config import ClassificationTask, ImagePreprocess, WindowPreprocess
-from edgeagent.errors import ConfigError
-from edgeagent.models.signing import (
+from edgeagent.delivery.signing import (
     MAX_CHUNKS,
     MIN_CHUNK_SIZE,
     REASON_CODES,
@@ -30,6 +29,7 @@ from edgeagent.models.signing import (
     sign_manifest,
     verify_manifest,
 )
+from edgeagent.errors import ConfigError
 
 PRIVATE, PUBLIC = generate_keypair()
 KEY_ID = key_id(PUBLIC)

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from edgeagent.delivery.signing import DeliveryError
+from edgeagent.delivery.store import ModelStore
+from edgeagent.delivery.transfer import ChunkAssembler
 from edgeagent.inference.engine import Engine
-from edgeagent.models.signing import DeliveryError
-from edgeagent.models.store import ModelStore
-from edgeagent.models.transfer import ChunkAssembler
 from tests import modelfactory
 from tests.manifests import manifest_for
 
@@ -194,7 +194,7 @@ def test_a_corrupt_pointer_falls_back_to_the_newest_intact_version(
 ) -> None:
     three_versions(tmp_path)
     (tmp_path / "store/active/m.json").write_bytes(b'{"version": "2", "prev')
-    with caplog.at_level(logging.WARNING, "edgeagent.models.store"):
+    with caplog.at_level(logging.WARNING, "edgeagent.delivery.store"):
         store = ModelStore(tmp_path / "store", quota_bytes=QUOTA)
     active = store.active("m")
     assert active is not None
@@ -208,7 +208,7 @@ def test_a_corrupt_active_file_falls_back_to_the_previous_version(
 ) -> None:
     three_versions(tmp_path)
     flip_a_bit(tmp_path / "store/versions/m/2/model.tflite")
-    with caplog.at_level(logging.WARNING, "edgeagent.models.store"):
+    with caplog.at_level(logging.WARNING, "edgeagent.delivery.store"):
         store = ModelStore(tmp_path / "store", quota_bytes=QUOTA)
     active = store.active("m")
     assert active is not None
@@ -281,8 +281,8 @@ _WORKER = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    from edgeagent.models.signing import DeliveryManifest
-    from edgeagent.models.store import ModelStore
+    from edgeagent.delivery.signing import DeliveryManifest
+    from edgeagent.delivery.store import ModelStore
 
     root, mode = Path(sys.argv[1]), sys.argv[2]
     store = ModelStore(root, keep=2, quota_bytes=10**9)

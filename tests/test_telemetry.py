@@ -22,7 +22,8 @@ from edgeagent.errors import ConfigError
 from edgeagent.hal.system import CpuSampler, read_system_facts
 from edgeagent.mqtt import MqttLink, Topics
 from edgeagent.mqtt.payload import to_json
-from edgeagent.mqtt.telemetry import (
+from edgeagent.pipeline import PipelineStats
+from edgeagent.telemetry.report import (
     STAGES,
     LatencyWindow,
     MqttSnapshot,
@@ -33,7 +34,6 @@ from edgeagent.mqtt.telemetry import (
     build_telemetry,
     render_prometheus,
 )
-from edgeagent.pipeline import PipelineStats
 from tests.broker import Mosquitto, MqttReader
 
 DEVICE = "pi-tel-01"

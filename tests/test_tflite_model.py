@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeagent.errors import ModelError
-from edgeagent.models.tflite import TENSOR_AXIS_LABELS, parse_model, read_model
+from edgeagent.modelfile.tflite import TENSOR_AXIS_LABELS, parse_model, read_model
 from tests import modelfactory as mf
 
 LABELS = ["background", "circle", "square", "triangle"]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.models.signing import DeliveryError, DeliveryManifest
-from edgeagent.models.transfer import ChunkAssembler, TransferTimer, staging_dir
+from edgeagent.delivery.signing import DeliveryError, DeliveryManifest
+from edgeagent.delivery.transfer import ChunkAssembler, TransferTimer, staging_dir
 
 CHUNK = 4096
 
@@ -107,8 +107,8 @@ _RECEIVER = textwrap.dedent(
     import hashlib, random, sys
     from datetime import UTC, datetime
     from pathlib import Path
-    from edgeagent.models.signing import DeliveryManifest
-    from edgeagent.models.transfer import ChunkAssembler
+    from edgeagent.delivery.signing import DeliveryManifest
+    from edgeagent.delivery.transfer import ChunkAssembler
 
     state, size, chunk = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     data = random.Random(11).randbytes(size)

@@ -23,7 +23,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from edgeagent.config import AgentConfig, MqttConfig, parse_config
-from edgeagent.models.catalog import samples_dir
+from edgeagent.modelfile.catalog import samples_dir
 from edgeagent.mqtt.broker import LOOPBACK, LocalBroker
 from edgeagent.mqtt.client import make_client
 from edgeagent.mqtt.topics import Topics

@@ -40,11 +40,11 @@ import socket
 import time
 from typing import Any
 
+from edgeagent.delivery.signing import check_safe_id, check_version
 from edgeagent.errors import ConfigError, EdgeAgentError
-from edgeagent.models.signing import check_safe_id, check_version
-from edgeagent.mqtt.fleet import FleetConnection, add_broker_options, broker_config
+from edgeagent.fleet.connection import FleetConnection, add_broker_options, broker_config
+from edgeagent.fleet.rollout import Rollout, merge_desired, parse_desired
 from edgeagent.mqtt.protocol import desired_payload
-from edgeagent.mqtt.rollout import Rollout, merge_desired, parse_desired
 from edgeagent.mqtt.topics import FleetTopics
 
 EXIT_NOT_CONVERGED = 1

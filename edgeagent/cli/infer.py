@@ -1,7 +1,7 @@
 """`edgeagent infer`: one inference on an image file or a CSV sensor window.
 
 The model is described as a pipeline describes it (config, then manifest, then metadata,
-then graph: `edgeagent.models.catalog`); the options below are the pipeline's overrides:
+then graph: `edgeagent.modelfile.catalog`); the options below are the pipeline's overrides:
 `--task` replaces the task (or, given alone, `--threshold` and the like adjust the one
 inferred), `--resize/--color/--mean/--std` adjust the image preparation, `--labels` reads
 one label per line from a file. The report says what was inferred and from what
@@ -26,8 +26,8 @@ from edgeagent.errors import ConfigError, SourceError
 from edgeagent.hal.audio.wav import read_wav
 from edgeagent.hal.settings import SampleKind
 from edgeagent.inference import Engine, make_decoder, make_preprocessor
-from edgeagent.models.catalog import ModelDescription, describe_model
-from edgeagent.models.tflite import label_lines
+from edgeagent.modelfile.catalog import ModelDescription, describe_model
+from edgeagent.modelfile.tflite import label_lines
 
 _TASK_OPTIONS = ("threshold", "iou_threshold", "top_k", "max_detections", "layout", "coordinates")
 _IMAGE_OPTIONS = ("resize", "color", "mean", "std")

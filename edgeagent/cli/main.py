@@ -34,7 +34,12 @@ _COMMANDS: dict[str, str] = {
     "model": "inspect, quantise, sign and publish models",
     "fleet": "deploy model versions to devices and follow the rollout",
 }
-"""Each command's summary; its parser and handler are in `edgeagent.cli.<command>`."""
+"""Each command's summary; its parser and handler are in `edgeagent.cli.<command>`, except
+where `_MODULES` names another module."""
+
+_MODULES: dict[str, str] = {"models": "store"}
+"""`edgeagent models` works on the on-device model store: `cli/store.py`, so that it is not
+confused with `edgeagent model` (`cli/model.py`, the workstation's model tools)."""
 
 
 class _Summarised:
@@ -71,7 +76,7 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     chosen = _chosen(argv)
     for name, summary in _COMMANDS.items():
         if name == chosen:
-            importlib.import_module(f"edgeagent.cli.{name}").register(
+            importlib.import_module(f"edgeagent.cli.{_MODULES.get(name, name)}").register(
                 _Summarised(commands, summary)
             )
         else:

@@ -44,7 +44,7 @@ metadata's model name and description.
 `runtime.runs` is true when this LiteRT loads the model on the CPU and runs it once on
 zeros; `unsupported` names the operators it lacks (builtins as "NAME (version N)").
 `on_edgetpu`/`on_cpu` split each operator's count by the Edge TPU estimate of
-`edgeagent/models/compat.py`.
+`edgeagent/fleet/compat.py`.
 
 `quantize --json` prints `{"source", "output", "float_size", "int8_size", "samples",
 "full_integer", "integer_io", "agreement": {"samples", "top1" (null unless the first
@@ -71,10 +71,7 @@ import yaml
 from pydantic import ValidationError
 
 from edgeagent.cli.bench import ProgressBar
-from edgeagent.errors import ConfigError, EdgeAgentError
-from edgeagent.models import compat
-from edgeagent.models.manifest import Manifest, load_manifest, manifest_path
-from edgeagent.models.signing import (
+from edgeagent.delivery.signing import (
     MAX_CHUNKS,
     MIN_CHUNK_SIZE,
     DeliveryManifest,
@@ -86,13 +83,16 @@ from edgeagent.models.signing import (
     key_id,
     sign_manifest,
 )
-from edgeagent.models.tflite import ModelFile, TensorDescription, read_model
-from edgeagent.mqtt.fleet import (
+from edgeagent.errors import ConfigError, EdgeAgentError
+from edgeagent.fleet import compat
+from edgeagent.fleet.connection import (
     BROKER_MESSAGE_CAP,
     FleetConnection,
     add_broker_options,
     broker_config,
 )
+from edgeagent.modelfile.manifest import Manifest, load_manifest, manifest_path
+from edgeagent.modelfile.tflite import ModelFile, TensorDescription, read_model
 from edgeagent.mqtt.topics import FleetTopics
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ def inspect_report(path: Path) -> dict[str, Any]:
 
 
 def _inferred(path: Path, model: ModelFile) -> dict[str, Any]:
-    from edgeagent.models.catalog import describe_model
+    from edgeagent.modelfile.catalog import describe_model
 
     try:
         description = describe_model(str(path), model_file=model)
@@ -359,7 +359,7 @@ def _inspect_text(r: dict[str, Any]) -> str:
 
 
 def execute_quantize(args: argparse.Namespace) -> int:
-    from edgeagent.models import quantize
+    from edgeagent.fleet import quantize
 
     if args.output.exists() and not args.force:
         raise EdgeAgentError(f"{args.output} exists: choose another -o or pass --force")

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from edgeagent.inference.engine import Engine, TensorInfo
-from edgeagent.models.catalog import resolve_model
+from edgeagent.modelfile.catalog import resolve_model
 
 
 def random_input(tensor: TensorInfo, rng: np.random.Generator) -> np.ndarray:

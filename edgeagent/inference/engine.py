@@ -26,7 +26,7 @@ from ai_edge_litert.interpreter import Interpreter
 from edgeagent.errors import AcceleratorError, EdgeAgentError, ModelError
 from edgeagent.hal import accel as registry
 from edgeagent.hal.accel.base import Accelerator, ProbeState
-from edgeagent.models.tflite import ModelFile, read_model
+from edgeagent.modelfile.tflite import ModelFile, read_model
 
 _log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """How a YOLO detection head is laid out, told from its shape (and the number of labels).
 
 Pure shape logic, shared by the decoder (`tasks`) and by the rules that infer a model's
-task from its graph (`edgeagent.models.introspect`).
+task from its graph (`edgeagent.modelfile.introspect`).
 """
 
 from __future__ import annotations

@@ -220,7 +220,7 @@ def reply_message(
     request_id: str | None, command: str | None, device: str, stage: str, **body: Any
 ) -> dict[str, Any]:
     """One command reply: `{"id", "command", "device", "stage", "ts", ...body}` where body
-    is `result`, `reason` or `progress` (mqtt/commands.py)."""
+    is `result`, `reason` or `progress` (commands/router.py)."""
     return {
         "id": request_id,
         "command": command,

@@ -33,8 +33,8 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from edgeagent.config import AgentConfig, load_config
+from edgeagent.delivery.store import ModelStore, StoredModel
 from edgeagent.errors import ConfigError, EdgeAgentError
-from edgeagent.models.store import ModelStore, StoredModel
 from edgeagent.paths import control_socket, model_store_root
 
 log = logging.getLogger(__name__)

@@ -1166,7 +1166,7 @@ def _check_model_store(context: _Context) -> list[CheckResult]:
 
 def model_store_result(root: Path) -> CheckResult:
     """The read-only integrity check of the store at `root` (skip when there is none)."""
-    from edgeagent.models.store import ModelStore
+    from edgeagent.delivery.store import ModelStore
 
     details: dict[str, Any] = {"root": str(root)}
     if not root.is_dir():
@@ -1239,7 +1239,7 @@ def _check_pipelines(context: _Context) -> list[CheckResult]:
 
 def pipeline_model_result(pipeline: PipelineConfig) -> CheckResult:
     """Resolves the model and loads it as the pipeline does, on the CPU (one warm-up)."""
-    from edgeagent.models.catalog import describe_model
+    from edgeagent.modelfile.catalog import describe_model
     from edgeagent.pipeline import build_runner
 
     name = f"pipeline.{pipeline.name}.model"

@@ -1,6 +1,6 @@
 """The validation gate: a delivered model must load and run here before it is activated.
 
-`validate_model` runs the checks in a child process (`python -m edgeagent.models.gate`), so a
+`validate_model` runs the checks in a child process (`python -m edgeagent.delivery.gate`), so a
 model that crashes LiteRT (a segfault in a kernel) or hangs in `invoke()` costs a child,
 never the agent: the child is killed after `timeout_s` (smoke-hang), and a child that dies
 by a signal or exits without a verdict is smoke-crash.
@@ -36,9 +36,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from edgeagent.delivery.signing import DeliveryError, DeliveryManifest, ReasonCode
 from edgeagent.errors import EdgeAgentError, ModelError
 from edgeagent.inference.engine import missing_operator
-from edgeagent.models.signing import DeliveryError, DeliveryManifest, ReasonCode
 
 _log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ SourceKind = Literal["image", "window"]
 
 # The command the supervisor starts; the request goes to its stdin as JSON and the verdict
 # comes back as JSON on its stdout. Tests replace it (see the module doc).
-_GATE_ENTRY: tuple[str, ...] = (sys.executable, "-m", "edgeagent.models.gate")
+_GATE_ENTRY: tuple[str, ...] = (sys.executable, "-m", "edgeagent.delivery.gate")
 
 # What LiteRT says when an operator is missing (the same texts inference/engine.py reads).
 _SMOKE_RUNS = 3  # timed invokes on the random sample, after the one on zeros
@@ -178,7 +178,7 @@ def _run_checks(
     here takes the calling process with it. Raises _Reject with the reason."""
     from edgeagent.inference.engine import Engine
     from edgeagent.inference.preprocess import make_preprocessor
-    from edgeagent.models.tflite import read_model
+    from edgeagent.modelfile.tflite import read_model
 
     try:
         model_file = read_model(path)
@@ -357,7 +357,7 @@ def _parse_verdict(out: bytes) -> dict[str, Any] | None:
 
 
 def _as_code(code: str) -> ReasonCode:
-    from edgeagent.models.signing import REASON_CODES
+    from edgeagent.delivery.signing import REASON_CODES
 
     return code if code in REASON_CODES else "smoke-failed"  # type: ignore[return-value]
 

@@ -20,9 +20,9 @@ from pydantic import BaseModel
 
 from edgeagent.config import ImagePreprocess, Task, WindowPreprocess
 from edgeagent.errors import ModelError
-from edgeagent.models.introspect import infer_description
-from edgeagent.models.manifest import Manifest, load_manifest
-from edgeagent.models.tflite import ModelFile, read_model
+from edgeagent.modelfile.introspect import infer_description
+from edgeagent.modelfile.manifest import Manifest, load_manifest
+from edgeagent.modelfile.tflite import ModelFile, read_model
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ Layout under `root` (docs/model-delivery.md has the full argument)::
     active/<name>.json                         {"version", "sha256", "previous", "activated_at"}
     highest/<name>.json                        {"version", "recorded_at"}: the highest
                                                semantic version ever activated (downgrades)
-    staging/                                   chunk transfers (edgeagent.models.transfer)
+    staging/                                   chunk transfers (edgeagent.delivery.transfer)
 
 Crash safety rests on two atomic renames. A version directory is filled under a temporary
 name, its files fsynced, then renamed to its final name and the parent fsynced: a version
@@ -53,7 +53,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from edgeagent.models.signing import (
+from edgeagent.delivery.signing import (
     SAFE_ID,
     DeliveryError,
     DeliveryManifest,
@@ -61,7 +61,7 @@ from edgeagent.models.signing import (
     check_safe_id,
     version_key,
 )
-from edgeagent.models.transfer import (
+from edgeagent.delivery.transfer import (
     MANIFEST_FILE,
     MODEL_FILE,
     STAGING_DIR,

@@ -2,7 +2,7 @@
 
 The model flatbuffer is parsed with the schema module that ships with ai-edge-litert. Label
 files follow the TFLite Metadata convention: the `TFLITE_METADATA` buffer holds a
-`ModelMetadata` flatbuffer (read by `edgeagent.models.metadata`) that names the associated
+`ModelMetadata` flatbuffer (read by `edgeagent.modelfile.metadata`) that names the associated
 files, and the files themselves are a ZIP archive appended to the model.
 
 Which packed file gives the labels, first match wins: the first output's
@@ -32,7 +32,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from edgeagent.errors import ModelError
-from edgeagent.models.metadata import (
+from edgeagent.modelfile.metadata import (
     TENSOR_AXIS_LABELS,
     TENSOR_VALUE_LABELS,
     AssociatedFile,

@@ -198,7 +198,7 @@ def check_runtime(path: Path, *, timeout_s: float = 60.0) -> RuntimeCheck:
     """Loads the model on the CPU with this LiteRT, in a child process so that a model
     that crashes the runtime costs the child, not the caller (see the module doc)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgeagent.models.compat", str(path)],
+        [sys.executable, "-m", "edgeagent.fleet.compat", str(path)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

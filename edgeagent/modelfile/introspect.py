@@ -43,13 +43,13 @@ from edgeagent.config import (
 )
 from edgeagent.errors import ModelError
 from edgeagent.inference.layouts import read_yolo_head
-from edgeagent.models.metadata import (
+from edgeagent.modelfile.metadata import (
     BOX_BOUNDARIES,
     COLOR_GRAYSCALE,
     COORDINATES_PIXEL,
     TensorMetadata,
 )
-from edgeagent.models.tflite import ModelFile, TensorDescription
+from edgeagent.modelfile.tflite import ModelFile, TensorDescription
 
 POSTPROCESS_OP = "TFLite_Detection_PostProcess"
 _MAX_MULTIPOSE = 10

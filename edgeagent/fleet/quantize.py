@@ -32,9 +32,9 @@ from PIL import Image, UnidentifiedImageError
 
 from edgeagent.config import ImagePreprocess
 from edgeagent.errors import MissingDependencyError, ModelError
+from edgeagent.fleet.compat import quantisation
 from edgeagent.inference.engine import TensorInfo
 from edgeagent.inference.preprocess import make_preprocessor
-from edgeagent.models.compat import quantisation
 
 _log = logging.getLogger(__name__)
 

@@ -60,11 +60,8 @@ from pathlib import Path
 from typing import Any, Final, Literal, Protocol
 
 from edgeagent.config import DeliveryConfig, PipelineConfig
-from edgeagent.errors import ConfigError, EdgeAgentError
-from edgeagent.hal.source import Sample
-from edgeagent.models.catalog import Declared, ModelDescription, describe_file
-from edgeagent.models.gate import validate_model
-from edgeagent.models.signing import (
+from edgeagent.delivery.gate import validate_model
+from edgeagent.delivery.signing import (
     GATE_CODES,
     SAFE_ID,
     DeliveryError,
@@ -76,8 +73,11 @@ from edgeagent.models.signing import (
     load_public_key,
     verify_manifest,
 )
-from edgeagent.models.store import ModelStore, StoredModel
-from edgeagent.models.transfer import ChunkAssembler, TransferTimer, fsync_dir, write_file_durably
+from edgeagent.delivery.store import ModelStore, StoredModel
+from edgeagent.delivery.transfer import ChunkAssembler, TransferTimer, fsync_dir, write_file_durably
+from edgeagent.errors import ConfigError, EdgeAgentError
+from edgeagent.hal.source import Sample
+from edgeagent.modelfile.catalog import Declared, ModelDescription, describe_file
 from edgeagent.mqtt.payload import to_json
 from edgeagent.mqtt.protocol import (
     DesiredEntry,
@@ -250,7 +250,7 @@ def open_store(config: DeliveryConfig, default_root: Path | None = None) -> Mode
     repaired on open)."""
     root = config.store or default_root
     if root is None:
-        raise ConfigError("models.store is not set and no state directory was given")
+        raise ConfigError("delivery.store is not set and no state directory was given")
     return ModelStore(root, keep=config.keep, quota_bytes=config.quota_bytes)
 
 

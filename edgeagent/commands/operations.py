@@ -27,18 +27,23 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgeagent import __version__
-from edgeagent.config import AgentConfig, PipelineConfig, validate_config_data
-from edgeagent.errors import ConfigError, EdgeAgentError
-from edgeagent.hal.settings import RemotePath
-from edgeagent.inference.benchmark import measure
-from edgeagent.models.catalog import bundled_path
-from edgeagent.mqtt.commands import (
+from edgeagent.commands.router import (
     BinaryResult,
     CommandRouter,
     Progress,
     Request,
     validation_reason,
 )
+from edgeagent.config import (
+    AgentConfig,
+    PipelineConfig,
+    rename_legacy_keys,
+    validate_config_data,
+)
+from edgeagent.errors import ConfigError, EdgeAgentError
+from edgeagent.hal.settings import RemotePath
+from edgeagent.inference.benchmark import measure
+from edgeagent.modelfile.catalog import bundled_path
 from edgeagent.names import SAFE_NAME
 from edgeagent.snapshot import render_mask, render_snapshot
 
@@ -64,7 +69,7 @@ REMOTE_CONFIG_KEYS: Final = frozenset(
 allowed when it is one of these or lies below one. `pipelines` is allowed whole (sources,
 models, task and thresholds, pre-processing, accelerator, rate, enabled), but the file
 paths in it must resolve under `commands.remote_paths`. Everything else is local-only
-(`mqtt.*`, `models.*`, `device.*`, `commands.*`, `outbox.*`, `state_dir`,
+(`mqtt.*`, `delivery.*`, `device.*`, `commands.*`, `outbox.*`, `state_dir`,
 `control_socket`, `telemetry.prometheus`, and any key added later until it is listed
 here): it decides whom the device trusts, where it connects or what it writes, and only
 root changes it, in the file. Documented in docs/protocol.md."""
@@ -376,7 +381,7 @@ class Operations:
     def _config_set(self, args: ConfigSetArgs) -> dict[str, Any]:
         agent = self._agent
         current = agent.config.model_dump(mode="json", exclude_unset=True)
-        merged = _merge(current, args.config)
+        merged = _merge(current, rename_legacy_keys(args.config, "config.set"))
         try:
             new = validate_config_data(merged, "config.set")
         except ConfigError as exc:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from edgeagent.models.signing import DeliveryError, DeliveryManifest, check_chunking
+from edgeagent.delivery.signing import DeliveryError, DeliveryManifest, check_chunking
 
 _log = logging.getLogger(__name__)
 
