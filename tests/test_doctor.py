@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from edgeagent.cli.main import main
 from edgeagent.config import MqttConfig, TlsConfig, parse_config
 from edgeagent.delivery.store import ModelStore
-from edgeagent.doctor.checks import (
+from edgeagent.doctor import (
     CheckResult,
     Environment,
     Verdict,

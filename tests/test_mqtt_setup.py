@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from edgeagent.config import MqttConfig, TlsConfig, parse_config
-from edgeagent.doctor.checks import Environment, Verdict, broker_mqtt_result, run_checks
+from edgeagent.doctor import Environment, Verdict, broker_mqtt_result, run_checks
 from edgeagent.errors import ConfigError
 from edgeagent.fleet.connection import FleetConnection, broker_config
 from edgeagent.mqtt import MqttLink

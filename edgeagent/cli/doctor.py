@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgeagent.doctor.checks import CheckResult, Verdict, healthy, machine_summary, run_checks
+from edgeagent.doctor import CheckResult, Verdict, healthy, machine_summary, run_checks
 
 DEFAULT_CONFIG = Path("/etc/edgeagent/config.yaml")
 
