@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,7 +35,12 @@ from edgeagent.delivery.signing import (
     sign_manifest,
 )
 from edgeagent.delivery.store import ModelStore, StoredModel
-from edgeagent.delivery.worker import DeliveryConfig, ModelDelivery, describe_stored
+from edgeagent.delivery.worker import (
+    DeliveryConfig,
+    LockedPipelines,
+    ModelDelivery,
+    describe_stored,
+)
 from edgeagent.inference import Engine, make_decoder, make_preprocessor
 from edgeagent.modelfile.catalog import samples_dir
 from edgeagent.modelfile.metadata import TENSOR_AXIS_LABELS
@@ -162,7 +168,11 @@ class Device:
         if self.pipeline is None:
             self.pipeline = Pipeline(self.pipeline_config, self._record)
         self.delivery = ModelDelivery(
-            self.config, self.link, self.topics, self.store, {"digits": self.pipeline}
+            self.config,
+            self.link,
+            self.topics,
+            self.store,
+            LockedPipelines({"digits": self.pipeline}, threading.Lock()),
         )
         holder.append(self.delivery)
         if self.pipeline.model is None:
@@ -832,7 +842,7 @@ def test_startup_model_survives_a_corrupt_store(tmp_path: Path) -> None:
         _NoLink(),
         Topics(PREFIX, DEVICE),
         broken,
-        {},
+        LockedPipelines({}, threading.Lock()),
     )
     config = PipelineConfig(
         name="digits",

@@ -31,6 +31,9 @@ below what it ran.
 
 One process owns a store (the agent); `repair=False` opens it read-only for inspection
 (`doctor`). Methods are safe to call from several threads of that process.
+
+Longer than 600 lines on purpose: the layout, the pointer and highest-record writes and the
+API that orders them are one crash-safety argument (above), kept in one file to be checked.
 """
 
 from __future__ import annotations
