@@ -40,7 +40,7 @@ import paho.mqtt.client as mqtt
 
 from edgeagent.config import MqttConfig
 from edgeagent.mqtt import MqttLink
-from edgeagent.outbox.store import Outbox, OutboxPublisher
+from edgeagent.outbox import Outbox, OutboxPublisher
 from tests.broker import Mosquitto, durable_subscriber, find_mosquitto
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,7 +203,7 @@ import json, sys, time
 from pathlib import Path
 from edgeagent.config import MqttConfig
 from edgeagent.mqtt import MqttLink
-from edgeagent.outbox.store import Outbox, OutboxPublisher
+from edgeagent.outbox import Outbox, OutboxPublisher
 
 path, port = Path(sys.argv[1]), int(sys.argv[2])
 outbox = Outbox(path, max_bytes=1 << 30)

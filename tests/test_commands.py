@@ -18,15 +18,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from edgeagent.commands.router import (
-    MAX_PENDING,
-    BinaryResult,
-    CommandRejected,
-    CommandRouter,
-    Progress,
-    Request,
-    parse_request,
-)
+from edgeagent.commands.request import CommandRejected, Request, parse_request
+from edgeagent.commands.router import MAX_PENDING, BinaryResult, CommandRouter, Progress
 from edgeagent.config import BUILTIN_COMMANDS, CommandsConfig
 from edgeagent.errors import EdgeAgentError
 from edgeagent.mqtt import MqttLink, Topics

@@ -27,7 +27,7 @@ DEVICE = "pi-test-01"
 WILL = b'{"state":"offline","why":"will"}'
 GOODBYE = b'{"state":"offline","why":"stop"}'
 ONLINE = b'{"state":"online"}'
-LINK_LOGGER = "edgeagent.mqtt.client"
+LINK_LOGGER = "edgeagent.mqtt.link"
 
 
 class Recorder:

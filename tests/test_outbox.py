@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from edgeagent.config import MqttConfig, OutboxConfig
 from edgeagent.mqtt import MqttLink
-from edgeagent.outbox.store import Outbox, OutboxPublisher
+from edgeagent.outbox import Outbox, OutboxPublisher
 from tests.broker import Mosquitto, durable_subscriber, free_port
 from tests.waiting import wait_until
 
@@ -539,7 +539,7 @@ import json, sys, time
 from pathlib import Path
 from edgeagent.config import MqttConfig
 from edgeagent.mqtt import MqttLink
-from edgeagent.outbox.store import Outbox, OutboxPublisher
+from edgeagent.outbox import Outbox, OutboxPublisher
 
 path, port, count = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 outbox = Outbox(path, max_bytes=1 << 30)

@@ -23,16 +23,15 @@ from edgeagent.hal.system import CpuSampler, read_system_facts
 from edgeagent.mqtt import MqttLink, Topics
 from edgeagent.mqtt.payload import to_json
 from edgeagent.pipeline import PipelineStats
+from edgeagent.telemetry.prometheus import PrometheusExporter, render_prometheus
 from edgeagent.telemetry.report import (
     STAGES,
     LatencyWindow,
     MqttSnapshot,
     PipelineSnapshot,
-    PrometheusExporter,
     StagePercentiles,
     TelemetryPublisher,
     build_telemetry,
-    render_prometheus,
 )
 from tests.broker import Mosquitto, MqttReader
 

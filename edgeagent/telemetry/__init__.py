@@ -1,2 +1,2 @@
-"""What the agent reports about itself: the periodic telemetry message and the optional
-Prometheus endpoint (`report`), and Home Assistant MQTT discovery (`homeassistant`)."""
+"""What the agent reports about itself: the periodic telemetry message (`report`), the
+optional Prometheus endpoint (`prometheus`), and Home Assistant MQTT discovery (`homeassistant`)."""
