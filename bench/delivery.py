@@ -56,9 +56,9 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from ai_edge_litert import schema_py_generated as s
 
-from edgeagent.cli.model import build_manifest
 from edgeagent.delivery.signing import sign_manifest
 from edgeagent.delivery.transfer import write_file_durably
+from edgeagent.fleet.publish import build_manifest
 from edgeagent.modelfile.manifest import load_manifest
 from edgeagent.modelfile.tflite import read_model
 from edgeagent.mqtt.topics import Topics

@@ -340,7 +340,7 @@ class CommandsConfig(_Model):
     groups: tuple[str, ...] = ()  # fan-out groups this device answers in
     dedup_size: int = Field(default=1024, ge=1, le=1_000_000)  # request ids remembered
     dedup_ttl_s: float = Field(default=3600.0, gt=0)
-    # Bytes of recorded replies (and ids) the repeat-id cache may hold (commands/router.py).
+    # Bytes of recorded replies (and ids) the repeat-id cache may hold (commands/ledger.py).
     dedup_max_bytes: int = Field(default=1024 * 1024, ge=16 * 1024, le=1024 * 1024 * 1024)
     # Folders under which a file path set by `config.set` (an images, csv or wav source's
     # `path`, an opencv `uri` that is a file, a pipeline's `model`) or `bench`'s `model`

@@ -28,9 +28,8 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,7 +44,18 @@ from edgeagent.hal.sources import open_source
 from edgeagent.inference import Decoder, Engine, Prepared, make_decoder, make_preprocessor
 from edgeagent.modelfile.catalog import ModelDescription, describe_model
 from edgeagent.mqtt.protocol import ResultEnvelope
-from edgeagent.telemetry.report import LatencyWindow
+from edgeagent.pipeline_stats import PipelineStats
+
+__all__ = [  # PipelineStats lives in pipeline_stats.py and is re-exported here
+    "STAGES",
+    "NewestSlot",
+    "Pipeline",
+    "PipelineStats",
+    "ResultSequence",
+    "Runner",
+    "SourceFactory",
+    "build_runner",
+]
 
 log = logging.getLogger(__name__)
 
@@ -189,34 +199,6 @@ class NewestSlot:
         with self._cond:
             if self._item is not None:
                 self._cond.wait(timeout)
-
-
-@dataclass
-class PipelineStats:
-    """Counters the telemetry reads; written by the pipeline's threads only."""
-
-    frames_in: int = 0
-    frames_dropped: int = 0
-    results_out: int = 0
-    invoke_errors: int = 0
-    source_errors: int = 0
-    fallbacks: int = 0
-    fallback_reasons: deque[str] = field(default_factory=lambda: deque(maxlen=20))
-    model_swaps: int = 0
-    non_finite: int = 0  # results whose outputs held NaN or infinity
-    last_error: str | None = None
-    last_result_at: float | None = None
-    started_at: float = field(default_factory=time.time)
-    window: LatencyWindow = field(default_factory=LatencyWindow)  # stage latencies, fps
-
-    def percentiles(self, last: int | None = None) -> dict[str, dict[str, float | None]]:
-        """p50/p95/p99 in milliseconds of the recent samples of each stage (of only the
-        `last` ones when given)."""
-        return {
-            stage: {"p50": p.p50, "p95": p.p95, "p99": p.p99}
-            for stage, p in self.window.percentiles(last).items()
-            if p.samples
-        }
 
 
 class Pipeline:

@@ -20,35 +20,39 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from edgeagent import __version__
 from edgeagent.commands.operations import Operations
 from edgeagent.commands.router import CommandRouter
 from edgeagent.config import AgentConfig, PipelineConfig
 from edgeagent.control import ControlServer
-from edgeagent.delivery.worker import ModelDelivery, open_store
+from edgeagent.delivery.worker import LockedPipelines, ModelDelivery, open_store
 from edgeagent.errors import EdgeAgentError
 from edgeagent.hal.accel import probe_accelerators
 from edgeagent.hal.accel.base import Accelerator
 from edgeagent.hal.sources import open_source
 from edgeagent.hal.system import CpuSampler, read_system_facts
 from edgeagent.logbuffer import install as install_log_buffer
-from edgeagent.mqtt import MqttLink, Topics
-from edgeagent.mqtt.client import PublishTicket
+from edgeagent.mqtt import MqttLink, PublishTicket, Topics
 from edgeagent.mqtt.payload import to_json
 from edgeagent.mqtt.protocol import StatusState, event_message, status_message
-from edgeagent.outbox.store import Outbox, OutboxPublisher
+from edgeagent.outbox import Outbox, OutboxPublisher, OutboxStats
 from edgeagent.paths import control_socket, model_store_root, outbox_path
-from edgeagent.pipeline import Pipeline, ResultSequence, SourceFactory
+from edgeagent.pipeline import Pipeline, PipelineStats, ResultSequence, SourceFactory
 from edgeagent.telemetry.homeassistant import DiscoveryAnnouncer, discovery_messages
+from edgeagent.telemetry.prometheus import PrometheusExporter
 from edgeagent.telemetry.report import (
     MqttSnapshot,
     PipelineSnapshot,
-    PrometheusExporter,
     TelemetryPublisher,
     build_telemetry,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from edgeagent.hal.source import Sample
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +129,13 @@ class Agent:
                 self.outbox, self._link, config.outbox
             )
         self.store = open_store(config.delivery, model_store_root(config))
-        # Reads self.pipelines live: pipelines started or restarted later are followed.
+        # Looks self.pipelines up under its lock: pipelines started or restarted later are followed.
         self.delivery = ModelDelivery(
             config.delivery,
             self._link,
             self.topics,
             self.store,
-            self.pipelines,
+            LockedPipelines(self.pipelines, self._pipelines_lock),
             publish_event=self._publish_delivery_event,
         )
         self.operations = Operations(self)
@@ -424,3 +428,49 @@ class Agent:
     @property
     def link(self) -> MqttLink:
         return self._link
+
+    # --- what the operations see and do (commands.operations.AgentControl) ----------
+
+    def replace_config(self, config: AgentConfig) -> None:
+        self.config = config
+
+    def outbox_stats(self) -> OutboxStats | None:
+        return self.outbox.stats() if self.outbox is not None else None
+
+    def pipeline_names(self) -> list[str]:
+        with self._pipelines_lock:
+            return list(self.pipelines)
+
+    def _pipeline(self, name: str) -> Pipeline | None:
+        with self._pipelines_lock:
+            return self.pipelines.get(name)
+
+    def pipeline_stats(self, name: str) -> PipelineStats | None:
+        pipeline = self._pipeline(name)
+        return pipeline.stats if pipeline is not None else None
+
+    def pipeline_failure(self, name: str) -> str | None:
+        with self._pipelines_lock:
+            return self.failed.get(name)
+
+    def last_output(self, name: str) -> tuple[Sample, dict[str, Any]] | None:
+        pipeline = self._pipeline(name)
+        return pipeline.last if pipeline is not None else None
+
+    def last_mask(self, name: str) -> np.ndarray[Any, Any] | None:
+        pipeline = self._pipeline(name)
+        return pipeline.last_mask if pipeline is not None else None
+
+    def running_model_path(self, name: str) -> Path | None:
+        pipeline = self._pipeline(name)
+        runner = pipeline.runner if pipeline is not None else None
+        return runner.model.path if runner is not None else None
+
+    def log_tail(self, lines: int) -> list[str]:
+        return self.logs.tail(lines)
+
+    def request_restart(self) -> None:
+        self.restart_requested.set()
+
+    def rollback_model(self, pipeline: str) -> str:
+        return self.delivery.rollback(pipeline)

@@ -109,8 +109,8 @@ def test_config_set_cannot_change_local_only_keys(
     )
     saved = yaml.safe_load(config_path.read_text())
     assert saved["pipelines"][0]["task"]["threshold"] == 0.777
-    assert saved.get("models", {}).get("allow_unsigned", False) is False
-    assert fleet.call("config.get")["result"]["models"]["allow_unsigned"] is False
+    assert saved.get("delivery", {}).get("allow_unsigned", False) is False
+    assert fleet.call("config.get")["result"]["delivery"]["allow_unsigned"] is False
 
 
 def _paths_layout(tmp_path: Path) -> dict[str, Path]:

@@ -1,4 +1,6 @@
-"""`edgeagent model`: look inside a model, quantise it, and deliver it to the fleet.
+"""`edgeagent model`: look inside a model, quantise it, and deliver it to the fleet. This
+module parses and prints; the work is in `fleet/inspection.py`, `fleet/quantize.py` and
+`fleet/publish.py`.
 
 Actions:
 
@@ -57,51 +59,42 @@ output is [1, N]), "mean_abs_error", "max_abs_error", "cosine"}}`.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import hashlib
 import json
 import logging
 import os
-from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import yaml
-from pydantic import ValidationError
-
 from edgeagent.cli.bench import ProgressBar
 from edgeagent.delivery.signing import (
-    MAX_CHUNKS,
     MIN_CHUNK_SIZE,
-    DeliveryManifest,
-    DeliveryReference,
-    TensorBlob,
     check_safe_id,
     check_version,
     generate_keypair,
     key_id,
-    sign_manifest,
 )
-from edgeagent.errors import ConfigError, EdgeAgentError
+from edgeagent.errors import EdgeAgentError
 from edgeagent.fleet import compat
-from edgeagent.fleet.connection import (
-    BROKER_MESSAGE_CAP,
-    FleetConnection,
-    add_broker_options,
-    broker_config,
+from edgeagent.fleet.connection import add_broker_options, broker_config
+from edgeagent.fleet.inspection import inspect_report
+from edgeagent.fleet.publish import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK_SIZE,
+    Publication,
+    check_chunk_size,
+    fleet_topics,
+    publish_model,
+    read_yaml_manifest,
+    unpublish_model,
 )
-from edgeagent.modelfile.manifest import Manifest, load_manifest, manifest_path
-from edgeagent.modelfile.tflite import ModelFile, TensorDescription, read_model
-from edgeagent.mqtt.topics import FleetTopics
+from edgeagent.modelfile.manifest import load_manifest
+from edgeagent.modelfile.tflite import read_model
 
 log = logging.getLogger(__name__)
 
 PRIVATE_KEY_NAME = "edgeagent-signing.key"
 PUBLIC_KEY_NAME = "edgeagent-signing.pub"
-DEFAULT_CHUNK_SIZE = 64 * 1024
-# Room left under the broker's message cap for the topic, properties and MQTT header.
-MAX_CHUNK_SIZE = BROKER_MESSAGE_CAP - 1024
 
 
 def register(commands: Any) -> None:
@@ -213,84 +206,6 @@ def _name_version(parser: argparse.ArgumentParser) -> None:
 # --- inspect ------------------------------------------------------------------------------
 
 
-def inspect_report(path: Path) -> dict[str, Any]:
-    """The `inspect --json` object for `path`; ModelError when it is not a TFLite model."""
-    model = read_model(path)
-    data = path.read_bytes()
-    runtime = compat.check_runtime(path)
-    estimate = compat.edgetpu_estimate(data)
-    kind = compat.quantisation(data)
-    missing = {u.split(" (version")[0] for u in runtime.unsupported}
-    operators = [
-        {
-            "name": name,
-            "count": count,
-            "supported": name not in missing,
-            "on_edgetpu": estimate.on_edgetpu.get(name, 0),
-            "on_cpu": estimate.on_cpu.get(name, 0),
-        }
-        for name, count in sorted(model.operators.items())
-    ]
-    return {
-        "path": str(path),
-        "size": model.size,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "inputs": [_tensor(t) for t in model.inputs],
-        "outputs": [_tensor(t) for t in model.outputs],
-        "operators": operators,
-        "runtime": {
-            "litert": _litert_version(),
-            "runs": runtime.runs,
-            "error": runtime.error,
-            "unsupported": list(runtime.unsupported),
-        },
-        "edgetpu": {
-            "compiled": estimate.compiled,
-            "quantized": estimate.quantized,
-            "first_cpu_op": estimate.first_cpu_op,
-            "summary": estimate.summary,
-        },
-        "full_integer": kind.full_integer,
-        "integer_io": kind.integer_io,
-        "metadata_names": list(model.metadata_names),
-        "associated_files": [f.name for f in model.associated_files],
-        "labels": list(model.labels),
-        "inferred": _inferred(path, model),
-    }
-
-
-def _inferred(path: Path, model: ModelFile) -> dict[str, Any]:
-    from edgeagent.modelfile.catalog import describe_model
-
-    try:
-        description = describe_model(str(path), model_file=model)
-    except EdgeAgentError as exc:
-        return {"task": None, "explain": f"cannot describe: {exc}", "sources": {}, "about": ""}
-    return {
-        "task": description.task.model_dump(mode="json"),
-        "explain": description.explain(),
-        "sources": dict(description.sources),
-        "about": description.about,
-    }
-
-
-def _tensor(t: TensorDescription) -> dict[str, Any]:
-    return {
-        "name": t.name,
-        "shape": list(t.shape),
-        "dtype": t.dtype,
-        "scale": t.scale,
-        "zero_point": t.zero_point,
-    }
-
-
-def _litert_version() -> str:
-    try:
-        return version("ai-edge-litert")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def execute_inspect(args: argparse.Namespace) -> int:
     report = inspect_report(args.file)
     if args.json:
@@ -366,7 +281,7 @@ def execute_quantize(args: argparse.Namespace) -> int:
     if args.output.resolve() == args.file.resolve():
         raise EdgeAgentError("the output would overwrite the float model: choose another -o")
     read_model(args.file)  # a clear error for a file that is not a model
-    spec = _yaml_manifest(args.manifest) if args.manifest else load_manifest(args.file)
+    spec = read_yaml_manifest(args.manifest) if args.manifest else load_manifest(args.file)
     preprocess = spec.preprocess if spec is not None else None
     if preprocess is not None and preprocess.type != "image":
         preprocess = None  # window specs apply to sensor windows; .npy inputs are as given
@@ -408,16 +323,6 @@ def execute_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _yaml_manifest(path: Path) -> Manifest:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return Manifest.model_validate(raw)
-    except OSError as exc:
-        raise ConfigError(f"cannot read the model manifest {path}: {exc.strerror}") from exc
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise ConfigError(f"model manifest {path} is invalid: {exc}") from exc
-
-
 # --- keygen -------------------------------------------------------------------------------
 
 
@@ -457,177 +362,40 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
 # --- publish / unpublish ------------------------------------------------------------------
 
 
-def build_manifest(
-    path: Path,
-    model: ModelFile,
-    data: bytes,
-    *,
-    name: str,
-    version: str,
-    chunk_size: int,
-    spec: Manifest | None,
-    spec_dir: Path | None,
-    min_agent_version: str = "0",
-) -> DeliveryManifest:
-    """The unsigned delivery manifest of `data` (see docs/model-delivery.md)."""
-    values: dict[str, Any] = {
-        "name": name,
-        "version": version,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "size": len(data),
-        "chunk_size": chunk_size,
-        "chunks": -(-len(data) // chunk_size),
-        "labels": model.labels,
-        "min_agent_version": min_agent_version,
-        "created_at": dt.datetime.now(dt.UTC),
-    }
-    if spec is not None:
-        if "task" in spec.model_fields_set:  # else the device infers it, as for a local model
-            values["task"] = spec.task
-        values["labels"] = spec.labels or model.labels
-        values["preprocess"] = spec.preprocess
-        if spec.reference is not None and spec_dir is not None:
-            values["reference"] = _reference(path, model, spec, spec_dir)
-    try:
-        return DeliveryManifest(**values)
-    except ValidationError as exc:
-        raise EdgeAgentError(f"cannot build the delivery manifest: {exc}") from exc
-
-
-def _reference(path: Path, model: ModelFile, spec: Manifest, folder: Path) -> DeliveryReference:
-    ref = spec.reference
-    assert ref is not None
-    input_path, output_path = folder / ref.input, folder / ref.output
-    if input_path.suffix.lower() == ".npy":
-        sample = _load_npy(input_path)
-    else:
-        sample = _prepared_image(path, spec, input_path)
-    expected = _load_npy(output_path).astype(np.float32)
-    if model.inputs and sample.dtype.name != model.inputs[0].dtype:
-        raise EdgeAgentError(
-            f"reference input {input_path} is {sample.dtype.name} but the model's input is "
-            f"{model.inputs[0].dtype}: save it in the input tensor's dtype"
-        )
-    try:
-        return DeliveryReference(
-            input=TensorBlob.from_array(sample),
-            output=TensorBlob.from_array(expected),
-            atol=ref.atol,
-        )
-    except ValidationError as exc:
-        raise EdgeAgentError(f"the reference check of {path} is unusable: {exc}") from exc
-
-
-def _load_npy(path: Path) -> np.ndarray[Any, Any]:
-    try:
-        array: np.ndarray[Any, Any] = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise EdgeAgentError(f"cannot read reference array {path}: {exc}") from exc
-    return array
-
-
-def _prepared_image(model_path: Path, spec: Manifest, image: Path) -> np.ndarray[Any, Any]:
-    from edgeagent.cli.infer import read_image
-    from edgeagent.inference import Engine, make_preprocessor
-
-    engine = Engine.load(model_path, accelerator="cpu")
-    try:
-        prepare = make_preprocessor(spec.preprocess, engine.inputs[0], "image")
-        result: np.ndarray[Any, Any] = prepare(read_image(image)).tensor
-    finally:
-        engine.close()
-    return result
-
-
-def _topics(prefix: str) -> FleetTopics:
-    try:
-        return FleetTopics(prefix)
-    except ValueError as exc:
-        raise ConfigError(f"--prefix: {exc}") from exc
-
-
 def execute_publish(args: argparse.Namespace) -> int:
     name = check_safe_id(args.name, "name")
     ver = check_version(args.version)
-    if not MIN_CHUNK_SIZE <= args.chunk_size <= MAX_CHUNK_SIZE:
-        raise EdgeAgentError(
-            f"--chunk-size {args.chunk_size} is out of range: use {MIN_CHUNK_SIZE} to "
-            f"{MAX_CHUNK_SIZE} bytes (devices refuse smaller chunks), which leaves room under "
-            f"the broker's {BROKER_MESSAGE_CAP // 1024} KiB message cap"
-        )
+    check_chunk_size(args.chunk_size)
     if args.timeout <= 0:
         raise EdgeAgentError("--timeout must be positive")
     config = broker_config(args)
-    topics = _topics(config.prefix)
-    model = read_model(args.file)
-    data = args.file.read_bytes()
-    if -(-len(data) // args.chunk_size) > MAX_CHUNKS:
-        raise EdgeAgentError(
-            f"{args.file} ({len(data)} bytes) makes more than the {MAX_CHUNKS} chunks devices "
-            f"take at --chunk-size {args.chunk_size}: use a larger --chunk-size"
-        )
-    spec: Manifest | None
-    if args.manifest is not None:
-        spec, spec_dir = _yaml_manifest(args.manifest), args.manifest.parent
-    else:
-        spec, spec_dir = load_manifest(args.file), args.file.parent
-        if spec is not None:
-            log.info("using the manifest beside the model: %s", manifest_path(args.file))
-    try:
-        key_pem = args.key.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the signing key {args.key}: {exc.strerror}") from exc
-    unsigned = build_manifest(
+    fleet_topics(config.prefix)  # a bad --prefix is refused before anything is read
+    bars: list[ProgressBar] = []
+
+    def start(chunks: int) -> Callable[[int], None]:
+        bars.append(ProgressBar(chunks, f"{name} {ver}"))
+        return bars[0].update
+
+    def done() -> None:
+        bars[0].close()
+
+    item = Publication(
         args.file,
-        model,
-        data,
-        name=name,
-        version=ver,
+        name,
+        ver,
+        key=args.key,
+        manifest=args.manifest,
         chunk_size=args.chunk_size,
-        spec=spec,
-        spec_dir=spec_dir,
         min_agent_version=args.min_agent_version,
     )
-    signed = sign_manifest(unsigned, key_pem)
-    manifest_bytes = signed.to_json_bytes()
-    if len(manifest_bytes) > MAX_CHUNK_SIZE:
-        raise EdgeAgentError(
-            f"the signed manifest is {len(manifest_bytes)} bytes, over the {MAX_CHUNK_SIZE} "
-            "that fit in one broker message: use a smaller reference input"
-        )
-    chunks = [data[i : i + args.chunk_size] for i in range(0, len(data), args.chunk_size)]
-    bar = ProgressBar(len(chunks), f"{name} {ver}")
-    with FleetConnection(config, name="publish") as link:
-        mids = [
-            link.publish(topics.model_chunk(name, ver, i), chunk, retain=True)
-            for i, chunk in enumerate(chunks)
-        ]
-        try:
-            link.wait_acked(mids, stall_timeout=args.timeout, progress=bar.update)
-        finally:
-            bar.close()
-        # Last, so that a device never sees a manifest whose chunks are not there yet.
-        mid = link.publish(topics.model_manifest(name, ver), manifest_bytes, retain=True)
-        link.wait_acked([mid], stall_timeout=args.timeout)
-    assert signed.signature is not None
-    report = {
-        "name": name,
-        "version": ver,
-        "size": signed.size,
-        "sha256": signed.sha256,
-        "chunk_size": signed.chunk_size,
-        "chunks": signed.chunks,
-        "key_id": signed.signature.key_id,
-        "manifest_topic": topics.model_manifest(name, ver),
-        "chunk_topics": topics.model_chunk_pattern(name, ver),
-    }
+    report = publish_model(config, item, timeout=args.timeout, on_start=start, on_done=done)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(
-            f"published {name} {ver}: {signed.size} bytes in {signed.chunks} chunk(s) of "
-            f"{signed.chunk_size}, sha256 {signed.sha256[:16]}..., signed by key "
-            f"{signed.signature.key_id}; manifest on {report['manifest_topic']}"
+            f"published {name} {ver}: {report['size']} bytes in {report['chunks']} chunk(s) "
+            f"of {report['chunk_size']}, sha256 {report['sha256'][:16]}..., signed by key "
+            f"{report['key_id']}; manifest on {report['manifest_topic']}"
         )
     return 0
 
@@ -638,34 +406,6 @@ def execute_unpublish(args: argparse.Namespace) -> int:
     if args.chunks is not None and args.chunks < 0:
         raise EdgeAgentError("--chunks must be 0 or more")
     config = broker_config(args)
-    topics = _topics(config.prefix)
-    manifest_topic = topics.model_manifest(name, ver)
-    with FleetConnection(config, name="unpublish") as link:
-        count = args.chunks
-        if count is None:
-            count = _published_chunks(link.read_retained(manifest_topic, 2.0), manifest_topic)
-        # The manifest first: a device that sees no manifest fetches nothing.
-        mids = [link.publish(manifest_topic, b"", retain=True)]
-        mids += [
-            link.publish(topics.model_chunk(name, ver, i), b"", retain=True) for i in range(count)
-        ]
-        link.wait_acked(mids, stall_timeout=args.timeout)
+    count = unpublish_model(config, name, ver, args.chunks, timeout=args.timeout)
     print(f"unpublished {name} {ver}: cleared the manifest and {count} chunk(s)")
     return 0
-
-
-def _published_chunks(payload: bytes | None, topic: str) -> int:
-    if payload is None:
-        raise EdgeAgentError(
-            f"no retained manifest on {topic}: nothing to read the chunk count from; pass "
-            "--chunks K to clear chunks anyway"
-        )
-    try:
-        chunks = json.loads(payload.decode("utf-8"))["chunks"]
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise EdgeAgentError(
-            f"the retained manifest on {topic} is unreadable ({exc}): pass --chunks K"
-        ) from exc
-    if not isinstance(chunks, int) or chunks < 0:
-        raise EdgeAgentError(f"the retained manifest on {topic} has chunks={chunks!r}")
-    return chunks

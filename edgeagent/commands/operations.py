@@ -1,80 +1,55 @@
 """What the agent can be asked to do, by the fleet over MQTT (`cmd/<name>`) and by a
 person at the device over the control socket (`edgeagent status`). One implementation
 serves both, so a command behaves the same wherever it comes from, and both check their
-arguments with the same strict models (no "100" for 100, no `true` for 1).
-
-What a command sender can change is bounded: `config.set` may change only the keys in
-`REMOTE_CONFIG_KEYS` (anything else fails with `forbidden-key: ...` and changes nothing),
-and a file path it sets, like `bench`'s `model`, must resolve under
-`commands.remote_paths` (else `forbidden-path: ...`). Whom the device trusts, where it
-connects and where it writes change only in the local file, by root (docs/security.md).
+arguments with the same strict models (no "100" for 100, no `true` for 1). It reaches the
+agent only through `AgentControl`; what a command sender may change is decided in
+`commands/remote.py` (`REMOTE_CONFIG_KEYS`, `commands.remote_paths`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgeagent import __version__
-from edgeagent.commands.router import (
-    BinaryResult,
-    CommandRouter,
-    Progress,
-    Request,
-    validation_reason,
+from edgeagent.commands.remote import (
+    REMOTE_CONFIG_KEYS,
+    changed_keys,
+    forbidden_paths,
+    model_refusal,
+    remotely_allowed,
+    roots_text,
 )
-from edgeagent.config import (
-    AgentConfig,
-    PipelineConfig,
-    rename_legacy_keys,
-    validate_config_data,
-)
+from edgeagent.commands.request import Request, validation_reason
+from edgeagent.commands.router import BinaryResult, CommandRouter, Progress
+from edgeagent.config import AgentConfig, rename_legacy_keys, validate_config_data
 from edgeagent.errors import ConfigError, EdgeAgentError
-from edgeagent.hal.settings import RemotePath
 from edgeagent.inference.benchmark import measure
-from edgeagent.modelfile.catalog import bundled_path
-from edgeagent.names import SAFE_NAME
 from edgeagent.snapshot import render_mask, render_snapshot
+from edgeagent.telemetry.report import LinkFigures
 
 if TYPE_CHECKING:
-    from edgeagent.service import Agent
+    import numpy as np
+
+    from edgeagent.config import PipelineConfig
+    from edgeagent.hal.source import Sample
+    from edgeagent.outbox import OutboxStats
+    from edgeagent.pipeline import PipelineStats
 
 log = logging.getLogger(__name__)
 
 # Keys whose change the running agent applies at once; any other change is persisted and
 # takes effect at the next restart (the reply says so).
 _LIVE_KEYS = frozenset({"pipelines", "log_level"})
-
-REMOTE_CONFIG_KEYS: Final = frozenset(
-    {
-        "pipelines",
-        "log_level",
-        "telemetry.interval_s",
-        "homeassistant.enabled",
-        "homeassistant.prefix",
-    }
-)
-"""The configuration a command sender may change with `config.set`: a changed key path is
-allowed when it is one of these or lies below one. `pipelines` is allowed whole (sources,
-models, task and thresholds, pre-processing, accelerator, rate, enabled), but the file
-paths in it must resolve under `commands.remote_paths`. Everything else is local-only
-(`mqtt.*`, `delivery.*`, `device.*`, `commands.*`, `outbox.*`, `state_dir`,
-`control_socket`, `telemetry.prometheus`, and any key added later until it is listed
-here): it decides whom the device trusts, where it connects or what it writes, and only
-root changes it, in the file. Documented in docs/protocol.md."""
-
-_GLOB_MAGIC = re.compile(r"[*?\[]")
 
 A = TypeVar("A", bound=BaseModel)
 
@@ -135,145 +110,74 @@ def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-# --- what a command sender may change ------------------------------------------------
+class LinkState(LinkFigures, Protocol):
+    """What `status` shows of the MQTT link: telemetry's figures and the last error."""
+
+    @property
+    def last_error(self) -> str | None: ...
 
 
-def _changed_paths(old: Any, new: Any, path: tuple[str, ...] = ()) -> Iterator[str]:
-    """The dotted key paths whose values differ between two JSON-like trees."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(old.keys() | new.keys(), key=str):
-            if key in old and key in new:
-                yield from _changed_paths(old[key], new[key], (*path, str(key)))
-            else:
-                yield ".".join((*path, str(key)))
-    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        for index, (before, after) in enumerate(zip(old, new, strict=True)):
-            yield from _changed_paths(before, after, (*path, str(index)))
-    elif old != new:
-        yield ".".join(path) or "(the whole configuration)"
+class AgentControl(Protocol):
+    """All that the operations may see of and do to the running agent (`Agent` implements
+    it): status pieces, the configuration (replaced only through `replace_config`),
+    pipelines started and stopped by their configuration, logs, a restart request and a
+    delivered model's rollback."""
 
+    @property
+    def config(self) -> AgentConfig: ...
+    @property
+    def config_path(self) -> Path | None: ...
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def run_id(self) -> str: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def link(self) -> LinkState: ...
 
-def _remotely_allowed(path: str) -> bool:
-    return any(path == key or path.startswith(key + ".") for key in REMOTE_CONFIG_KEYS)
+    def replace_config(self, config: AgentConfig) -> None:
+        """Makes `config` the running configuration (what was live is applied already)."""
 
+    def outbox_stats(self) -> OutboxStats | None:
+        """The outbox's counters; None when `outbox.enabled` is false."""
 
-def _changed_keys(old: AgentConfig, new: AgentConfig) -> list[str]:
-    """The dotted key paths whose values `new` changes, e.g. `telemetry.interval_s`."""
-    return list(_changed_paths(old.model_dump(mode="json"), new.model_dump(mode="json")))
+    def pipeline_names(self) -> list[str]:
+        """The pipelines started (running or failed), in start order."""
 
+    def pipeline_stats(self, name: str) -> PipelineStats | None:
+        """The counters of a started pipeline; None when it is not started."""
 
-def _resolved(path: Path) -> Path | None:
-    """`path` with `~` expanded and symlinks followed; None when it cannot be (a symlink
-    loop, an unknown user, a NUL byte)."""
-    try:
-        return path.expanduser().resolve()
-    except (OSError, RuntimeError, ValueError):
-        return None
+    def pipeline_failure(self, name: str) -> str | None:
+        """Why a started pipeline failed; None when it runs (or is not started)."""
 
+    def last_output(self, name: str) -> tuple[Sample, dict[str, Any]] | None:
+        """The last sample a pipeline published a result for, and that result."""
 
-def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
-    """Whether `path`, symlinks followed, lies in one of `roots` (also resolved)."""
-    resolved = _resolved(path)
-    if resolved is None:
-        return False
-    return any(
-        (root_resolved := _resolved(root)) is not None and resolved.is_relative_to(root_resolved)
-        for root in roots
-    )
+    def last_mask(self, name: str) -> np.ndarray[Any, Any] | None:
+        """The class map of a segmentation pipeline's last result."""
 
+    def running_model_path(self, name: str) -> Path | None:
+        """The model file a started pipeline has loaded; None when it has none."""
 
-def _roots_text(roots: tuple[Path, ...]) -> str:
-    return ", ".join(str(r) for r in roots) if roots else "none configured"
+    def describe_pipeline(self, name: str) -> dict[str, Any]:
+        """One pipeline as the status shows it."""
 
+    def start_pipeline(self, config: PipelineConfig) -> Any:
+        """Starts a pipeline; None (its reason in `pipeline_failure`) when it cannot."""
 
-def _file_refusal(value: str, roots: tuple[Path, ...]) -> str | None:
-    """Why a file path set by a command may not be used, or None when it lies in a root."""
-    target = Path(value)
-    if ".." in target.parts:
-        return "'..' is not allowed in a path set by a command"
-    if not roots:
-        return "this device accepts no file path from commands (commands.remote_paths is empty)"
-    if not _inside(target, roots):
-        return f"it resolves to {_resolved(target) or 'nothing'}, outside commands.remote_paths"
-    return None
-
-
-def _glob_refusal(pattern: str, roots: tuple[Path, ...]) -> str | None:
-    """A folder, a file or a glob (an images source): its fixed part and every file it
-    matches now must lie in a root (a symlink inside a root may not lead out of it)."""
-    parts = Path(pattern).parts
-    fixed = next((i for i, part in enumerate(parts) if _GLOB_MAGIC.search(part)), len(parts))
-    base = Path(*parts[:fixed]) if fixed else Path()
-    refusal = _file_refusal(str(base), roots) or _file_refusal(pattern, roots)
-    if refusal is not None:
-        return refusal
-    from edgeagent.hal.camera.images import find_images  # Pillow, only when needed
-
-    for file in find_images(pattern):
-        if not _inside(file, roots):
-            return f"{file} resolves to {_resolved(file)}, outside commands.remote_paths"
-    return None
-
-
-def model_is_path(ref: str) -> bool:
-    """Whether a pipeline's or bench's `model` names a file: not a bundled model, and not a
-    plain name (a model delivered over MQTT) without a file of that name at hand."""
-    if bundled_path(ref) is not None:
-        return False
-    if SAFE_NAME.fullmatch(ref) and ".." not in ref and not ref.endswith(".tflite"):
-        return Path(ref).expanduser().exists()
-    return True
-
-
-def _model_refusal(ref: str, roots: tuple[Path, ...]) -> str | None:
-    return _file_refusal(ref, roots) if model_is_path(ref) else None
-
-
-def forbidden_paths(old: AgentConfig, new: AgentConfig) -> list[str]:
-    """The file paths `new` sets, not already set the same way in `old`, that do not
-    resolve under `old.commands.remote_paths`; each as `key.path 'value': why`."""
-    roots = old.commands.remote_paths
-    before = {p.name: p for p in old.pipelines}
-    problems = []
-    for index, pipeline in enumerate(new.pipelines):
-        previous = before.get(pipeline.name)
-        unchanged = (
-            {key: value for key, value, _ in _pipeline_files(previous, roots)}
-            if previous is not None
-            else {}
-        )
-        for key, value, check in _pipeline_files(pipeline, roots):
-            if unchanged.get(key) == value:
-                continue  # the pipeline had it already: set in the local file, or checked
-            why = check()
-            if why is not None:
-                problems.append(f"pipelines.{index}.{key} {value!r}: {why}")
-    return problems
-
-
-def _pipeline_files(
-    pipeline: PipelineConfig, roots: tuple[Path, ...]
-) -> Iterator[tuple[str, str, Callable[[], str | None]]]:
-    """(key, value, check) for every file a pipeline may name; `check` says why it may
-    not be set by a command, or None."""
-    for path in pipeline.source.remote_paths():
-        yield path.key, path.value, partial(_remote_path_refusal, path, roots)
-    yield "model", pipeline.model, lambda: _model_refusal(pipeline.model, roots)
-
-
-def _remote_path_refusal(path: RemotePath, roots: tuple[Path, ...]) -> str | None:
-    """Why a command may not set `path` (the check its source declares), or None."""
-    if path.check == "glob":
-        return _glob_refusal(path.value, roots)
-    if path.check == "never":
-        return path.refusal
-    return _file_refusal(path.value, roots)
+    def stop_pipeline(self, name: str) -> None: ...
+    def publish_status(self) -> None: ...
+    def log_tail(self, lines: int) -> list[str]: ...
+    def request_restart(self) -> None: ...
+    def rollback_model(self, pipeline: str) -> str:
+        """The version a pipeline's delivered model went back to (DeliveryError if none)."""
 
 
 class Operations:
     """The agent's operations; each raises EdgeAgentError with a reason on failure."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: AgentControl) -> None:
         self._agent = agent
         # Commands run on two workers and the control socket: changes go one at a time.
         self._changing = threading.Lock()
@@ -322,11 +226,10 @@ class Operations:
         """Everything `edgeagent status` shows."""
         agent = self._agent
         pipelines = []
-        for name in list(agent.pipelines):
+        for name in agent.pipeline_names():
             info = agent.describe_pipeline(name)
-            pipeline = agent.pipelines.get(name)
-            if pipeline is not None:
-                stats = pipeline.stats
+            stats = agent.pipeline_stats(name)
+            if stats is not None:
                 info.update(
                     frames_in=stats.frames_in,
                     results_out=stats.results_out,
@@ -341,7 +244,7 @@ class Operations:
                 )
             pipelines.append(info)
         link = agent.link
-        outbox = agent.outbox.stats() if agent.outbox is not None else None
+        outbox = agent.outbox_stats()
         return {
             "device": agent.device_id,
             "version": __version__,
@@ -364,7 +267,7 @@ class Operations:
                 "oldest_age_s": outbox.oldest_age_s,
                 "dropped": outbox.dropped + outbox.dropped_full + outbox.dropped_error,
             },
-            "last_errors": [line for line in agent.logs.tail(500) if " ERROR " in line][-10:],
+            "last_errors": [line for line in agent.log_tail(500) if " ERROR " in line][-10:],
         }
 
     def config_get(self) -> dict[str, Any]:
@@ -388,8 +291,8 @@ class Operations:
             raise EdgeAgentError(
                 f"the new configuration is invalid, nothing changed: {exc}"
             ) from exc
-        changed_paths = _changed_keys(agent.config, new)
-        forbidden = [path for path in changed_paths if not _remotely_allowed(path)]
+        changed_paths = changed_keys(agent.config, new)
+        forbidden = [path for path in changed_paths if not remotely_allowed(path)]
         if forbidden:
             raise EdgeAgentError(
                 f"forbidden-key: {', '.join(forbidden)}: local-only, changed only in the "
@@ -400,7 +303,7 @@ class Operations:
         if files:
             raise EdgeAgentError(
                 f"forbidden-path: {'; '.join(files)}; a file a command names must lie under "
-                f"commands.remote_paths ({_roots_text(agent.config.commands.remote_paths)}); "
+                f"commands.remote_paths ({roots_text(agent.config.commands.remote_paths)}); "
                 "nothing changed"
             )
         changed = sorted({path.split(".", 1)[0] for path in changed_paths})
@@ -411,7 +314,7 @@ class Operations:
         if "log_level" in changed:
             logging.getLogger().setLevel(new.log_level.upper())
         self._persist(merged)
-        agent.config = new
+        agent.replace_config(new)
         agent.publish_status()
         return {
             "changed": changed,
@@ -429,7 +332,7 @@ class Operations:
         for name in touched:
             config = after.get(name)
             if config is not None and config.enabled and agent.start_pipeline(config) is None:
-                failures[name] = agent.failed.get(name, "did not start")
+                failures[name] = agent.pipeline_failure(name) or "did not start"
         if failures:
             # Roll back: the previous pipelines come back as they were.
             for name in touched:
@@ -473,14 +376,15 @@ class Operations:
         if verb in ("stop", "restart"):
             agent.stop_pipeline(name)
         if verb in ("start", "restart"):
-            if name in agent.pipelines and name not in agent.failed:
+            if name in agent.pipeline_names() and agent.pipeline_failure(name) is None:
                 raise EdgeAgentError(f"pipeline {name!r} is running already")
             if agent.start_pipeline(config) is None:
-                raise EdgeAgentError(f"pipeline {name!r} did not start: {agent.failed[name]}")
+                why = agent.pipeline_failure(name)
+                raise EdgeAgentError(f"pipeline {name!r} did not start: {why}")
         agent.publish_status()
         return (
             agent.describe_pipeline(name)
-            if name in agent.pipelines
+            if name in agent.pipeline_names()
             else {"name": name, "state": "stopped"}
         )
 
@@ -488,15 +392,15 @@ class Operations:
         return lambda request: self.pipeline(verb, request.params_as(PipelineArgs).pipeline)
 
     def model_rollback(self, pipeline: str) -> dict[str, Any]:
-        return {"pipeline": pipeline, "version": self._agent.delivery.rollback(pipeline)}
+        return {"pipeline": pipeline, "version": self._agent.rollback_model(pipeline)}
 
     def snapshot(self, args: SnapshotArgs) -> BinaryResult:
-        pipeline = self._agent.pipelines.get(args.pipeline)
-        if pipeline is None or pipeline.last is None:
+        last = self._agent.last_output(args.pipeline)
+        if last is None:
             raise EdgeAgentError(f"pipeline {args.pipeline!r} has no result to show yet")
-        sample, result = pipeline.last
+        sample, result = last
         if args.mask:
-            mask = pipeline.last_mask
+            mask = self._agent.last_mask(args.pipeline)
             if mask is None:
                 raise EdgeAgentError(
                     f"pipeline {args.pipeline!r} has no mask: only segmentation models give one"
@@ -517,14 +421,14 @@ class Operations:
         args = request.params_as(BenchArgs)
         model = args.model
         if model is not None:
-            why = _model_refusal(model, self._agent.config.commands.remote_paths)
+            why = model_refusal(model, self._agent.config.commands.remote_paths)
             if why is not None:
                 raise EdgeAgentError(f"forbidden-path: model {model!r}: {why}")
         else:
-            pipeline = self._agent.pipelines.get(args.pipeline or "")
-            if pipeline is None or pipeline.runner is None:
+            path = self._agent.running_model_path(args.pipeline or "")
+            if path is None:
                 raise EdgeAgentError("bench needs 'model' or the name of a running 'pipeline'")
-            model = str(pipeline.runner.model.path)
+            model = str(path)
         progress.update(0, f"benchmarking {model} with {args.threads} thread(s)")
         return measure(
             model,
@@ -535,10 +439,10 @@ class Operations:
         )
 
     def logs(self, lines: int) -> dict[str, Any]:
-        return {"lines": self._agent.logs.tail(lines)}
+        return {"lines": self._agent.log_tail(lines)}
 
     def restart(self) -> dict[str, Any]:
-        self._agent.restart_requested.set()
+        self._agent.request_restart()
         return {"restarting": True, "pid": os.getpid()}
 
 
