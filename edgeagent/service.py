@@ -26,6 +26,7 @@ from edgeagent import __version__
 from edgeagent.config import AgentConfig, PipelineConfig
 from edgeagent.control import ControlServer
 from edgeagent.errors import EdgeAgentError
+from edgeagent.events.policy import make_policy
 from edgeagent.hal.accel import probe_accelerators
 from edgeagent.hal.accel.base import Accelerator
 from edgeagent.hal.sources import open_source
@@ -239,6 +240,15 @@ class Agent:
             on_event=self._publish_event,
             run_id=self.run_id,
             sequence=sequence,
+            policy=lambda task: make_policy(
+                config.name,
+                config.publish,
+                task,
+                self.topics,
+                lambda topic, payload, retain: self._publish_from(
+                    config.name, topic, payload, retain
+                ),
+            ),
         )
         with self._pipelines_lock:
             previous = self.pipelines.get(config.name)
@@ -299,12 +309,17 @@ class Agent:
             self._outbox_publisher.submit(topic, payload, qos=self.config.mqtt.qos)
 
     def _publish_result(self, pipeline: str, result: dict[str, Any]) -> None:
-        topic, payload = self.topics.results(pipeline), to_json(result)
+        self._publish_from(pipeline, self.topics.results(pipeline), to_json(result), False)
+
+    def _publish_from(self, pipeline: str, topic: str, payload: bytes, retain: bool) -> None:
+        """A pipeline's results, aggregates, track events, snapshots and retained summary
+        (edgeagent/events/policy.py): through the outbox, like `_publish_result`."""
+        qos = self.config.mqtt.qos
         handoff: ResultHandoff | None
         if self._outbox_publisher is None:
-            ticket = self._link.publish(topic, payload, qos=self.config.mqtt.qos)
+            ticket = self._link.publish(topic, payload, qos=qos, retain=retain)
             handoff = ResultHandoff(pipeline, stored=False, ticket=ticket)
-        elif self._outbox_publisher.submit(topic, payload, qos=self.config.mqtt.qos) is None:
+        elif self._outbox_publisher.submit(topic, payload, qos=qos, retain=retain) is None:
             handoff = None  # not stored (disk full, storage error): counted by the outbox
         else:
             durable = self.outbox is not None and self.outbox.durable
