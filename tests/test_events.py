@@ -145,7 +145,8 @@ def test_summary_is_retained_with_counts_by_label_and_zone() -> None:
     for t in range(20):
         p.feed(frame(t, det([0.1, 0.1, 0.2, 0.3]), det([0.7, 0.1, 0.8, 0.3], label="square")))
     states = [(t, json.loads(b), r) for t, b, r in rec.sent if "/state/" in t]
-    assert states and all(r for _, _, r in states), "the summary is retained"
+    assert states
+    assert all(r for _, _, r in states), "the summary is retained"
     assert states[0][0] == "edgeagent/dev/state/cam"
     last = states[-1][1]
     assert last["counts"] == {"circle": 1, "square": 1}
@@ -229,7 +230,8 @@ def test_interval_mode_aggregates() -> None:
     messages = rec.json("results")
     assert len(messages) == 3
     first = messages[0]
-    assert first["type"] == "interval" and first["frames"] == 10
+    assert first["type"] == "interval"
+    assert first["frames"] == 10
     assert first["labels"]["circle"]["count"] == 10
     assert first["labels"]["circle"]["max_score"] == pytest.approx(0.59)
     assert first["labels"]["circle"]["mean_score"] == pytest.approx(0.545)
@@ -258,5 +260,5 @@ pipelines:
     with pytest.raises(ConfigError, match=r":5: .*publish.*'mode:'"):
         parse_config(text.replace("      mode: events\n", "      interval_s: 3\n"))
     assert parse_config(text.replace("[2, 0]", "[1, 0]")).pipelines[0].publish.mode == "events"
-    default = parse_config(text.split("    publish:")[0])
+    default = parse_config(text.split("    publish:", maxsplit=1)[0])
     assert default.pipelines[0].publish.mode == "every"

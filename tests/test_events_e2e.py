@@ -97,7 +97,8 @@ pipelines:
     assert len(news) == len(set(news))
     assert not [m for m in reader.messages if m.topic == "edgeagent/ev/results/shapes"]
     frames = [m for m in reader.messages if m.topic == "edgeagent/ev/snapshots/shapes/" + ends[0]]
-    assert frames and frames[-1].payload[:2] == b"\xff\xd8", "the best snapshot is a JPEG"
+    assert frames
+    assert frames[-1].payload[:2] == b"\xff\xd8", "the best snapshot is a JPEG"
 
     late = mqtt_reader(mosquitto, "edgeagent/ev/state/#")
     retained = late.wait_for(lambda m: m.topic == "edgeagent/ev/state/shapes", timeout=10)
