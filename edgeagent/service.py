@@ -30,6 +30,7 @@ from edgeagent.control import ControlServer
 from edgeagent.delivery.worker import ModelDelivery, open_store
 from edgeagent.errors import EdgeAgentError
 from edgeagent.events.policy import make_policy
+from edgeagent.events.settings import EventsPublish
 from edgeagent.hal.accel import probe_accelerators
 from edgeagent.hal.accel.base import Accelerator
 from edgeagent.hal.sources import open_source
@@ -150,6 +151,11 @@ class Agent:
                 list(self.pipelines),
                 __version__,
                 prefix=config.homeassistant.prefix,
+                events={
+                    name: p.config.publish
+                    for name, p in self.pipelines.items()
+                    if isinstance(p.config.publish, EventsPublish)
+                },
             ),
             lambda topic, payload: self._link.publish(topic, payload, qos=1, retain=True),
         )
@@ -187,6 +193,9 @@ class Agent:
         for config in self.config.pipelines:
             if config.enabled:
                 self.start_pipeline(config)
+        if self._link.connected:
+            # Connected before the pipelines existed: announce their entities too.
+            self.discovery.announce()
         self.telemetry.start()
         if self._exporter is not None:
             self._exporter.start()

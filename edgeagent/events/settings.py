@@ -120,6 +120,9 @@ class EventsPublish(_Model):
     anomaly_min_s: float = Field(default=1.0, ge=0)  # anomalous this long before `new`
     anomaly_cooldown_s: float = Field(default=5.0, ge=0)  # normal this long before `end`
     summary_s: float = Field(default=5.0, gt=0)
+    # Labels that get a count and an occupancy entity in Home Assistant, besides those
+    # named by a zone's `labels` or by `filters`.
+    labels: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _unique_zones(self) -> EventsPublish:

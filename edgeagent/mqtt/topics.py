@@ -288,9 +288,10 @@ class Topics:
 # --- Home Assistant MQTT discovery (its own prefix, `homeassistant` by default) --------------
 
 
-def discovery_config(ha_prefix: str, node: str, object_id: str) -> str:
-    """Where the retained config of one entity goes."""
-    return f"{ha_prefix}/sensor/{_level(node, 'node id')}/{_level(object_id, 'object id')}/config"
+def discovery_config(ha_prefix: str, node: str, object_id: str, component: str = "sensor") -> str:
+    """Where the retained config of one entity (a `sensor`, a `binary_sensor`) goes."""
+    node, object_id = _level(node, "node id"), _level(object_id, "object id")
+    return f"{ha_prefix}/{component}/{node}/{object_id}/config"
 
 
 def discovery_birth(ha_prefix: str) -> str:
