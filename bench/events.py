@@ -1,9 +1,13 @@
 """Events, not floods: tracking quality and message volume of `publish: {mode: events}`.
 
-    python bench/events.py [--minutes 10] [--fps 30] [--shapes 4] [--json FILE]
+    python bench/events.py [--scene blinking|walkers] [--minutes 10] [--fps 30] [--shapes 4]
+                           [--json FILE]
 
-The synthetic camera's scene (ShapeScene) gives the truth: each shape has a stable `id`,
-and each interval in which it is visible is one appearance. Detections are the truth boxes
+The scene gives the truth: each object has a stable `id`, and each interval in which it is
+visible is one appearance. `blinking` is the synthetic camera's ShapeScene (its shapes
+blink in and out every 2-13 s: a worst case for volume); `walkers` is a realistic one:
+`--shapes` lanes in which a person walks across the frame in 20-60 s, sometimes stands
+still for 15 s on the way, then the lane is empty for 10-90 s. Detections are the truth boxes
 with a detector's faults added (seeded): box jitter, a missed detection in 5 % of frames,
 scores between 0.5 and 0.95. They go through the real policy (norfair tracker, zones,
 snapshots) at `--fps`, on the frames' capture clock, and the bench reports:
@@ -61,8 +65,51 @@ def _detections(truth: list[dict[str, Any]], rng: np.random.Generator) -> list[d
     return out
 
 
-def run(minutes: float, fps: float, shapes: int, seed: int) -> dict[str, Any]:
-    scene = ShapeScene(160, 120, shapes=shapes, seed=seed)
+class WalkScene:
+    """People walking past: per lane, walks of 20-60 s (30 % stop for 15 s midway) with
+    10-90 s of empty lane between them; each walk is one id and one appearance."""
+
+    def __init__(self, lanes: int, seed: int, fps: float, frames: int) -> None:
+        rng = np.random.default_rng(seed + 7)
+        self._fps = fps
+        self._walks: list[tuple[int, float, float, float, float, float, float]] = []
+        for lane in range(lanes):
+            t = float(rng.uniform(0, 30))
+            while t * fps < frames:
+                walk, stop = float(rng.uniform(20, 60)), 15.0 if rng.random() < 0.3 else 0.0
+                y = 0.1 + 0.6 * lane / max(1, lanes)
+                rightward = bool(rng.random() < 0.5)
+                self._walks.append((len(self._walks), t, walk, stop, y, 0.1, float(rightward)))
+                t += walk + stop + float(rng.uniform(10, 90))
+        self._background = rng.integers(40, 160, size=(120, 160, 3), dtype=np.uint8)
+
+    def render(self, f: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        now = f / self._fps
+        image = self._background.copy()
+        boxes = []
+        for wid, start, walk, stop, y, width, rightward in self._walks:
+            if not start <= now < start + walk + stop:
+                continue
+            moving = now - start
+            if stop and moving > walk / 2:
+                moving = max(walk / 2, moving - stop)
+            progress = moving / walk
+            x = (1 - width) * (progress if rightward else 1 - progress)
+            box = [x, y, x + width, y + 0.25]
+            image[
+                round(y * 120) : round((y + 0.25) * 120), round(x * 160) : round((x + width) * 160)
+            ] = 220
+            boxes.append({"id": wid, "label": "person", "box": box})
+        return image, boxes
+
+
+def run(minutes: float, fps: float, shapes: int, seed: int, scene_name: str) -> dict[str, Any]:
+    frames = int(minutes * 60 * fps)
+    scene: ShapeScene | WalkScene = (
+        ShapeScene(160, 120, shapes=shapes, seed=seed)
+        if scene_name == "blinking"
+        else WalkScene(shapes, seed, fps, frames)
+    )
     rng = np.random.default_rng(seed)
     sent: list[tuple[str, bytes]] = []
     settings: AnyPublish = TypeAdapter(PublishSettings).validate_python(SETTINGS)
@@ -71,7 +118,6 @@ def run(minutes: float, fps: float, shapes: int, seed: int) -> dict[str, Any]:
         "cam", settings, "detection", topics, lambda t, p, r: sent.append((t, p)), id_prefix="b"
     )
     assert isinstance(policy, TrackedObjects)
-    frames = int(minutes * 60 * fps)
     acc = mm.MOTAccumulator(auto_id=True)
     every_bytes = 0
     visible_since: dict[int, int] = {}
@@ -136,7 +182,9 @@ def run(minutes: float, fps: float, shapes: int, seed: int) -> dict[str, Any]:
     hours = frames / fps / 3600
     events_bytes = sum(len(t) + len(d) for t, d in sent)
     every_messages = frames
+    snapshots = sum(1 for t, _ in sent if "/snapshots/" in t)
     return {
+        "scene": scene_name,
         "frames": frames,
         "fps": fps,
         "shapes": shapes,
@@ -153,12 +201,30 @@ def run(minutes: float, fps: float, shapes: int, seed: int) -> dict[str, Any]:
         "events_messages_per_hour": round(len(sent) / hours),
         "events_bytes_per_hour": round(events_bytes / hours),
         "messages_reduction": round(every_messages / max(1, len(sent)), 1),
+        "messages_reduction_without_snapshots": round(
+            every_messages / max(1, len(sent) - snapshots), 1
+        ),
         "bytes_reduction": round(every_bytes / max(1, events_bytes), 1),
+        "messages_per_hour_by_type": _by_type(sent, hours),
         "snapshot_bytes_per_hour": round(
             sum(len(d) for t, d in sent if "/snapshots/" in t) / hours
         ),
         "seconds": round(elapsed, 1),
     }
+
+
+def _by_type(sent: list[tuple[str, bytes]], hours: float) -> dict[str, int]:
+    """Messages per hour by kind: new/update/end, snapshot, summary."""
+    kinds: dict[str, int] = {}
+    for topic, data in sent:
+        if "/tracks/" in topic:
+            kind = json.loads(data)["type"]
+        elif "/snapshots/" in topic:
+            kind = "snapshot"
+        else:
+            kind = "summary"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return {k: round(n / hours) for k, n in sorted(kinds.items())}
 
 
 def _distances(truth: list[list[float]], hyps: list[list[float]]) -> np.ndarray:
@@ -192,13 +258,14 @@ def _best_truth(box: list[float], truth: list[dict[str, Any]]) -> int | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scene", choices=["blinking", "walkers"], default="blinking")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--fps", type=float, default=30.0)
     parser.add_argument("--shapes", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    report = run(args.minutes, args.fps, args.shapes, args.seed)
+    report = run(args.minutes, args.fps, args.shapes, args.seed, args.scene)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

@@ -84,7 +84,7 @@ def test_new_after_min_hits_and_end_after_misses_once_each() -> None:
 
 
 def test_a_moving_object_sends_no_update_without_a_reason() -> None:
-    p, rec = policy(EVENTS)
+    p, rec = policy({**EVENTS, "tracking": {"min_hits": 3, "max_misses": 4, "score_update_s": 2}})
     for t in range(40):
         p.feed(frame(t, det(moving(t), score=0.8)))
     assert [e["type"] for e in rec.tracks()] == ["new"]
@@ -92,6 +92,43 @@ def test_a_moving_object_sends_no_update_without_a_reason() -> None:
     updates = [e for e in rec.tracks() if e["type"] == "update"]
     assert len(updates) == 1, "a better score is a reason"
     assert updates[0]["score"] == 0.95
+
+
+def test_a_wandering_score_gives_few_updates_rate_limited_per_object() -> None:
+    # A detector's score wanders each frame; only a marked gain, at most once per
+    # score_update_s (2 s = 20 frames here), is worth an update.
+    p, rec = policy(
+        {
+            "mode": "events",
+            "tracking": {"min_hits": 1, "max_misses": 4, "score_update_s": 2},
+        }
+    )
+    scores = [0.50, 0.55, 0.58, 0.62, 0.70, 0.75, 0.80, 0.85, 0.90, 0.95] + [0.6] * 50
+    for t, score in enumerate(scores):
+        p.feed(frame(t, det(moving(t, step=0.001), score=score)))
+    updates = [e for e in rec.tracks() if e["type"] == "update"]
+    # 0.95 (t=9) beat the 0.50 sent by `new` by 0.1, but the first update waits for t=20.
+    assert [u["score"] for u in updates] == [0.95]
+    assert [e["type"] for e in rec.tracks()] == ["new", "update"]
+
+
+def test_a_box_jittering_on_a_zone_edge_enters_once() -> None:
+    # The anchor (bottom middle) alternates 0.49 / 0.51 around the edge x = 0.5 each frame,
+    # then stays inside: one entry after `inertia` frames, not a flip per frame.
+    p, rec = policy(
+        {
+            "mode": "events",
+            "tracking": {"min_hits": 1, "max_misses": 4},
+            "zones": [{"name": "right", "polygon": [[0.5, 0], [1, 0], [1, 1], [0.5, 1]]}],
+        }
+    )
+    for t in range(30):
+        x = 0.39 if t % 2 == 0 or t < 3 else 0.41
+        p.feed(frame(t, det([x, 0.4, x + 0.2, 0.6], score=0.9)))
+    for t in range(30, 40):
+        p.feed(frame(t, det([0.41, 0.4, 0.61, 0.6], score=0.9)))
+    events = rec.tracks()
+    assert [(e["type"], e["zones"]) for e in events] == [("new", []), ("update", ["right"])]
 
 
 def test_stationary_object_only_keeps_alive() -> None:

@@ -33,6 +33,9 @@ class ZoneSettings(_Model):
     name: str
     polygon: tuple[tuple[float, float], ...]
     labels: tuple[str, ...] | None = None
+    # Frames an announced object must be in (out of) the zone before it enters (leaves):
+    # a box jittering on the edge does not flip the zone each frame (as Frigate's inertia).
+    inertia: int = Field(default=3, ge=1)
 
     @field_validator("name")
     @classmethod
@@ -64,7 +67,11 @@ class TrackingSettings(_Model):
     stationary_motion: float = Field(default=0.02, ge=0.0, le=1.0)
     stationary_s: float = Field(default=10.0, gt=0)
     keepalive_s: float = Field(default=300.0, gt=0)  # at most one keep-alive per period
-    better_score: float = Field(default=0.05, gt=0.0, le=1.0)  # an update's score gain
+    # An update for a better score only when it gained this much over the one last sent,
+    # and at most once per `score_update_s` per object (zone and label changes are not
+    # held back): a detector's score wanders from frame to frame, a user needs its best.
+    better_score: float = Field(default=0.1, gt=0.0, le=1.0)
+    score_update_s: float = Field(default=30.0, ge=0.0)
 
 
 class SnapshotSettings(_Model):

@@ -3,11 +3,11 @@ maintained fork `norfair-enough`) associates boxes across frames; this module tu
 tracks into `new`, `update` and `end` events (docs/protocol.md, "Tracks").
 
 Contract, per tracked object: exactly one `new` (after `min_hits` frames), then `update`s
-only on a zone change, a label change, a score better by `better_score`, or a keep-alive
-when nothing was sent for `keepalive_s`; a stationary object (its box still for
-`stationary_s`) sends keep-alives only; exactly one `end` (after `max_misses` frames
-unseen, or when the pipeline stops). Time is the frames' capture time, so the same frames
-give the same events.
+only on a zone change, a label change, a score better by `better_score` (at most once
+per `score_update_s`), or a keep-alive when nothing was sent for `keepalive_s`; a
+stationary object (its box still for `stationary_s`) sends keep-alives only; exactly one
+`end` (after `max_misses` frames unseen, or when the pipeline stops). Time is the frames'
+capture time, so the same frames give the same events.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class Track:
     stationary: bool = False
     still_box: list[float] = field(default_factory=list)
     still_since: float = 0.0
+    zone_streaks: dict[str, int] = field(default_factory=dict)  # frames the zone disagreed
     announced: bool = False
     sent_at: float = 0.0
     sent_label: str = ""
@@ -171,7 +172,7 @@ class DetectionTracker:
         track.box = [float(v) for v in detection["box"]]
         track.score = max(track.score, float(detection["score"]))
         track.last_seen = now
-        track.zones = zones_of(track.box, track.label, self._zones)
+        track.zones = self._zones_with_inertia(track)
         if track.announced:
             track.entered.extend(z for z in track.zones if z not in track.entered)
         moved = max(abs(a - b) for a, b in zip(track.box, track.still_box, strict=True))
@@ -180,6 +181,24 @@ class DetectionTracker:
             track.stationary = False
         elif now - track.still_since >= self._settings.stationary_s:
             track.stationary = True
+
+    def _zones_with_inertia(self, track: Track) -> tuple[str, ...]:
+        """The zones `track` is in: where its box is, until it is announced; then a zone
+        is entered (left) only after `inertia` frames in a row inside (outside) it."""
+        seen = zones_of(track.box, track.label, self._zones)
+        if not track.announced:
+            return seen
+        current = set(track.zones)
+        for zone in self._zones:
+            if (zone.name in seen) == (zone.name in current):
+                track.zone_streaks.pop(zone.name, None)
+                continue
+            streak = track.zone_streaks.get(zone.name, 0) + 1
+            if streak >= zone.inertia:
+                current ^= {zone.name}
+                streak = 0
+            track.zone_streaks[zone.name] = streak
+        return tuple(z.name for z in self._zones if z.name in current)
 
     def _decide(self, track: Track, now: float) -> TrackEvent | None:
         """The event this frame gives `track`, if any (see the module's contract)."""
@@ -191,10 +210,14 @@ class DetectionTracker:
             return self._sent(track, "update", now)
         if track.stationary:
             return None
+        s = self._settings
         changed = (
             track.zones != track.sent_zones
             or track.label != track.sent_label
-            or track.score >= track.sent_score + self._settings.better_score
+            or (
+                track.score >= track.sent_score + s.better_score
+                and now - track.sent_at >= s.score_update_s
+            )
         )
         return self._sent(track, "update", now) if changed else None
 

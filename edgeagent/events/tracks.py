@@ -148,9 +148,9 @@ class _EpisodeEvents(_Events):
         episode.last = now
         episode.score = max(episode.score, score)
         tracking = self.settings.tracking
-        if (
-            episode.score >= episode.sent_score + tracking.better_score
-            or now - episode.sent_at >= tracking.keepalive_s
+        better = episode.score >= episode.sent_score + tracking.better_score
+        if (better and now - episode.sent_at >= tracking.score_update_s) or (
+            now - episode.sent_at >= tracking.keepalive_s
         ):
             episode.sent_score, episode.sent_at = episode.score, now
             self._event(episode.event("update"))
