@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from edgeagent.errors import ConfigError
+from edgeagent.events.settings import EveryPublish, PublishSettings
 from edgeagent.hal.audio.settings import AlsaMicrophone, SyntheticSounds, WavAudio
 from edgeagent.hal.camera.settings import ImagesCamera, OpenCVCamera, PiCamera, SyntheticCamera
 from edgeagent.hal.sensor.settings import CsvSensor, Mpu6050Sensor, SyntheticVibration
@@ -201,6 +202,8 @@ class PipelineConfig(_Model):
     labels: tuple[str, ...] | None = None
     preprocess: Preprocess | None = None
     enabled: bool = True
+    # What is published of the results (edgeagent/events/settings.py).
+    publish: PublishSettings = Field(default_factory=EveryPublish)
 
     @field_validator("name")
     @classmethod
@@ -476,13 +479,19 @@ def _strip(node: Any, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) 
     return node
 
 
+def _tags(node: dict[Any, Any]) -> tuple[Any, ...]:
+    """The discriminators a mapping may carry: a backend's `type:`, a publish `mode:`."""
+    return (node.get("type"), node.get("mode"))
+
+
 def _key_path(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
     """The location as keys in the file: pydantic adds each union member's tag (for
-    example 'synthetic' in pipelines.0.source.synthetic.fps), which is no key."""
+    example 'synthetic' in pipelines.0.source.synthetic.fps, 'events' in
+    pipelines.0.publish.events.zones), which is no key."""
     path: list[Any] = []
     node = data
     for part in loc:
-        if isinstance(node, dict) and part not in node and node.get("type") == part:
+        if isinstance(node, dict) and part not in node and part in _tags(node):
             continue
         path.append(part)
         if isinstance(node, dict):
@@ -512,7 +521,8 @@ def _format_errors(
             ctx = error.get("ctx", {})
             message = f"unknown type {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
         elif error["type"] == "union_tag_not_found":
-            message = "needs a 'type:' key"
+            key = str(error.get("ctx", {}).get("discriminator", "'type'")).strip("'")
+            message = f"needs a '{key}:' key"
         messages.append(f"{where}: {dotted}: {message}")
     return "invalid configuration:\n  " + "\n  ".join(messages)
 

@@ -20,6 +20,11 @@ Every result carries `run` (the agent process's id) and `seq`, drawn from a
 `ResultSequence` the agent keeps per pipeline name for the life of its process: a
 pipeline that is restarted, reconfigured or rolled back continues the numbers of the one
 it replaces, so `(run, pipeline, seq)` never names two results (docs/protocol.md).
+
+With a `policy` (the agent's, from the pipeline's `publish:` section), each result goes to
+its `feed` instead of `publish`, and its `close` runs once the last result is decoded
+(edgeagent/events/policy.py decides what is published: results, aggregates, changes or
+tracked-object events).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -62,6 +67,17 @@ log = logging.getLogger(__name__)
 Publish = Callable[[str, dict[str, Any]], None]
 Event = Callable[[str, str, dict[str, Any]], None]  # (pipeline, event type, details)
 SourceFactory = Callable[[Any], Source]
+
+
+class ResultSink(Protocol):
+    """Where a pipeline's results go instead of `publish` (edgeagent/events/policy.py)."""
+
+    def feed(self, payload: dict[str, Any], image: np.ndarray | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+PolicyFactory = Callable[[str], ResultSink]  # the model's task type -> the sink
 
 STAGES = ("capture", "preprocess", "invoke", "postprocess")
 _RESULT_QUEUE_SIZE = 8
@@ -214,9 +230,11 @@ class Pipeline:
         on_event: Event | None = None,
         run_id: str = "",
         sequence: ResultSequence | None = None,
+        policy: PolicyFactory | None = None,
     ) -> None:
         """`sequence` numbers the results; pass the agent's one for this name so that a
-        replacement pipeline continues where the previous one stopped (default: from 0)."""
+        replacement pipeline continues where the previous one stopped (default: from 0).
+        `policy(task)` builds where results go instead of `publish` (at start)."""
         self.config = config
         self.name = config.name
         self._publish = publish
@@ -235,6 +253,8 @@ class Pipeline:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._sequence = sequence if sequence is not None else ResultSequence()
+        self._policy_factory = policy
+        self._policy: ResultSink | None = None
         self.last: tuple[Sample, dict[str, Any]] | None = None  # for snapshots
         # A segmentation model's class map of that sample (the `snapshot` mask), else None.
         self.last_mask: np.ndarray | None = None
@@ -259,6 +279,8 @@ class Pipeline:
             )
         self.runner = build_runner(model, cfg, accelerators=self._accelerators)
         try:
+            if self._policy_factory is not None:
+                self._policy = self._policy_factory(model.task.type)
             self._source = self._source_factory(cfg.source)
         except BaseException:
             self.runner.engine.close()
@@ -537,12 +559,21 @@ class Pipeline:
         while True:
             inferred = self._results.get()
             if inferred is None:
+                self._close_policy()
                 return
             try:
                 self._decode_and_publish(inferred)
             except Exception as exc:  # one bad result must not end the thread
                 self.stats.last_error = f"decoding a result failed: {exc!r}"
                 log.exception("pipeline %s: decoding a result failed", self.name)
+
+    def _close_policy(self) -> None:
+        if self._policy is None:
+            return
+        try:
+            self._policy.close()
+        except Exception:  # the pipeline is stopping anyway; say what was not sent
+            log.exception("pipeline %s: publishing what was pending at stop failed", self.name)
 
     def _decode_and_publish(self, inferred: _Inferred) -> None:
         captured = inferred.captured
@@ -584,7 +615,10 @@ class Pipeline:
         self.stats.results_out += 1
         self.stats.last_result_at = time.time()
         self.stats.frames_dropped = self._slot.replaced
-        self._publish(self.name, payload)
+        if self._policy is not None:
+            self._policy.feed(payload, sample.data if sample.data.ndim == 3 else None)
+        else:
+            self._publish(self.name, payload)
 
     def _event(self, kind: str, details: dict[str, Any]) -> None:
         if self._on_event is not None:

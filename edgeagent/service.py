@@ -29,6 +29,8 @@ from edgeagent.config import AgentConfig, PipelineConfig
 from edgeagent.control import ControlServer
 from edgeagent.delivery.worker import LockedPipelines, ModelDelivery, open_store
 from edgeagent.errors import EdgeAgentError
+from edgeagent.events.policy import make_policy
+from edgeagent.events.settings import EventsPublish
 from edgeagent.hal.accel import probe_accelerators
 from edgeagent.hal.accel.base import Accelerator
 from edgeagent.hal.sources import open_source
@@ -153,6 +155,11 @@ class Agent:
                 list(self.pipelines),
                 __version__,
                 prefix=config.homeassistant.prefix,
+                events={
+                    name: p.config.publish
+                    for name, p in self.pipelines.items()
+                    if isinstance(p.config.publish, EventsPublish)
+                },
             ),
             lambda topic, payload: self._link.publish(topic, payload, qos=1, retain=True),
         )
@@ -190,6 +197,9 @@ class Agent:
         for config in self.config.pipelines:
             if config.enabled:
                 self.start_pipeline(config)
+        if self._link.connected:
+            # Connected before the pipelines existed: announce their entities too.
+            self.discovery.announce()
         self.telemetry.start()
         if self._exporter is not None:
             self._exporter.start()
@@ -243,6 +253,15 @@ class Agent:
             on_event=self._publish_event,
             run_id=self.run_id,
             sequence=sequence,
+            policy=lambda task: make_policy(
+                config.name,
+                config.publish,
+                task,
+                self.topics,
+                lambda topic, payload, retain: self._publish_from(
+                    config.name, topic, payload, retain
+                ),
+            ),
         )
         with self._pipelines_lock:
             previous = self.pipelines.get(config.name)
@@ -295,20 +314,29 @@ class Agent:
                 self.topics.status, to_json(self._status("online")), qos=1, retain=True
             )
 
-    def _publish_durably(self, topic: str, payload: bytes) -> int | PublishTicket | None:
+    def _publish_durably(
+        self, topic: str, payload: bytes, *, retain: bool = False
+    ) -> int | PublishTicket | None:
         """Results and events: stored first, removed once the broker acknowledged them.
         Returns the outbox entry id (None: not stored, counted by the outbox) or, with no
         outbox, the link's ticket."""
+        qos = self.config.mqtt.qos
         if self._outbox_publisher is None:
-            return self._link.publish(topic, payload, qos=self.config.mqtt.qos)
-        return self._outbox_publisher.submit(topic, payload, qos=self.config.mqtt.qos)
+            return self._link.publish(topic, payload, qos=qos, retain=retain)
+        return self._outbox_publisher.submit(topic, payload, qos=qos, retain=retain)
 
     def _publish_delivery_event(self, topic: str, payload: bytes) -> None:
         """Model delivery's events go out durably; what became of them is not reported."""
         self._publish_durably(topic, payload)
 
     def _publish_result(self, pipeline: str, result: dict[str, Any]) -> None:
-        handed = self._publish_durably(self.topics.results(pipeline), to_json(result))
+        self._publish_from(pipeline, self.topics.results(pipeline), to_json(result), False)
+
+    def _publish_from(self, pipeline: str, topic: str, payload: bytes, retain: bool) -> None:
+        """A pipeline's results, aggregates, track events, snapshots and retained summary
+        (edgeagent/events/policy.py), durably; each stored one is reported to `on_result`
+        (the READY gate)."""
+        handed = self._publish_durably(topic, payload, retain=retain)
         handoff: ResultHandoff | None
         if isinstance(handed, PublishTicket):
             handoff = ResultHandoff(pipeline, stored=False, ticket=handed)

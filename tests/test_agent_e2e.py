@@ -97,13 +97,15 @@ def test_run_publishes_results_of_every_pipeline_and_stops_cleanly(
             assert set(body["latency_ms"]) == {"capture", "preprocess", "invoke", "postprocess"}
             assert body["latency_ms"]["invoke"] > 0
             assert body["model"]["version"] == "1.0.0"
-    shapes = [payload(m)["result"] for m in reader.messages if m.topic.endswith("/shapes")]
+    shapes = [payload(m)["result"] for m in reader.messages if m.topic.endswith("/results/shapes")]
     labels = {d["label"] for r in shapes for d in r["detections"]}
     assert labels, "the detector found shapes in the synthetic scene"
     assert labels <= {"circle", "square", "triangle"}
-    digits = [payload(m)["result"] for m in reader.messages if m.topic.endswith("/digits")]
+    digits = [payload(m)["result"] for m in reader.messages if m.topic.endswith("/results/digits")]
     assert all(r["classes"][0]["label"] in "0123456789" for r in digits)
-    vibration = [payload(m)["result"] for m in reader.messages if m.topic.endswith("/vibration")]
+    vibration = [
+        payload(m)["result"] for m in reader.messages if m.topic.endswith("/results/vibration")
+    ]
     assert all({"score", "anomaly", "threshold"} <= set(r) for r in vibration)
 
     process.send_signal(signal.SIGTERM)

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from edgeagent.config import DiscoveryConfig
+from edgeagent.events.policy import make_policy
+from edgeagent.events.settings import EventsPublish
 from edgeagent.hal.system import read_system_facts
 from edgeagent.mqtt import MqttLink, Topics
 from edgeagent.pipeline import PipelineStats
@@ -28,13 +32,14 @@ from edgeagent.telemetry.report import (
     PipelineSnapshot,
     build_telemetry,
 )
+from tests.agent_config import shapes_pipeline, write_agent_config
 from tests.broker import Mosquitto, MqttReader, publish_once
 
 DEVICE = "pi-ha-01"
 TOPICS = Topics("edgeagent", DEVICE)
 PIPELINES = ["shapes", "door.cam", "door_cam"]
 Reader = Callable[..., MqttReader]
-_CONFIG_TOPIC = re.compile(r"homeassistant/sensor/[A-Za-z0-9_-]+/[A-Za-z0-9_-]+/config")
+_CONFIG_TOPIC = re.compile(r"homeassistant/(?:binary_)?sensor/[A-Za-z0-9_-]+/[A-Za-z0-9_-]+/config")
 # `{{ value_json.a.b["c"].d }}`: the only template shape the configs use.
 _PATH_TEMPLATE = re.compile(r"\{\{ value_json((?:\.[a-z_0-9]+|\[\"[^\"]+\"\])+) \}\}")
 
@@ -235,3 +240,180 @@ def test_announced_on_connect_and_again_on_ha_birth_through_a_real_broker(
     retained = late.wait_for_count(count)
     assert all(m.retain for m in retained)
     assert {m.topic for m in retained} == {m.topic for m in again}
+
+
+# --- counts and occupancy of `events` pipelines ----------------------------------------
+
+EVENTS = TypeAdapter(EventsPublish).validate_python(
+    {
+        "mode": "events",
+        "tracking": {"min_hits": 1, "max_misses": 2},
+        "summary_s": 0.1,
+        "labels": ["square"],
+        "filters": {"triangle": {"min_score": 0.5}},
+        "zones": [
+            {"name": "left", "polygon": [[0, 0], [0.5, 0], [0.5, 1], [0, 1]]},
+            {
+                "name": "door.in",
+                "polygon": [[0.5, 0], [1, 0], [1, 1], [0.5, 1]],
+                "labels": ["circle"],
+            },
+        ],
+    }
+)
+
+
+class _Json(dict[str, Any]):
+    """A JSON object whose keys also read as attributes, as Jinja's `value_json.x` does."""
+
+    def __getattr__(self, name: str) -> Any:
+        return self[name]
+
+
+def render(template: str, payload: bytes) -> Any:
+    """What HA renders for the occupancy templates (jinja2 is not installed here): each is
+    one Python expression over `value_json`, optionally piped into `sum`."""
+    match = re.fullmatch(r"\{\{ (.+?)( \| sum)? \}\}", template)
+    assert match, f"unexpected template shape: {template}"
+    value_json = json.loads(payload, object_hook=_Json)
+    value = eval(match[1], {"__builtins__": {}}, {"value_json": value_json})  # noqa: S307
+    return sum(value) if match[2] else value
+
+
+def occupancy_configs(pipeline: str = "shapes") -> dict[str, tuple[str, dict[str, Any]]]:
+    """object id -> (component, config) of the count and occupancy entities."""
+    out = {}
+    for topic, payload in discovery_messages(
+        TOPICS, DEVICE, [pipeline], "0.1.0", events={pipeline: EVENTS}
+    ):
+        _, component, _, object_id, _ = topic.split("/")
+        config = json.loads(payload)
+        if config["state_topic"] == TOPICS.state(pipeline):
+            out[object_id] = (component, config)
+    return out
+
+
+def test_an_events_pipeline_has_counts_and_occupancy_per_label_and_zone() -> None:
+    configs = occupancy_configs()
+
+    labels = ["circle", "square", "triangle"]  # `labels`, the zones' and the `filters`' keys
+    expected = {f"shapes_label_{x}" for x in labels}
+    expected |= {"shapes_zone_left"} | {f"shapes_zone_left_label_{x}" for x in labels}
+    expected |= {f"shapes_zone_{_door_slug()}", f"shapes_zone_{_door_slug()}_label_circle"}
+    assert set(configs) == {f"{e}_{kind}" for e in expected for kind in ("count", "occupancy")}
+    for object_id, (component, config) in configs.items():
+        if object_id.endswith("_occupancy"):
+            assert component == "binary_sensor"
+            assert config["device_class"] == "occupancy"
+            assert (config["payload_on"], config["payload_off"]) == ("ON", "OFF")
+        else:
+            assert component == "sensor"
+            assert config["state_class"] == "measurement"
+    assert len(discovery_messages(TOPICS, DEVICE, ["shapes"], "0.1.0")) == 6, "every: none"
+
+
+def _door_slug() -> str:
+    return next(
+        o.removesuffix("_count")[len("shapes_zone_") :]
+        for o in occupancy_configs()
+        if o.startswith("shapes_zone_door") and o.endswith("_count") and "_label_" not in o
+    )
+
+
+def test_the_templates_read_the_summary_the_policy_publishes() -> None:
+    sent: list[tuple[str, bytes]] = []
+    policy = make_policy(
+        "shapes", EVENTS, "detection", TOPICS, lambda t, p, _r: sent.append((t, p)), id_prefix="t"
+    )
+    frame = [
+        {"label": "square", "score": 0.9, "box": [0.1, 0.1, 0.2, 0.2]},  # left
+        {"label": "square", "score": 0.9, "box": [0.3, 0.5, 0.4, 0.6]},  # left
+        {"label": "circle", "score": 0.9, "box": [0.7, 0.7, 0.8, 0.8]},  # door.in
+        {"label": "triangle", "score": 0.9, "box": [0.6, 0.1, 0.7, 0.2]},  # door.in rejects it
+    ]
+    for i in range(3):
+        policy.feed({"captured_at": 100.0 + i, "result": {"detections": frame}})
+    state = [p for t, p in sent if t == TOPICS.state("shapes")][-1]
+    assert json.loads(state)["counts"] == {"square": 2, "circle": 1, "triangle": 1}
+
+    door = _door_slug()
+    values = {o: render(c["value_template"], state) for o, (_, c) in occupancy_configs().items()}
+    assert values == {
+        "shapes_label_circle_count": 1,
+        "shapes_label_circle_occupancy": "ON",
+        "shapes_zone_left_label_circle_count": 0,
+        "shapes_zone_left_label_circle_occupancy": "OFF",
+        "shapes_label_square_count": 2,
+        "shapes_label_square_occupancy": "ON",
+        "shapes_label_triangle_count": 1,
+        "shapes_label_triangle_occupancy": "ON",
+        "shapes_zone_left_count": 2,
+        "shapes_zone_left_occupancy": "ON",
+        "shapes_zone_left_label_square_count": 2,
+        "shapes_zone_left_label_square_occupancy": "ON",
+        "shapes_zone_left_label_triangle_count": 0,
+        "shapes_zone_left_label_triangle_occupancy": "OFF",
+        f"shapes_zone_{door}_count": 1,
+        f"shapes_zone_{door}_occupancy": "ON",
+        f"shapes_zone_{door}_label_circle_count": 1,
+        f"shapes_zone_{door}_label_circle_occupancy": "ON",
+    }
+
+    for i in range(3, 8):  # everyone leaves and ends
+        policy.feed({"captured_at": 100.0 + i, "result": {"detections": []}})
+    empty = [p for t, p in sent if t == TOPICS.state("shapes")][-1]
+    for object_id, (_, config) in occupancy_configs().items():
+        assert render(config["value_template"], empty) == (
+            "OFF" if object_id.endswith("_occupancy") else 0
+        )
+
+
+def test_occupancy_entities_announced_by_the_daemon_read_its_retained_summary(
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    mqtt_reader: Reader,
+    agent_process: Callable[..., subprocess.Popen[str]],
+) -> None:
+    pipeline = shapes_pipeline(width=320, height=240, fps=15)
+    pipeline["publish"] = {
+        "mode": "events",
+        "tracking": {"min_hits": 2, "max_misses": 10},
+        "summary_s": 0.5,
+        "labels": ["circle", "square", "triangle"],
+        "zones": [{"name": "all", "polygon": [[0, 0], [1, 0], [1, 1], [0, 1]]}],
+    }
+    config = write_agent_config(
+        tmp_path, mosquitto, device=DEVICE, pipelines=[pipeline], homeassistant={"enabled": True}
+    )
+    reader = mqtt_reader(mosquitto, "homeassistant/#")
+    agent_process(config)
+    ids = [f"shapes_label_{x}" for x in ("circle", "square", "triangle")]
+    ids += ["shapes_zone_all"] + [
+        f"shapes_zone_all_label_{x}" for x in ("circle", "square", "triangle")
+    ]
+    wanted = {f"{i}_{k}" for i in ids for k in ("count", "occupancy")}
+
+    def announced() -> dict[str, dict[str, Any]]:
+        return {
+            m.topic.split("/")[3]: json.loads(m.payload)
+            for m in reader.messages
+            if m.topic.split("/")[3] in wanted
+        }
+
+    reader.wait_for(lambda _m: set(announced()) == wanted, timeout=60)
+    configs = announced()
+    assert all(c["state_topic"] == TOPICS.state("shapes") for c in configs.values())
+    states = mqtt_reader(mosquitto, TOPICS.state("shapes"))
+    state = states.wait_for(lambda m: bool(json.loads(m.payload)["counts"]), timeout=60)
+
+    summary = json.loads(state.payload)
+    values = {o: render(c["value_template"], state.payload) for o, c in configs.items()}
+    for label in ("circle", "square", "triangle"):
+        n = summary["counts"].get(label, 0)
+        assert values[f"shapes_label_{label}_count"] == n
+        assert values[f"shapes_label_{label}_occupancy"] == ("ON" if n else "OFF")
+        assert values[f"shapes_zone_all_label_{label}_count"] == summary["zones"]["all"].get(
+            label, 0
+        )
+    assert values["shapes_zone_all_count"] == sum(summary["counts"].values()) >= 1
+    assert values["shapes_zone_all_occupancy"] == "ON"

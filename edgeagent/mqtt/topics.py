@@ -2,6 +2,7 @@
 they are built and parsed.
 
 Per device, under `<prefix>/<device>/`: `status` (retained online/offline), `results/<pipeline>`,
+`tracks/<pipeline>`, `state/<pipeline>` (retained summary), `snapshots/<pipeline>/<id>`,
 `events`, `telemetry`, `reply`, `cmd/<name>`, `desired` and `reported`. Fleet-wide topics
 live under `<prefix>/group/<group>/...` and `<prefix>/models/<name>/<version>/...`
 (docs/protocol.md); `group` and `models` are therefore reserved and cannot be device ids.
@@ -20,7 +21,19 @@ from edgeagent.names import RESERVED_DEVICE_IDS, check_not_reserved
 
 _FORBIDDEN = frozenset("/+#\0")
 DEVICE_KINDS = frozenset(
-    {"status", "results", "events", "telemetry", "reply", "cmd", "desired", "reported"}
+    {
+        "status",
+        "results",
+        "events",
+        "telemetry",
+        "reply",
+        "cmd",
+        "desired",
+        "reported",
+        "tracks",
+        "state",
+        "snapshots",
+    }
 )
 """The first level under `<prefix>/<device>/`."""
 
@@ -193,6 +206,19 @@ class Topics:
     def results(self, pipeline: str) -> str:
         return f"{self._base}/results/{_level(pipeline, 'pipeline name')}"
 
+    def tracks(self, pipeline: str) -> str:
+        """Tracked-object events `new`/`update`/`end` (`publish: {mode: events}`)."""
+        return f"{self._base}/tracks/{_level(pipeline, 'pipeline name')}"
+
+    def state(self, pipeline: str) -> str:
+        """The retained summary of a pipeline: current counts by label and by zone."""
+        return f"{self._base}/state/{_level(pipeline, 'pipeline name')}"
+
+    def snapshot(self, pipeline: str, track_id: str) -> str:
+        """The best JPEG of one tracked object."""
+        pipeline = _level(pipeline, "pipeline name")
+        return f"{self._base}/snapshots/{pipeline}/{_level(track_id, 'track id')}"
+
     @property
     def events(self) -> str:
         return f"{self._base}/events"
@@ -262,9 +288,10 @@ class Topics:
 # --- Home Assistant MQTT discovery (its own prefix, `homeassistant` by default) --------------
 
 
-def discovery_config(ha_prefix: str, node: str, object_id: str) -> str:
-    """Where the retained config of one entity goes."""
-    return f"{ha_prefix}/sensor/{_level(node, 'node id')}/{_level(object_id, 'object id')}/config"
+def discovery_config(ha_prefix: str, node: str, object_id: str, component: str = "sensor") -> str:
+    """Where the retained config of one entity (a `sensor`, a `binary_sensor`) goes."""
+    node, object_id = _level(node, "node id"), _level(object_id, "object id")
+    return f"{ha_prefix}/{component}/{node}/{object_id}/config"
 
 
 def discovery_birth(ha_prefix: str) -> str:

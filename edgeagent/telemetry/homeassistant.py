@@ -1,13 +1,15 @@
 """Home Assistant MQTT discovery: the device appears in HA with its availability, its
-telemetry (CPU %, temperature, memory used, per pipeline fps and invoke p95) and the
-latest result of each pipeline.
+telemetry (CPU %, temperature, memory used, per pipeline fps and invoke p95), the
+latest result of each pipeline, and for a pipeline in `publish: {mode: events}` the counts
+and occupancy per label and per zone, read from its retained summary `state/<pipeline>`.
 
 Each entity is one retained config message on
-`<ha prefix>/sensor/<node_id>/<object_id>/config` (`discovery_messages`). Every entity is
-available while the retained status says `"state": "online"`. Announce on every connect
-(a broker restarted without persistence forgot the retained configs) and whenever HA
-publishes its birth message, `online` on `<ha prefix>/status` (`DiscoveryAnnouncer`),
-because a HA that restarted without the retained configs asks again that way.
+`<ha prefix>/<sensor|binary_sensor>/<node_id>/<object_id>/config`
+(`discovery_messages`). Every entity is available while the retained status says
+`"state": "online"`. Announce on every connect (a broker restarted without persistence
+forgot the retained configs) and whenever HA publishes its birth message, `online` on
+`<ha prefix>/status` (`DiscoveryAnnouncer`), because a HA that restarted without the
+retained configs asks again that way.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from edgeagent.config import DiscoveryConfig
+from edgeagent.events.settings import EventsPublish
 from edgeagent.mqtt.topics import Topics, discovery_birth, discovery_config
 
 log = logging.getLogger(__name__)
 
 Message = tuple[str, bytes]
+Entity = tuple[str, str, dict[str, Any]]  # component, object id, config
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _MANUFACTURER = "edgeagent"
 
@@ -51,9 +55,11 @@ def discovery_messages(
     *,
     prefix: str = "homeassistant",
     model: str | None = None,
+    events: Mapping[str, EventsPublish] | None = None,
 ) -> list[Message]:
     """The retained config messages (topic, JSON payload) of every entity of this device:
-    CPU %, CPU temperature, memory used, and per pipeline fps, invoke p95 and last result.
+    CPU %, CPU temperature, memory used, per pipeline fps, invoke p95 and last result,
+    and counts and occupancy of the pipelines in `events` (name -> its `publish:`).
     `model` is the hardware (e.g. the Pi model) shown in HA's device page."""
     node = _slug(device_id)
     device = {
@@ -146,12 +152,79 @@ def discovery_messages(
                 },
             ),
         ]
+    every: list[Entity] = [("sensor", object_id, entity) for object_id, entity in entities]
+    for pipeline, settings in (events or {}).items():
+        every += _occupancy_entities(topics, pipeline, settings)
     messages: list[Message] = []
-    for object_id, entity in entities:
+    for component, object_id, entity in every:
         config = {**entity, "unique_id": f"edgeagent_{node}_{object_id}", **common}
-        topic = discovery_config(prefix, node, object_id)
+        topic = discovery_config(prefix, node, object_id, component)
         messages.append((topic, json.dumps(config, separators=(",", ":")).encode()))
     return messages
+
+
+def _occupancy_entities(topics: Topics, pipeline: str, settings: EventsPublish) -> list[Entity]:
+    """Per label, per zone, and per zone and label: a count sensor and an occupancy
+    binary sensor, read from the retained summary `{"counts": {label: n}, "zones": {zone:
+    {label: n}}}` (a label absent from it counts 0). The labels are `settings.labels`,
+    the zones' `labels` and the `filters`' keys."""
+    state = topics.state(pipeline)
+    slug = _slug(pipeline)
+    labels = sorted(
+        {*settings.labels, *settings.filters, *(x for z in settings.zones for x in z.labels or ())}
+    )
+
+    def pair(object_id: str, name: str, count: str, any_: str) -> list[Entity]:
+        return [
+            (
+                "sensor",
+                f"{object_id}_count",
+                {
+                    "name": f"{name} count",
+                    "state_topic": state,
+                    "state_class": "measurement",
+                    "value_template": f"{{{{ {count} }}}}",
+                    "icon": "mdi:counter",
+                },
+            ),
+            (
+                "binary_sensor",
+                f"{object_id}_occupancy",
+                {
+                    "name": f"{name} occupancy",
+                    "state_topic": state,
+                    "device_class": "occupancy",
+                    "value_template": f'{{{{ "ON" if {any_} else "OFF" }}}}',
+                    "payload_on": "ON",
+                    "payload_off": "OFF",
+                },
+            ),
+        ]
+
+    entities: list[Entity] = []
+    for label in labels:
+        count = f"value_json.counts.get({_jinja_key(label)}, 0)"
+        entities += pair(
+            f"{slug}_label_{_slug(label)}", f"{pipeline} {label}", count, f"{count} > 0"
+        )
+    for zone in settings.zones:
+        # A zone of a pipeline that has no zones in its summary (not a detection) is empty.
+        in_zone = f"value_json.zones.get({_jinja_key(zone.name)}, {{}})"
+        entities += pair(
+            f"{slug}_zone_{_slug(zone.name)}",
+            f"{pipeline} {zone.name}",
+            f"{in_zone}.values() | sum",
+            in_zone,
+        )
+        for label in labels if zone.labels is None else sorted(zone.labels):
+            count = f"{in_zone}.get({_jinja_key(label)}, 0)"
+            entities += pair(
+                f"{slug}_zone_{_slug(zone.name)}_label_{_slug(label)}",
+                f"{pipeline} {zone.name} {label}",
+                count,
+                f"{count} > 0",
+            )
+    return entities
 
 
 def birth_topic(config: DiscoveryConfig) -> str:

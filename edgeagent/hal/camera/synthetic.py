@@ -122,10 +122,12 @@ class ShapeScene:
         )
 
     def render(self, t_index: int) -> tuple[npt.NDArray[np.uint8], list[dict[str, Any]]]:
-        """Frame `t_index` as an (H, W, 3) uint8 RGB image and its ground-truth boxes."""
+        """Frame `t_index` as an (H, W, 3) uint8 RGB image and its ground-truth boxes; each
+        box's `id` names its shape for the life of the scene (the tracking benchmark's
+        truth)."""
         image = self._backgrounds[t_index % len(self._backgrounds)].copy()
         boxes: list[dict[str, Any]] = []
-        for shape in self._shapes:
+        for shape_id, shape in enumerate(self._shapes):
             if ((t_index + shape.phase) % shape.period) >= shape.duty * shape.period:
                 continue
             size = min(shape.size, self.width, self.height)
@@ -137,6 +139,7 @@ class ShapeScene:
             rows, cols = np.nonzero(mask)
             boxes.append(
                 {
+                    "id": shape_id,
                     "label": shape.label,
                     "box": [
                         (x + int(cols.min())) / self.width,
