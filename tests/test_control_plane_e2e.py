@@ -289,7 +289,9 @@ def test_a_kill_9_with_a_backlog_on_disk_loses_no_result(
         60,
         lambda: f"the outbox to fill: {status_or_none(tmp_path)}",
     )
-    depth = filled["outbox"]["depth"]
+    # The outbox also holds each pipeline's retained state summary: count results only.
+    stored = sum(p["results_out"] for p in filled["pipelines"])
+    assert stored >= 50, filled
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     broker.start()
@@ -304,9 +306,9 @@ def test_a_kill_9_with_a_backlog_on_disk_loses_no_result(
         return [seqs for run, seqs in runs.items() if run != second_run]
 
     wait_until(
-        lambda: sum(len(set(seqs)) for seqs in killed_runs()) >= depth,
+        lambda: sum(len(set(seqs)) for seqs in killed_runs()) >= stored,
         60,
-        lambda: f"the killed run's {depth} stored results; got runs {list(killed_runs())[:1]}",
+        lambda: f"the killed run's {stored} stored results; got runs {list(killed_runs())[:1]}",
     )
     second.send_signal(signal.SIGTERM)
     second.communicate(timeout=60)
@@ -314,5 +316,5 @@ def test_a_kill_9_with_a_backlog_on_disk_loses_no_result(
     killed = [seqs for run, seqs in runs.items() if run != second_run]
     assert len(killed) == 1, f"the killed run's backlog arrived: {list(runs)}"
     seqs = sorted(set(killed[0]))
-    assert len(seqs) >= depth, "everything the outbox held at the kill arrived"
+    assert len(seqs) >= stored, "every result stored before the kill arrived"
     assert seqs == list(range(len(seqs))), "no gap: nothing stored before the kill was lost"
