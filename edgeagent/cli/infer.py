@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, UnidentifiedImageError
 from pydantic import TypeAdapter, ValidationError
 
 from edgeagent.config import ImagePreprocess, Task, WindowPreprocess
 from edgeagent.errors import ConfigError, SourceError
 from edgeagent.hal.audio.wav import read_wav
+from edgeagent.hal.camera.images import read_image
 from edgeagent.hal.settings import SampleKind
 from edgeagent.inference import Engine, make_decoder, make_preprocessor
 from edgeagent.modelfile.catalog import ModelDescription, describe_model
@@ -72,14 +72,6 @@ def register(commands: Any) -> None:
     overrides.add_argument("--std", type=float, nargs="+", help="one value or one per channel")
     overrides.add_argument("--labels", type=Path, help="a text file, one label per line")
     parser.set_defaults(handler=execute)
-
-
-def read_image(path: Path) -> npt.NDArray[np.uint8]:
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as exc:
-        raise SourceError(f"cannot read image {path}: {exc}") from exc
 
 
 def read_csv_window(path: Path) -> npt.NDArray[np.float32]:

@@ -411,9 +411,7 @@ class ModelStore:
                     problems.append(f"{pointer_file}: not an active pointer")
                     continue
                 try:
-                    pointer = self._read_pointer(name)
-                    if pointer is not None:
-                        self._load(name, pointer.version, verify=True, sha256=pointer.sha256)
+                    self._verify_active(name)
                 except _Unusable as why:
                     problems.append(f"{pointer_file}: {why}")
             for record in _listdir(self._highest):
@@ -432,12 +430,17 @@ class ModelStore:
             if pointer_file.suffix != ".json" or not _is_safe(name):
                 continue
             try:
-                pointer = self._read_pointer(name)
-                if pointer is not None:
-                    self._load(name, pointer.version, verify=True, sha256=pointer.sha256)
+                self._verify_active(name)
             except _Unusable as why:
                 _log.warning("active model %s is unusable: %s", name, why)
                 self._fall_back(name)
+
+    def _verify_active(self, name: str) -> None:
+        """Hashes the version the active pointer of `name` names (none: nothing to do).
+        Raises _Unusable saying what is wrong with the pointer or the version."""
+        pointer = self._read_pointer(name)
+        if pointer is not None:
+            self._load(name, pointer.version, verify=True, sha256=pointer.sha256)
 
     def _fall_back(self, name: str) -> StoredModel | None:
         """The newest intact version among the pointer's history (or, when the pointer is

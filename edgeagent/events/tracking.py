@@ -52,20 +52,49 @@ class Track:
     sent_score: float = 0.0
 
     def event(self, kind: str, end: float | None = None) -> TrackEvent:
-        event: TrackEvent = {
-            "type": kind,
-            "id": self.id,
-            "label": self.label,
-            "score": round(self.score, 4),
-            "box": [round(v, 4) for v in self.box],
-            "zones": list(self.zones),
-            "entered_zones": list(self.entered),
-            "start": round(self.start, 3),
-            "stationary": self.stationary,
-        }
-        if end is not None:
-            event["end"] = round(end, 3)
-        return event
+        return track_event(
+            kind,
+            self.id,
+            self.label,
+            self.score,
+            self.start,
+            end=end,
+            box=self.box,
+            zones=self.zones,
+            entered=self.entered,
+            stationary=self.stationary,
+        )
+
+
+def track_event(
+    kind: str,
+    id_: str,
+    label: str,
+    score: float,
+    start: float,
+    *,
+    end: float | None,
+    box: Sequence[float] | None = None,
+    zones: Sequence[str] = (),
+    entered: Sequence[str] = (),
+    stationary: bool = False,
+) -> TrackEvent:
+    """A `kind` event of one object (docs/protocol.md, "Tracks"); `end` only on `end`
+    events, `box` None for an object that has none (a classification's episode)."""
+    event: TrackEvent = {
+        "type": kind,
+        "id": id_,
+        "label": label,
+        "score": round(score, 4),
+        "box": None if box is None else [round(v, 4) for v in box],
+        "zones": list(zones),
+        "entered_zones": list(entered),
+        "start": round(start, 3),
+        "stationary": stationary,
+    }
+    if end is not None:
+        event["end"] = round(end, 3)
+    return event
 
 
 class DetectionTracker:

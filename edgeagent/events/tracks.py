@@ -17,7 +17,7 @@ import numpy as np
 from edgeagent.events.policy import Emit, ResultPolicy, _detections, _result, _top
 from edgeagent.events.settings import EventsPublish, ZoneSettings
 from edgeagent.events.snapshots import BestSnapshots
-from edgeagent.events.tracking import DetectionTracker, Track, TrackEvent
+from edgeagent.events.tracking import DetectionTracker, Track, TrackEvent, track_event
 from edgeagent.mqtt.topics import Topics
 
 
@@ -110,20 +110,7 @@ class _Episode:
         self.sent_at = start
 
     def event(self, kind: str, end: float | None = None) -> TrackEvent:
-        event: TrackEvent = {
-            "type": kind,
-            "id": self.id,
-            "label": self.label,
-            "score": round(self.score, 4),
-            "box": None,
-            "zones": [],
-            "entered_zones": [],
-            "start": round(self.start, 3),
-            "stationary": False,
-        }
-        if end is not None:
-            event["end"] = round(end, 3)
-        return event
+        return track_event(kind, self.id, self.label, self.score, self.start, end=end)
 
 
 class _EpisodeEvents(_Events):

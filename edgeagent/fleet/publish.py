@@ -140,7 +140,7 @@ def _load_npy(path: Path) -> np.ndarray[Any, Any]:
 
 
 def _prepared_image(model_path: Path, spec: Manifest, image: Path) -> np.ndarray[Any, Any]:
-    from edgeagent.cli.infer import read_image
+    from edgeagent.hal.camera.images import read_image
     from edgeagent.inference import Engine, make_preprocessor
 
     engine = Engine.load(model_path, accelerator="cpu")

@@ -134,6 +134,23 @@ class RealtimeWindows(WindowSettings):
         return self.realtime
 
 
+class FileReplay(SourceSettings):
+    """A source that replays the one file at `path`, which must exist; a command may set
+    `source.path` only to a file under `commands.remote_paths`."""
+
+    if TYPE_CHECKING:
+        path: str  # declared by each backend, in its place, as `hop` is
+
+    def remote_paths(self) -> Iterator[RemotePath]:
+        yield RemotePath("source.path", self.path, "file")
+
+    def preflight(self, env: PreflightEnv) -> Preflight:
+        del env
+        if not Path(self.path).is_file():
+            return Preflight(False, f"{self.path} does not exist", "correct source.path")
+        return Preflight(True, self.path)
+
+
 def importable(module: str) -> bool | str:
     """True, or why the module cannot be imported (it is imported when it is found)."""
     if importlib.util.find_spec(module) is None:

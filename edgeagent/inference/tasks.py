@@ -206,7 +206,10 @@ def _detections(
     }
 
 
-class _PostprocessDetection:
+class _Detection:
+    """A detection decoder: it reads its layout's outputs (raising ModelError when they do
+    not fit), then refuses pixel coordinates when the model input's size is not known."""
+
     def __init__(
         self,
         task: DetectionTask,
@@ -214,29 +217,48 @@ class _PostprocessDetection:
         labels: Sequence[str],
         size: tuple[int, int] | None,
     ) -> None:
-        def fail(why: str) -> ModelError:
-            return ModelError(
-                f"detection layout postprocess needs the 4 outputs of "
-                f"TFLite_Detection_PostProcess (boxes [1, M, 4], classes [1, M], scores "
-                f"[1, M], count [1]) but {why}; the model has {_shape(outputs)}"
-            )
+        self._task, self._labels, self._size = task, labels, size
+        self._read_outputs(outputs)
+        if task.coordinates == "pixels" and size is None:
+            raise self._size_unknown(outputs)
 
+    def _read_outputs(self, outputs: Sequence[TensorInfo]) -> None:
+        raise NotImplementedError
+
+    def _size_unknown(self, outputs: Sequence[TensorInfo]) -> ModelError:
+        raise NotImplementedError
+
+
+def _postprocess_error(why: str, outputs: Sequence[TensorInfo]) -> ModelError:
+    return ModelError(
+        f"detection layout postprocess needs the 4 outputs of "
+        f"TFLite_Detection_PostProcess (boxes [1, M, 4], classes [1, M], scores "
+        f"[1, M], count [1]) but {why}; the model has {_shape(outputs)}"
+    )
+
+
+class _PostprocessDetection(_Detection):
+    def _read_outputs(self, outputs: Sequence[TensorInfo]) -> None:
         if len(outputs) != 4:
-            raise fail(f"there are {len(outputs)}")
+            raise _postprocess_error(f"there are {len(outputs)}", outputs)
         positions = list(range(4))
         count = [i for i in positions if math.prod(outputs[i].shape) == 1]
         boxes = [i for i in positions if len(outputs[i].shape) == 3 and outputs[i].shape[2] == 4]
         if len(count) != 1 or len(boxes) != 1:
-            raise fail("no single count and boxes output stands out by shape")
+            why = "no single count and boxes output stands out by shape"
+            raise _postprocess_error(why, outputs)
         pair = [i for i in positions if i not in (count[0], boxes[0])]
         detections = outputs[boxes[0]].shape[1]
         if any(math.prod(outputs[i].shape) != detections for i in pair):
-            raise fail(f"classes and scores do not both hold {detections} values")
+            why = f"classes and scores do not both hold {detections} values"
+            raise _postprocess_error(why, outputs)
         scores, classes, self._by_name = _scores_and_classes(outputs, pair)
         self._count, self._boxes, self._scores, self._classes = count[0], boxes[0], scores, classes
-        if task.coordinates == "pixels" and size is None:
-            raise fail("coordinates are pixels and the model input's size is not known")
-        self._outputs, self._task, self._labels, self._size = outputs, task, labels, size
+        self._outputs = outputs
+
+    def _size_unknown(self, outputs: Sequence[TensorInfo]) -> ModelError:
+        why = "coordinates are pixels and the model input's size is not known"
+        return _postprocess_error(why, outputs)
 
     def __call__(self, outputs: list[npt.NDArray[Any]], prepared: Prepared) -> dict[str, Any]:
         def value(i: int) -> Floats:
@@ -301,26 +323,23 @@ def _normalise(xyxy: Floats, size: tuple[int, int] | None) -> Floats:
     return normalised
 
 
-class _YoloDetection:
-    def __init__(
-        self,
-        task: DetectionTask,
-        outputs: Sequence[TensorInfo],
-        labels: Sequence[str],
-        size: tuple[int, int] | None,
-    ) -> None:
+class _YoloDetection(_Detection):
+    def _read_outputs(self, outputs: Sequence[TensorInfo]) -> None:
         if len(outputs) != 1:
             raise ModelError(
-                f"detection layout {task.layout} needs one [1, N, 4 + classes] output, but the "
-                f"model has {_shape(outputs)}; use layout postprocess for "
+                f"detection layout {self._task.layout} needs one [1, N, 4 + classes] output, "
+                f"but the model has {_shape(outputs)}; use layout postprocess for "
                 "TFLite_Detection_PostProcess"
             )
-        self._head = read_yolo_head(outputs[0].shape, task.layout, len(labels) or None)
-        if task.coordinates == "pixels" and size is None:
-            raise ModelError(
-                "detection coordinates are pixels but the model input's size is not known"
-            )
-        self._output, self._task, self._labels, self._size = outputs[0], task, labels, size
+        classes = len(self._labels) or None
+        self._head = read_yolo_head(outputs[0].shape, self._task.layout, classes)
+        self._output = outputs[0]
+
+    def _size_unknown(self, outputs: Sequence[TensorInfo]) -> ModelError:
+        del outputs
+        return ModelError(
+            "detection coordinates are pixels but the model input's size is not known"
+        )
 
     def __call__(self, outputs: list[npt.NDArray[Any]], prepared: Prepared) -> dict[str, Any]:
         head = self._output.dequantize(outputs[0])[0]

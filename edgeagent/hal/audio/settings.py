@@ -6,17 +6,15 @@ rest of the agent it is a window source like the sensors.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from edgeagent.hal.settings import (
+    FileReplay,
     Preflight,
     PreflightEnv,
     RealtimeWindows,
-    RemotePath,
     WindowSettings,
     library_preflight,
 )
@@ -46,7 +44,7 @@ class SyntheticSounds(_Audio, RealtimeWindows):
     realtime: bool = True  # pace windows at rate_hz; false: as fast as read
 
 
-class WavAudio(_Audio, RealtimeWindows):
+class WavAudio(_Audio, FileReplay, RealtimeWindows):
     """Replays a PCM WAV file (8, 16, 24 or 32 bit) as mono windows in [-1, 1]."""
 
     implementation: ClassVar[str] = "edgeagent.hal.audio.wav:WavSource"
@@ -57,15 +55,6 @@ class WavAudio(_Audio, RealtimeWindows):
     hop: int | None = Field(default=None, ge=1)
     loop: bool = True
     realtime: bool = True  # pace windows at the file's sample rate
-
-    def remote_paths(self) -> Iterator[RemotePath]:
-        yield RemotePath("source.path", self.path, "file")
-
-    def preflight(self, env: PreflightEnv) -> Preflight:
-        del env
-        if not Path(self.path).is_file():
-            return Preflight(False, f"{self.path} does not exist", "correct source.path")
-        return Preflight(True, self.path)
 
 
 class AlsaMicrophone(_Audio):

@@ -6,7 +6,6 @@ import glob
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -145,12 +144,20 @@ def _header_size(path: Path) -> tuple[int, int] | None:
     return width, height
 
 
-def _decode(path: Path) -> npt.NDArray[np.uint8] | None:
+def read_image(path: Path) -> npt.NDArray[np.uint8]:
+    """One image file as RGB; SourceError saying why it cannot be read."""
     try:
         with Image.open(path) as image:
             rgb = image.convert("RGB")
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        logger.warning("images source: skipping %s: %s", path, exc)
-        return None
-    array: npt.NDArray[Any] = np.asarray(rgb, dtype=np.uint8)
+        raise SourceError(f"cannot read image {path}: {exc}") from exc
+    array: npt.NDArray[np.uint8] = np.asarray(rgb, dtype=np.uint8)
     return array
+
+
+def _decode(path: Path) -> npt.NDArray[np.uint8] | None:
+    try:
+        return read_image(path)
+    except SourceError as exc:
+        logger.warning("images source: skipping %s: %s", path, exc.__cause__)
+        return None

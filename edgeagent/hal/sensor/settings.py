@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from edgeagent.hal.settings import (
     DeviceUse,
+    FileReplay,
     Preflight,
     PreflightEnv,
     RealtimeWindows,
-    RemotePath,
     WindowSettings,
     library_preflight,
 )
@@ -42,7 +40,7 @@ class SyntheticVibration(_Sensor, RealtimeWindows):
     realtime: bool = True  # pace windows at rate_hz; false: as fast as read
 
 
-class CsvSensor(_Sensor):
+class CsvSensor(_Sensor, FileReplay):
     """Replays a CSV file, one row per sample, one numeric column per channel."""
 
     implementation: ClassVar[str] = "edgeagent.hal.sensor.csv:CsvSource"
@@ -58,15 +56,6 @@ class CsvSensor(_Sensor):
     def sample_shape(self) -> tuple[int, ...]:
         # Without `columns` the file decides; the gate assumes an accelerometer's three.
         return (self.window, len(self.columns) if self.columns else _AXES)
-
-    def remote_paths(self) -> Iterator[RemotePath]:
-        yield RemotePath("source.path", self.path, "file")
-
-    def preflight(self, env: PreflightEnv) -> Preflight:
-        del env
-        if not Path(self.path).is_file():
-            return Preflight(False, f"{self.path} does not exist", "correct source.path")
-        return Preflight(True, self.path)
 
 
 class Mpu6050Sensor(_Sensor):
