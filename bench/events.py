@@ -19,9 +19,8 @@ snapshots) at `--fps`, on the frames' capture clock, and the bench reports:
   >= 50x fewer.
 
 It measures the tracker and the publish policy, not the detector: the detector's own
-accuracy is docs/benchmarks.md's data-path section. The broker-outage guarantee (nothing
-lost across a 60 s outage) is the outbox's, measured by bench/outbox.py; events take the
-same path. Needs the bench extra: pip install 'edgeagent[bench]'.
+accuracy is docs/benchmarks.md's data-path section. Events through a 60 s broker
+outage, with the real daemon: bench/events_outage.py. Needs the bench extra: pip install 'edgeagent[bench]'.
 """
 
 from __future__ import annotations

@@ -25,6 +25,10 @@ With a `policy` (the agent's, from the pipeline's `publish:` section), each resu
 its `feed` instead of `publish`, and its `close` runs once the last result is decoded
 (edgeagent/events/policy.py decides what is published: results, aggregates, changes or
 tracked-object events).
+
+Why one module of about 600 lines: the three threads, the slot, the queue and the runner
+swap share one stop and hand-off protocol; split apart, no part could be read alone.
+Statistics live in `pipeline_stats.py`.
 """
 
 from __future__ import annotations
