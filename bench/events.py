@@ -20,7 +20,8 @@ snapshots) at `--fps`, on the frames' capture clock, and the bench reports:
 
 It measures the tracker and the publish policy, not the detector: the detector's own
 accuracy is docs/benchmarks.md's data-path section. Events through a 60 s broker
-outage, with the real daemon: bench/events_outage.py. Needs the bench extra: pip install 'edgeagent[bench]'.
+outage, with the real daemon: bench/events_outage.py. Needs the bench extra:
+pip install 'edgeagent[bench]'.
 """
 
 from __future__ import annotations
