@@ -206,6 +206,30 @@ def test_stop_ends_every_object_and_sends_its_snapshot() -> None:
     assert len(jpeg) <= 200_000
 
 
+def snapshot_of(settings: dict[str, Any], image: np.ndarray) -> Image.Image:
+    p, rec = policy({**EVENTS, "snapshots": settings})
+    for t in range(10):
+        p.feed(frame(t, det([0.7, 0.7, 0.8, 0.8])), image)
+    p.close()
+    (jpeg,) = [b for t, b, _ in rec.sent if "/snapshots/" in t]
+    return Image.open(io.BytesIO(jpeg)).convert("RGB")
+
+
+def test_snapshot_is_a_small_crop_around_the_object_by_default() -> None:
+    # A 640x480 frame, dark; the object's box (0.7..0.8 of each side) is bright green.
+    image = np.zeros((480, 640, 3), np.uint8)
+    image[int(0.7 * 480) : int(0.8 * 480), int(0.7 * 640) : int(0.8 * 640)] = (0, 255, 0)
+    cropped = snapshot_of({}, image)
+    assert max(cropped.size) <= 320
+    assert cropped.width == cropped.height, "a square region, as Frigate's MQTT snapshots"
+    pixels = np.asarray(cropped, np.int32)
+    green = (pixels[..., 1] > 200) & (pixels[..., 0] < 80)
+    # The object fills a far larger share of the crop than of the frame (1%), all of it.
+    assert 0.03 < green.mean() < 0.5
+    whole = snapshot_of({"crop": False, "max_side": 640}, image)
+    assert whole.size == (640, 480)
+
+
 def anomaly(t: int, bad: bool) -> dict[str, Any]:
     return {
         "captured_at": 1000.0 + t / FPS,

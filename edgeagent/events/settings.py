@@ -82,8 +82,12 @@ class SnapshotSettings(_Model):
     better_score: float = Field(default=0.15, gt=0.0, le=1.0)  # "markedly better"
     min_interval_s: float = Field(default=30.0, ge=0.0)  # per object, between better ones
     max_bytes: int = Field(default=200_000, ge=4096)
-    max_side: int = Field(default=640, ge=64)  # the longer side is scaled to at most this
-    quality: int = Field(default=80, ge=20, le=95)
+    # A square region around the object (at least `crop_min` of the frame's shorter side),
+    # as Frigate's MQTT snapshots are; false sends the whole frame.
+    crop: bool = True
+    crop_min: float = Field(default=0.6, gt=0.0, le=1.0)
+    max_side: int = Field(default=320, ge=64)  # the longer side is scaled to at most this
+    quality: int = Field(default=70, ge=20, le=95)
 
 
 class EveryPublish(_Model):

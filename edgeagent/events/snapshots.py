@@ -1,7 +1,8 @@
 """The best snapshot of each tracked object: one JPEG of the frame with its box drawn.
 
-`offer` keeps, per object, a bounded copy of the frame where it scored best (scaled so
-the longer side is at most `max_side`); it returns a JPEG to send at once only when the
+`offer` keeps, per object, a bounded copy of the frame where it scored best (by default
+a square region around the object, as Frigate's MQTT snapshots; scaled so the longer side
+is at most `max_side`); it returns a JPEG to send at once only when the
 score is markedly better (`better_score`) than the last one sent and `min_interval_s`
 passed since. `finish` returns the best one when the object ends (`on_end`). A JPEG is
 re-encoded at lower quality until it fits `max_bytes`; one that cannot is not sent.
@@ -60,18 +61,34 @@ class BestSnapshots:
         best = self._best.get(track_id)
         if best is None:
             # The first view is the baseline: it goes out at the end, or a better one does.
-            picture = _scaled(image, s.max_side)
-            box = [float(v) for v in detection["box"]]
+            picture, box = self._picture(image, detection["box"])
             self._best[track_id] = _Best(picture, box, label, score, now, score, now)
             return None
         if score <= best.score:
             return None
-        best.picture, best.label = _scaled(image, s.max_side), label
-        best.box = [float(v) for v in detection["box"]]
-        best.score, best.at = score, now
+        best.picture, best.box = self._picture(image, detection["box"])
+        best.label, best.score, best.at = label, score, now
         if score >= best.sent_score + s.better_score and now - best.sent_at >= s.min_interval_s:
             return self._render(best, now)
         return None
+
+    def _picture(self, image: np.ndarray, box: Any) -> tuple[Image.Image, list[float]]:
+        """The part of `image` to keep (scaled) and `box` in its normalised coordinates."""
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if self._settings.crop:
+            h, w = image.shape[:2]
+            side = max(
+                (x1 - x0) * w * 1.1, (y1 - y0) * h * 1.1, self._settings.crop_min * min(w, h)
+            )
+            side = min(side, w, h)
+            left = int(min(max(0.0, (x0 + x1) / 2 * w - side / 2), w - side))
+            top = int(min(max(0.0, (y0 + y1) / 2 * h - side / 2), h - side))
+            size = int(side)
+            image = image[top : top + size, left : left + size]
+            x0, x1 = (x0 * w - left) / size, (x1 * w - left) / size
+            y0, y1 = (y0 * h - top) / size, (y1 * h - top) / size
+        clipped = [min(max(v, 0.0), 1.0) for v in (x0, y0, x1, y1)]
+        return _scaled(image, self._settings.max_side), clipped
 
     def finish(self, track_id: str) -> bytes | None:
         """The object ended: its best JPEG (when `on_end`), and it is forgotten."""
