@@ -203,7 +203,7 @@ def test_stop_ends_every_object_and_sends_its_snapshot() -> None:
     topic, jpeg = snapshots[0]
     assert topic == f"edgeagent/dev/snapshots/cam/{rec.tracks()[0]['id']}"
     assert Image.open(io.BytesIO(jpeg)).format == "JPEG"
-    assert len(jpeg) <= 200_000
+    assert len(jpeg) <= 100_000
 
 
 def snapshot_of(settings: dict[str, Any], image: np.ndarray) -> Image.Image:

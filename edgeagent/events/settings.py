@@ -81,7 +81,7 @@ class SnapshotSettings(_Model):
     on_end: bool = True
     better_score: float = Field(default=0.15, gt=0.0, le=1.0)  # "markedly better"
     min_interval_s: float = Field(default=30.0, ge=0.0)  # per object, between better ones
-    max_bytes: int = Field(default=200_000, ge=4096)
+    max_bytes: int = Field(default=100_000, ge=4096)  # under the 128 KiB broker cap
     # A square region around the object (at least `crop_min` of the frame's shorter side),
     # as Frigate's MQTT snapshots are; false sends the whole frame.
     crop: bool = True

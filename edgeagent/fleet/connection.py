@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 QUEUE_SIZE: Final = 10_000
 BROKER_MESSAGE_CAP: Final = 128 * 1024
-"""The largest MQTT message a fleet broker is assumed to accept (mosquitto's
-`message_size_limit` in deploy/mosquitto); chunks and manifests must fit under it."""
+"""The largest MQTT message a fleet broker is assumed to accept (a design bound: a broker's
+`message_size_limit`, if set, must be at least this); chunks and manifests fit under it."""
 
 
 class BrokerError(EdgeAgentError):
