@@ -306,14 +306,21 @@ def readers() -> Iterator[list[MqttReader]]:
         reader.close()
 
 
-def _publish(central: Mosquitto, topic: str, payload: bytes, properties: Properties | None) -> None:
+def _publish(
+    central: Mosquitto,
+    topic: str,
+    payload: bytes,
+    properties: Properties | None,
+    *,
+    retain: bool = False,
+) -> None:
     client = make_client(
         central.mqtt_config(username="fleet"), client_id=f"fleet-{uuid.uuid4().hex[:8]}"
     )
     client.reconnect()
     client.loop_start()
     try:
-        info = client.publish(topic, payload, qos=1, properties=properties)
+        info = client.publish(topic, payload, qos=1, retain=retain, properties=properties)
         info.wait_for_publish(10)
         assert info.is_published(), f"central did not acknowledge {topic}"
     finally:
@@ -511,3 +518,39 @@ def test_outages_of_central_and_of_the_site_broker_lose_no_result(
     seqs = sorted(next(iter(runs.values())))
     assert len(seqs) >= _produced(stored) > _produced(during) + 100
     assert seqs == list(range(len(seqs))), "no gap in seq: no result lost on either hop"
+
+
+def test_the_retained_repository_is_copied_to_the_site_cleared_from_central_and_resent(
+    bridged: Fleet, readers: list[MqttReader]
+) -> None:
+    notifications = bridged.central_reader(f"bridges/edgeagent-site-{SITE}/state")
+    readers.append(notifications)
+    bridge_up(notifications)
+    chunks = [f"edgeagent/models/{MODEL}/9.0.0/chunk/{i}" for i in range(3)]
+    for topic in chunks:
+        _publish(bridged.central, topic, topic.encode(), None, retain=True)
+
+    def device_view() -> MqttReader:
+        """What a device that subscribes now finds retained on the site broker."""
+        reader = MqttReader(
+            bridged.site, f"edgeagent/models/{MODEL}/#", username=DEVICE, session=None
+        )
+        readers.append(reader)
+        return reader
+
+    first = device_view()
+    first.wait_for_count(3, lambda m: m.retain and m.payload != b"", timeout=30)
+
+    # A bridge reconnect (central restarted) sends every retained message again: the
+    # device still subscribed receives the three chunks a second time.
+    bridged.central.stop()
+    bridged.central.start()
+    first.wait_for_count(6, lambda m: m.payload != b"", timeout=60)
+
+    # Clearing a chunk on central (an empty retained message) clears the site's copy.
+    _publish(bridged.central, chunks[0], b"", None, retain=True)
+    first.wait_for(lambda m: m.topic == chunks[0] and m.payload == b"", timeout=30)
+    later = device_view()
+    retained = later.wait_for_count(2, lambda m: m.retain, timeout=30)
+    assert sorted(m.topic for m in retained) == chunks[1:]
+    assert chunks[0] not in {m.topic for m in later.messages}
