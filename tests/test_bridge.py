@@ -554,3 +554,32 @@ def test_the_retained_repository_is_copied_to_the_site_cleared_from_central_and_
     retained = later.wait_for_count(2, lambda m: m.retain, timeout=30)
     assert sorted(m.topic for m in retained) == chunks[1:]
     assert chunks[0] not in {m.topic for m in later.messages}
+
+
+def test_during_a_site_outage_central_keeps_retained_state_not_commands(
+    bridged: Fleet, readers: list[MqttReader]
+) -> None:
+    """With `bridge_protocol_version mqttv50`, mosquitto's bridge sends no session expiry,
+    so central ends the bridge's session when the link drops (docs/deploy.md): a desired
+    state deployed meanwhile still arrives (retained, sent again when the bridge subscribes
+    again), a command sent meanwhile does not, as a command to an offline device does not."""
+    notifications = bridged.central_reader(f"bridges/edgeagent-site-{SITE}/state")
+    readers.append(notifications)
+    bridge_up(notifications)
+    # The device's session on the site broker survives the site broker's restart, so
+    # whatever the bridge brings in after it is queued for the device.
+    device = MqttReader(bridged.site, f"{ROOT}/#", username=DEVICE, session="device-session")
+    readers.append(device)
+    bridged.site.stop()
+    desired = json.dumps({"pipelines": {"shapes": {"model": MODEL, "version": "2.0.0"}}})
+    _publish(bridged.central, f"{ROOT}/desired", desired.encode(), None, retain=True)
+    _publish(bridged.central, f"{ROOT}/cmd/ping", b'{"id": "during-the-outage"}', None)
+
+    bridged.site.start()
+    arrived = device.wait_for(lambda m: m.topic == f"{ROOT}/desired", timeout=60)
+    assert json.loads(arrived.payload) == json.loads(desired)
+    # A command sent now arrives; one queued by central would have arrived before it.
+    _publish(bridged.central, f"{ROOT}/cmd/ping", b'{"id": "after-the-outage"}', None)
+    device.wait_for(lambda m: m.payload == b'{"id": "after-the-outage"}', timeout=60)
+    commands = [m.payload for m in device.messages if m.topic == f"{ROOT}/cmd/ping"]
+    assert commands == [b'{"id": "after-the-outage"}']
