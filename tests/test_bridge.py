@@ -213,7 +213,9 @@ class SiteBroker(DeployedMosquitto):
     """deploy/mosquitto/edgeagent.conf and edgeagent.acl, plus bridge.conf.example pointed
     at `central`."""
 
-    central: Mosquitto
+    def __init__(self, workdir: Path, *, central: Mosquitto, **options: Any) -> None:
+        super().__init__(workdir, **options)
+        self.central = central
 
     def _config_text(self) -> str:
         central = self.central
@@ -282,8 +284,9 @@ def bridged(mosquitto_binary: str, tmp_path: Path) -> Iterator[Fleet]:
     central = CentralBroker(
         tmp_path / "central", binary=mosquitto_binary, users=CENTRAL_USERS, tls=True
     )
-    site = SiteBroker(tmp_path / "site", binary=mosquitto_binary, users=SITE_USERS, tls=True)
-    site.central = central
+    site = SiteBroker(
+        tmp_path / "site", central=central, binary=mosquitto_binary, users=SITE_USERS, tls=True
+    )
     try:
         central.start()
         site.start()
