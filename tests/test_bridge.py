@@ -216,6 +216,7 @@ class SiteBroker(DeployedMosquitto):
     def __init__(self, workdir: Path, *, central: Mosquitto, **options: Any) -> None:
         super().__init__(workdir, **options)
         self.central = central
+        self.queue_limit: int | None = None  # replaces max_queued_messages at the next start
 
     def _config_text(self) -> str:
         central = self.central
@@ -227,6 +228,8 @@ class SiteBroker(DeployedMosquitto):
             # The shipped back-off (2 s growing to 30 s) would only make the test wait.
             "restart_timeout": "restart_timeout 1",
         }
+        if self.queue_limit is not None:
+            rewrite["max_queued_messages"] = f"max_queued_messages {self.queue_limit}"
         seen, lines = set(), []
         for line in BRIDGE_EXAMPLE.read_text(encoding="utf-8").splitlines():
             key = line.split(" ", 1)[0]
@@ -586,3 +589,48 @@ def test_during_a_site_outage_central_keeps_retained_state_not_commands(
     device.wait_for(lambda m: m.payload == b'{"id": "after-the-outage"}', timeout=60)
     commands = [m.payload for m in device.messages if m.topic == f"{ROOT}/cmd/ping"]
     assert commands == [b'{"id": "after-the-outage"}']
+
+
+def test_a_bridge_queue_too_small_for_the_outage_loses_results_no_outbox_can_see(
+    bridged: Fleet,
+    readers: list[MqttReader],
+    agent_process: Callable[[Path], subprocess.Popen[str]],
+) -> None:
+    """Why docs/deploy.md says to size max_queued_messages for the outage: the site broker
+    acknowledged every result, so the devices' outboxes hold none of what it drops."""
+    tmp_path = bridged.tmp_path
+    bridged.site.queue_limit = 30
+    bridged.site.stop()
+    bridged.site.start()
+    notifications = bridged.central_reader(f"bridges/edgeagent-site-{SITE}/state")
+    readers.append(notifications)
+    bridge_up(notifications)
+    central = bridged.central_reader(f"{ROOT}/results/#", session="central-dashboard")
+    readers.append(central)
+    agent = agent_process(bridged.agent_config(fps=20))
+    central.wait_for_count(10, timeout=60)
+
+    bridged.central.stop()
+    before = _status_when(tmp_path, lambda _s: True, 30, "the agent's status")
+    during = _status_when(
+        tmp_path,
+        lambda s: _produced(s) >= _produced(before) + 100,
+        90,
+        "100 results during central's outage",
+    )
+    assert during["mqtt"]["connected"]
+    assert during["outbox"]["depth"] < 30, "the site broker acknowledged the results"
+    bridged.central.start()
+    # Results produced after the outage arrive again...
+    wait_until(
+        lambda: max(max(seqs) for seqs in _seqs(central.messages).values()) >= _produced(during),
+        120,
+        "results from after the outage",
+    )
+    agent.send_signal(signal.SIGTERM)
+    _, stderr = agent.communicate(timeout=60)
+    assert agent.returncode == 0, stderr
+    # ...but most of those produced during it are gone for good.
+    (seqs,) = _seqs(central.messages).values()
+    missing = set(range(max(seqs))) - seqs
+    assert len(missing) >= 50, f"{len(missing)} results lost"
