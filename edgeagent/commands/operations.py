@@ -410,7 +410,9 @@ class Operations:
                 "image/png",
                 meta={"pipeline": args.pipeline, "captured_at": sample.captured_at},
             )
-        jpeg = render_snapshot(sample.data, result, quality=args.quality)
+        # A camera that infers on its low-resolution stream shows its main stream here.
+        image = sample.full_frame() if sample.full_frame is not None else sample.data
+        jpeg = render_snapshot(image, result, quality=args.quality)
         return BinaryResult(
             jpeg,
             "image/jpeg",
