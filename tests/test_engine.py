@@ -325,10 +325,13 @@ def test_the_compiled_model_path_gives_the_interpreters_outputs(name: str) -> No
     got = compiled.invoke([sample])
     want = interpreted.invoke([sample])
     assert len(got) == len(want)
-    for info, a, b in zip(compiled.outputs, got, want, strict=True):
+    # SSD post-processing writes num_detections rows; the rest is undefined in both.
+    names = [info.name for info in compiled.outputs]
+    rows = int(want[names.index("num_detections")][0]) if "num_detections" in names else None
+    for a, b in zip(got, want, strict=True):
         assert (a.shape, a.dtype) == (b.shape, b.dtype)
-        step = info.scale if info.quantized else 1e-5
-        np.testing.assert_allclose(info.dequantize(a), info.dequantize(b), atol=step)
+        written = (slice(None), slice(0, rows)) if rows is not None and a.ndim > 1 else ...
+        np.testing.assert_array_equal(a[written], b[written])  # same kernels: exact
     compiled.close()
     interpreted.close()
     with pytest.raises(ModelError, match="closed"):
