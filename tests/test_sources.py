@@ -731,10 +731,12 @@ def test_a_snapshot_of_a_lores_pipeline_shows_the_main_stream(
             def last_output(self, _name: str) -> tuple[typing.Any, dict[str, typing.Any]]:
                 return sample, result
 
-        snapshot = Operations(typing.cast(typing.Any, Agent())).snapshot(
-            SnapshotArgs(pipeline="cam")
-        )
+        operations = Operations(typing.cast(typing.Any, Agent()))
+        snapshot = operations.snapshot(SnapshotArgs(pipeline="cam"))
     finally:
         source.close()
     assert sample.data.shape == (160, 160, 3)
     assert Image.open(io.BytesIO(snapshot.data)).size == (640, 480)
+    # Once the camera is closed (the pipeline stopped), the frame the model saw.
+    after = operations.snapshot(SnapshotArgs(pipeline="cam"))
+    assert Image.open(io.BytesIO(after.data)).size == (160, 160)
