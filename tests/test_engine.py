@@ -395,3 +395,21 @@ def test_auto_from_the_registry_here_notes_the_absent_gpu(fc_model: Path) -> Non
     engine = Engine.load(fc_model)
     assert engine.accelerator == "cpu"
     assert any(f.startswith("litert-gpu: absent (no Vulkan adapter") for f in engine.fallbacks)
+
+
+def test_a_compiled_model_whose_signature_is_not_the_models_is_left_to_the_cpu(
+    fc_model: Path,
+) -> None:
+    """Without the file's own tensors (and their quantisation) the outputs could not be
+    read right: the engine passes over such a compiled model instead of guessing."""
+    gpu = FakeGpu()
+    other = BUNDLED / "digits-classifier.tflite"
+    accelerator = LiteRtGpuAccelerator(
+        package_dir=litert_package_dir(),
+        check=gpu.check,
+        compile=lambda _path, threads: gpu.compile(other, threads),
+    )
+    engine = Engine.load(fc_model, accelerators={"litert-gpu": accelerator, "cpu": cpu()})
+    assert engine.accelerator == "cpu"
+    (reason,) = engine.fallbacks
+    assert "compiled model cannot be run (its first signature's tensors" in reason

@@ -199,18 +199,19 @@ def _signature_tensors(
     described: Sequence[TensorDescription],
 ) -> tuple[tuple[TensorInfo, ...], tuple[int, ...]]:
     """The signature's tensors as TensorInfo in the file's order, and where each sits in
-    the signature (its buffer's position). Signature order when names do not match."""
+    the signature (its buffer's position). ValueError when they are not the file's
+    subgraph tensors (another signature first): without the file's quantisation the
+    outputs could not be read right, so the model is left to the Interpreter."""
     by_tensor = {str(details[n]["name"]): position for position, n in enumerate(names)}
     slots = [by_tensor.get(d.name) for d in described]
-    if len(described) != len(names) or any(slot is None for slot in slots):
-        _log.debug("signature tensors %s do not match the file's by name", list(by_tensor))
-        order = list(range(len(names)))
-        quantisation: list[tuple[float, int]] = [(0.0, 0)] * len(names)
-    else:
-        order = [slot for slot in slots if slot is not None]
-        quantisation = [(d.scale, d.zero_point) for d in described]
+    order = [slot for slot in slots if slot is not None]
+    if len(described) != len(names) or len(order) != len(described):
+        raise ValueError(
+            f"its first signature's tensors {sorted(by_tensor)} are not the model's "
+            f"{[d.name for d in described]}"
+        )
     infos = []
-    for position, (scale, zero_point) in zip(order, quantisation, strict=True):
+    for position, tensor in zip(order, described, strict=True):
         entry = details[names[position]]
         infos.append(
             TensorInfo(
@@ -218,8 +219,8 @@ def _signature_tensors(
                 index=int(entry["index"]),
                 shape=tuple(int(d) for d in entry["shape"]),
                 dtype=np.dtype(entry["dtype"]).name,
-                scale=scale,
-                zero_point=zero_point,
+                scale=tensor.scale,
+                zero_point=tensor.zero_point,
             )
         )
     return tuple(infos), tuple(order)
