@@ -185,7 +185,7 @@ AnyTask = ClassificationTask | DetectionTask | PoseTask | SegmentationTask | Ano
 Task = Annotated[AnyTask, Field(discriminator="type")]
 
 
-AcceleratorName = Literal["auto", "edgetpu", "gpu", "cpu"]
+AcceleratorName = Literal["auto", "edgetpu", "litert-gpu", "gpu", "cpu"]
 
 
 class PipelineConfig(_Model):

@@ -43,7 +43,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edgeagent.config import PipelineConfig
+from edgeagent.config import ImagePreprocess, PipelineConfig
 from edgeagent.errors import EdgeAgentError, ModelError, SourceError
 from edgeagent.hal.accel import AUTO_ORDER, get_accelerator
 from edgeagent.hal.accel.base import Accelerator, ProbeState
@@ -125,6 +125,19 @@ def build_runner(
         engine.close()
         raise
     return Runner(model, engine, preprocess, decode)
+
+
+def _source_for(config: PipelineConfig, runner: Runner | None) -> Any:
+    """The source's settings fitted to the running model's image input: a Pi camera then
+    has its ISP deliver frames at the size the pre-processing wants (a swapped-in model
+    of another size is resized on the CPU until the source is opened again)."""
+    source = config.source
+    if runner is None or source.kind != "image" or len(runner.engine.inputs) != 1:
+        return source
+    shape = runner.engine.inputs[0].shape
+    spec = runner.model.preprocess
+    resize = spec.resize if isinstance(spec, ImagePreprocess) else ImagePreprocess().resize
+    return source.fitted_to_input(shape[1], shape[2], resize) if len(shape) == 4 else source
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -285,7 +298,7 @@ class Pipeline:
         try:
             if self._policy_factory is not None:
                 self._policy = self._policy_factory(model.task.type)
-            self._source = self._source_factory(cfg.source)
+            self._source = self._source_factory(_source_for(cfg, self.runner))
         except BaseException:
             self.runner.engine.close()
             raise
@@ -392,7 +405,7 @@ class Pipeline:
         try:
             if self._source is not None:
                 self._source.close()
-            self._source = self._source_factory(self.config.source)
+            self._source = self._source_factory(_source_for(self.config, self.runner))
         except EdgeAgentError as exc:
             self.stats.source_errors += 1
             self.stats.last_error = str(exc)

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,8 +22,16 @@ from edgeagent.hal.accel import (
 )
 from edgeagent.hal.accel.cpu import CpuAccelerator
 from edgeagent.hal.accel.edgetpu import EdgeTpuAccelerator
-from edgeagent.hal.accel.fake import FakeAccelerator
+from edgeagent.hal.accel.fake import FakeAccelerator, FakeGpu
 from edgeagent.hal.accel.gpu import GpuAccelerator
+from edgeagent.hal.accel.litert_gpu import (
+    LIBRARY,
+    AdapterCheck,
+    LiteRtGpuAccelerator,
+    adapter_probe,
+    litert_package_dir,
+    run_adapter_check,
+)
 
 NOT_A_DELEGATE = _ctypes.__file__  # a real shared object without the plugin entry points
 
@@ -75,12 +84,13 @@ def _no_library_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_registry_probes_in_auto_order_and_cpu_is_present() -> None:
     probes = probe_accelerators()
-    assert [p.name for p in probes] == list(AUTO_ORDER) == ["edgetpu", "gpu", "cpu"]
+    assert [p.name for p in probes] == list(AUTO_ORDER) == ["edgetpu", "litert-gpu", "gpu", "cpu"]
     assert probes[-1].state is ProbeState.PRESENT
 
 
 def test_unknown_accelerator_lists_the_known_ones() -> None:
-    with pytest.raises(AcceleratorError, match=r"unknown accelerator 'npu'.*edgetpu, gpu, cpu"):
+    known = r"unknown accelerator 'npu'.*edgetpu, litert-gpu, gpu, cpu"
+    with pytest.raises(AcceleratorError, match=known):
         get_accelerator("npu")
     with pytest.raises(AcceleratorError, match="unknown accelerator 'fake'"):
         get_accelerator("fake")
@@ -271,7 +281,8 @@ def test_edgetpu_can_run_only_compiled_models() -> None:
 def test_gpu_absent_here_explains_the_wheel_has_no_delegate(tmp_path: Path) -> None:
     probe = GpuAccelerator(root=tmp_path).probe()
     assert probe.state is ProbeState.ABSENT
-    assert "does not ship the GPU delegate" in probe.reason
+    assert "does not ship this legacy GPU delegate" in probe.reason
+    assert "litert-gpu" in probe.reason  # the way to the GPU that needs no build
     assert probe.details["render_nodes"] == "none"
     with pytest.raises(AcceleratorError, match="GPU delegate is absent"):
         GpuAccelerator(root=tmp_path).delegates()
@@ -294,6 +305,114 @@ def test_gpu_present_notes_the_render_node(tmp_path: Path, monkeypatch: pytest.M
     probe = GpuAccelerator(root=tmp_path).probe()
     assert probe.state is ProbeState.PRESENT
     assert probe.details["render_nodes"] == "/dev/dri/renderD128"
+
+
+# --- litert-gpu: LiteRT's own WebGPU accelerator -------------------------------------
+
+
+def _real_gpu_probe() -> Any:
+    probe = get_accelerator("litert-gpu").probe()
+    if probe.state is ProbeState.PRESENT:
+        pytest.skip("this machine has a Vulkan adapter; the test is about one without")
+    return probe
+
+
+def test_litert_gpu_here_is_absent_with_dawns_reason_and_the_driver_to_install() -> None:
+    probe = _real_gpu_probe()  # the real child process, LiteRT and Dawn
+    assert probe.state is ProbeState.ABSENT
+    assert "no Vulkan adapter: Dawn reports 'No adapters found'" in probe.reason
+    assert "mesa-vulkan-drivers" in probe.reason
+    assert probe.details["library"].endswith(LIBRARY)
+    assert get_accelerator("litert-gpu").present() is False
+
+
+def test_litert_gpu_without_the_library_in_the_wheel_is_absent(tmp_path: Path) -> None:
+    def no_check(model: Path) -> AdapterCheck:
+        raise AssertionError("no adapter check without the library")
+
+    probe = LiteRtGpuAccelerator(package_dir=tmp_path, check=no_check).probe()
+    assert probe.state is ProbeState.ABSENT
+    assert f"{LIBRARY} is not in the ai-edge-litert wheel ({tmp_path})" in probe.reason
+    assert "ai-edge-litert>=2.3" in probe.reason
+
+
+@pytest.mark.parametrize(
+    ("check", "expected"),
+    [
+        (AdapterCheck(-11, "", "INFO: creating the WebGPU device"), "crashed with SIGSEGV"),
+        (AdapterCheck(-1, "", "", timed_out=True), "the GPU check hung"),
+        (
+            AdapterCheck(1, '{"compiled": false, "error": "VK_ERROR_INITIALIZATION_FAILED"}', ""),
+            "the GPU check failed: VK_ERROR_INITIALIZATION_FAILED",
+        ),
+    ],
+)
+def test_litert_gpu_check_that_crashes_hangs_or_fails_otherwise_is_broken(
+    check: AdapterCheck, expected: str
+) -> None:
+    accelerator = LiteRtGpuAccelerator(package_dir=litert_package_dir(), check=lambda _m: check)
+    probe = accelerator.probe()
+    assert probe.state is ProbeState.BROKEN
+    assert expected in probe.reason
+    assert accelerator.present() is False
+
+
+def test_litert_gpu_check_of_a_file_that_is_not_a_model_is_broken(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"not a model")
+    check = run_adapter_check(junk)  # the real child process
+    probe = LiteRtGpuAccelerator(package_dir=litert_package_dir(), check=lambda _m: check).probe()
+    assert check.returncode == 1
+    assert probe.state is ProbeState.BROKEN
+    assert probe.reason.startswith("the GPU check failed: ")
+
+
+def test_litert_gpu_probe_is_cached() -> None:
+    checks: list[Path] = []
+
+    def check(model: Path) -> AdapterCheck:
+        checks.append(model)
+        return AdapterCheck(0, '{"compiled": true, "fully_accelerated": false}', "")
+
+    now = [0.0]
+    accelerator = LiteRtGpuAccelerator(
+        package_dir=litert_package_dir(), check=check, cache_s=300, clock=lambda: now[0]
+    )
+    probe = accelerator.probe()
+    assert probe.state is ProbeState.PRESENT
+    assert "operators it lacks run on the CPU" in probe.reason
+    assert accelerator.present()
+    assert accelerator.probe() is probe
+    now[0] = 301.0
+    accelerator.probe()
+    assert len(checks) == 2
+
+
+def test_litert_gpu_runs_through_compiled_models_not_delegates() -> None:
+    accelerator = get_accelerator("litert-gpu")
+    assert accelerator.can_run(frozenset({"CUSTOM"})) is None
+    with pytest.raises(AcceleratorError, match="CompiledModel API, not Interpreter delegates"):
+        accelerator.delegates()
+
+
+def test_fake_gpu_without_an_adapter_fails_as_dawn_does() -> None:
+    accelerator = FakeGpu(adapter=False).accelerator()
+    probe = accelerator.probe()
+    assert probe.state is ProbeState.ABSENT
+    assert "Dawn reports 'No adapters found'" in probe.reason
+    assert "libvulkan.so.1" in probe.reason
+    with pytest.raises(AcceleratorError, match=r"could not compile m\.tflite for the GPU"):
+        accelerator.compile_model(Path("m.tflite"), 1)
+
+
+def test_fake_gpu_lost_is_broken_until_restored() -> None:
+    gpu = FakeGpu()
+    accelerator = gpu.accelerator()
+    assert accelerator.probe().state is ProbeState.PRESENT
+    gpu.lose_device()
+    assert accelerator.probe().state is ProbeState.BROKEN
+    gpu.restore()
+    assert accelerator.probe().state is ProbeState.PRESENT
 
 
 # --- fake ----------------------------------------------------------------------------
@@ -340,3 +459,24 @@ def test_fake_required_op() -> None:
     assert fake.can_run(frozenset({"CONV_2D"})) == (
         "model is not compiled for fake-tpu (no fake-custom-op)"
     )
+
+
+def test_litert_gpu_without_access_to_the_render_node_says_which_group(tmp_path: Path) -> None:
+    """v3dv that cannot open /dev/dri/renderD128 lists no adapter either: the hint must
+    then be the group, not a driver that is already installed."""
+    node = tmp_path / "dev/dri/renderD128"
+    node.parent.mkdir(parents=True)
+    node.touch()
+    gpu = FakeGpu(adapter=False)
+    accelerator = LiteRtGpuAccelerator(
+        package_dir=litert_package_dir(), check=gpu.check, root=tmp_path
+    )
+    probe = accelerator.probe()
+    assert probe.details["render_nodes"] == "/dev/dri/renderD128"
+    assert "process cannot open" not in probe.reason  # it can: the driver is missing
+    # What the probe says when the node is there but locked (os.access is False for a
+    # service user outside the render group; this test may run as root, who can open all).
+    locked = adapter_probe("litert-gpu", gpu.check(Path("m")), {}, ["/dev/dri/renderD128"])
+    assert locked.state is ProbeState.ABSENT
+    assert "/dev/dri/renderD128 exists but this process cannot open it" in locked.reason
+    assert "(render)" in locked.reason

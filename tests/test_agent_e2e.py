@@ -83,7 +83,7 @@ def test_run_publishes_results_of_every_pipeline_and_stops_cleanly(
         "digits": "running",
         "vibration": "running",
     }
-    assert {a["name"] for a in status["accelerators"]} == {"edgetpu", "gpu", "cpu"}
+    assert {a["name"] for a in status["accelerators"]} == {"edgetpu", "litert-gpu", "gpu", "cpu"}
 
     for name in ("shapes", "digits", "vibration"):
         results = reader.wait_for_count(

@@ -120,7 +120,7 @@ def test_infer_rejects_an_unreadable_image(tmp_path: Path) -> None:
     assert_clean_failure(run("infer", "digits-classifier", str(bad)), 1, "cannot read image")
 
 
-@pytest.mark.parametrize("accelerator", ["edgetpu", "gpu"])
+@pytest.mark.parametrize("accelerator", ["edgetpu", "litert-gpu", "gpu"])
 def test_infer_on_an_absent_accelerator_says_why(accelerator: str) -> None:
     sample = sorted(samples_dir().glob("digit-*.png"))[0]
     result = run("infer", "digits-classifier", str(sample), "--accelerator", accelerator)
@@ -135,7 +135,7 @@ def test_bench_reports_latency_per_setting() -> None:
     assert settings == {("cpu", 1), ("cpu", 2)}
     for row in report["results"]:
         assert 0 < row["invoke_ms"]["median"] <= row["invoke_ms"]["p95"]
-    assert {s["accelerator"] for s in report["skipped"]} == {"edgetpu", "gpu"}
+    assert {s["accelerator"] for s in report["skipped"]} == {"edgetpu", "litert-gpu", "gpu"}
 
 
 @pytest.mark.parametrize("model", ["shapes-detector", "shapes-detector-ssd"])

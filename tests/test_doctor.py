@@ -74,8 +74,8 @@ def doctor(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
 
 
 def skip_if_accelerated() -> None:
-    if any(p.state is not ProbeState.ABSENT for p in probe_accelerators()[:2]):
-        pytest.skip("this machine has an Edge TPU runtime or a GPU delegate")
+    if any(p.state is not ProbeState.ABSENT for p in probe_accelerators()[:-1]):
+        pytest.skip("this machine has an Edge TPU runtime, a Vulkan GPU or a GPU delegate")
 
 
 def test_absent_accelerators_are_reported_with_reasons_and_are_not_critical(
@@ -91,6 +91,9 @@ def test_absent_accelerators_are_reported_with_reasons_and_are_not_critical(
         assert "not installed" in check.finding
         assert check.details["state"] == "absent"
     assert "libedgetpu" in checks["accelerator.edgetpu"].finding
+    gpu = checks["accelerator.litert-gpu"]
+    assert (gpu.verdict, gpu.critical) == (Verdict.SKIP, False)
+    assert gpu.finding.startswith("absent: no Vulkan adapter: Dawn reports 'No adapters found'")
     assert checks["accelerator.cpu"].verdict is Verdict.OK
     assert checks["edgetpu.runtime"].verdict is Verdict.SKIP
     assert checks["camera"].verdict is Verdict.SKIP
@@ -109,6 +112,22 @@ def test_an_accelerator_a_pipeline_names_is_critical(tmp_path: Path) -> None:
     assert (edgetpu.verdict, edgetpu.critical) == (Verdict.FAIL, True)
     assert "shapes" in edgetpu.finding
     assert "libedgetpu1-std" in (edgetpu.fix or "")
+
+
+def test_litert_gpu_findings_say_which_fix_applies() -> None:
+    library = {"library": "/venv/ai_edge_litert/libLiteRtWebGpuAccelerator.so"}
+    no_adapter = Probe("litert-gpu", ProbeState.ABSENT, "no Vulkan adapter", library)
+    result = accelerator_result(no_adapter, ["cam"])
+    assert (result.verdict, result.critical) == (Verdict.FAIL, True)
+    assert "mesa-vulkan-drivers libvulkan1" in (result.fix or "")
+    no_library = Probe("litert-gpu", ProbeState.ABSENT, "not in the wheel")
+    assert "ai-edge-litert>=2.3" in (accelerator_result(no_library, ["cam"]).fix or "")
+    crashed = Probe("litert-gpu", ProbeState.BROKEN, "the GPU check crashed", library)
+    result = accelerator_result(crashed)
+    assert result.verdict is Verdict.FAIL
+    assert "python -m edgeagent.hal.accel.litert_gpu" in (result.fix or "")
+    legacy = accelerator_result(Probe("gpu", ProbeState.ABSENT, "not installed"), ["cam"])
+    assert "litert-gpu" in (legacy.fix or "")
 
 
 def test_broken_and_slow_accelerators() -> None:

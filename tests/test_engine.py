@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from edgeagent.errors import AcceleratorError, ModelError
+from edgeagent.hal.accel import get_accelerator
 from edgeagent.hal.accel.base import Probe, ProbeState
+from edgeagent.hal.accel.fake import FakeGpu
+from edgeagent.hal.accel.litert_gpu import AdapterCheck, LiteRtGpuAccelerator, litert_package_dir
 from edgeagent.inference import Engine, TensorInfo
 from tests import modelfactory as mf
 
@@ -290,3 +293,123 @@ def test_tensor_info_quantises_exactly_as_litert_does(
     engine = Engine.load(path, accelerators={"cpu": cpu()})
     (litert,) = engine.invoke([x])
     np.testing.assert_array_equal(engine.outputs[0].quantize(x), litert)
+
+
+# --- the CompiledModel path (litert-gpu) -----------------------------------------------
+# No GPU here: the CompiledModel path runs for real on LiteRT's CPU kernels behind the fake
+# GPU, and the real litert-gpu accelerator shows what happens without a Vulkan adapter.
+
+BUNDLED = Path(__file__).resolve().parents[1] / "models" / "bundled"
+
+
+@pytest.mark.parametrize(
+    "name", ["shapes-detector", "shapes-detector-ssd", "digits-classifier", "vibration-anomaly"]
+)
+def test_the_compiled_model_path_gives_the_interpreters_outputs(name: str) -> None:
+    path = BUNDLED / f"{name}.tflite"
+    gpu = FakeGpu()
+    compiled = Engine.load(path, accelerator="litert-gpu", accelerators=gpu_and_cpu(gpu))
+    interpreted = Engine.load(path, accelerator="cpu")
+    assert gpu.compiles == 1
+    assert (compiled.accelerator, compiled.describe()["runtime"]) == (
+        "litert-gpu",
+        "compiled-model",
+    )
+    assert interpreted.describe()["runtime"] == "interpreter"
+    # Same tensors, in the same (subgraph) order, with the file's quantisation.
+    assert compiled.inputs == interpreted.inputs
+    assert compiled.outputs == interpreted.outputs
+    sample = np.load(BUNDLED / f"{name}.ref-input.npy")
+    for engine in (compiled, interpreted):
+        engine.warm_up()
+    got = compiled.invoke([sample])
+    want = interpreted.invoke([sample])
+    assert len(got) == len(want)
+    # SSD post-processing writes num_detections rows; the rest is undefined in both.
+    names = [info.name for info in compiled.outputs]
+    rows = int(want[names.index("num_detections")][0]) if "num_detections" in names else None
+    for a, b in zip(got, want, strict=True):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype)
+        written = (slice(None), slice(0, rows)) if rows is not None and a.ndim > 1 else ...
+        np.testing.assert_array_equal(a[written], b[written])  # same kernels: exact
+    compiled.close()
+    interpreted.close()
+    with pytest.raises(ModelError, match="closed"):
+        compiled.invoke([sample])
+
+
+def gpu_and_cpu(gpu: FakeGpu) -> dict[str, Any]:
+    return {"litert-gpu": gpu.accelerator(), "cpu": get_accelerator("cpu")}
+
+
+def test_the_compiled_model_path_names_an_input_that_does_not_fit(fc_model: Path) -> None:
+    engine = Engine.load(fc_model, accelerators=gpu_and_cpu(FakeGpu()))
+    assert engine.accelerator == "litert-gpu"
+    (y,) = engine.invoke([np.ones((1, 3), np.float32)])
+    np.testing.assert_allclose(y, (WEIGHTS @ np.ones(3) + BIAS)[np.newaxis], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"input 'input' of fc.tflite takes \[1, 3\] float32"):
+        engine.invoke([np.ones((1, 3), np.int8)])
+    with pytest.raises(ValueError, match=r"got \[1, 4\] float32"):
+        engine.invoke([np.ones((1, 4), np.float32)])
+
+
+def test_auto_passes_over_a_gpu_without_an_adapter_with_dawns_reason(fc_model: Path) -> None:
+    engine = Engine.load(fc_model, accelerators=gpu_and_cpu(FakeGpu(adapter=False)))
+    assert engine.accelerator == "cpu"
+    (reason,) = engine.fallbacks
+    assert reason.startswith("litert-gpu: absent (no Vulkan adapter: Dawn reports")
+
+
+def test_naming_litert_gpu_without_an_adapter_fails_with_the_fix(fc_model: Path) -> None:
+    with pytest.raises(AcceleratorError) as caught:
+        Engine.load(
+            fc_model,
+            accelerator="litert-gpu",
+            accelerators=gpu_and_cpu(FakeGpu(adapter=False)),
+        )
+    assert "'No adapters found'" in str(caught.value)
+    assert "mesa-vulkan-drivers" in str(caught.value)
+
+
+def test_a_gpu_that_probed_present_but_cannot_compile_falls_back(fc_model: Path) -> None:
+    """A stale probe says PRESENT; the real LiteRT compile for GPU | CPU then fails as it
+    does on a machine without an adapter (this one), and the CPU takes the model."""
+    present = AdapterCheck(0, '{"compiled": true, "fully_accelerated": true}', "")
+    real_compile = LiteRtGpuAccelerator(package_dir=litert_package_dir(), check=lambda _m: present)
+    if get_accelerator("litert-gpu").probe().state is ProbeState.PRESENT:
+        pytest.skip("this machine has a Vulkan adapter, so the compile would not fail")
+    engine = Engine.load(
+        fc_model, accelerators={"litert-gpu": real_compile, "cpu": get_accelerator("cpu")}
+    )
+    assert engine.accelerator == "cpu"
+    (reason,) = engine.fallbacks
+    assert reason.startswith(
+        "litert-gpu: present but the model did not compile (LiteRT could not compile fc.tflite "
+        "for the GPU"
+    )
+
+
+def test_auto_from_the_registry_here_notes_the_absent_gpu(fc_model: Path) -> None:
+    if get_accelerator("litert-gpu").probe().state is ProbeState.PRESENT:
+        pytest.skip("this machine has a Vulkan adapter")
+    engine = Engine.load(fc_model)
+    assert engine.accelerator == "cpu"
+    assert any(f.startswith("litert-gpu: absent (no Vulkan adapter") for f in engine.fallbacks)
+
+
+def test_a_compiled_model_whose_signature_is_not_the_models_is_left_to_the_cpu(
+    fc_model: Path,
+) -> None:
+    """Without the file's own tensors (and their quantisation) the outputs could not be
+    read right: the engine passes over such a compiled model instead of guessing."""
+    gpu = FakeGpu()
+    other = BUNDLED / "digits-classifier.tflite"
+    accelerator = LiteRtGpuAccelerator(
+        package_dir=litert_package_dir(),
+        check=gpu.check,
+        compile=lambda _path, threads: gpu.compile(other, threads),
+    )
+    engine = Engine.load(fc_model, accelerators={"litert-gpu": accelerator, "cpu": cpu()})
+    assert engine.accelerator == "cpu"
+    (reason,) = engine.fallbacks
+    assert "compiled model cannot be run (its first signature's tensors" in reason

@@ -11,7 +11,7 @@ from typing import Any
 from edgeagent.config import parse_config
 from edgeagent.hal.accel import get_accelerator
 from edgeagent.hal.accel.base import Accelerator
-from edgeagent.hal.accel.fake import FakeAccelerator
+from edgeagent.hal.accel.fake import FakeAccelerator, FakeGpu
 from edgeagent.pipeline import Pipeline
 
 
@@ -100,3 +100,40 @@ def test_a_broken_accelerator_at_start_falls_back_with_its_reason() -> None:
         recorder.wait(lambda r: len(r.results) >= 3)
     finally:
         pipeline.stop()
+
+
+def test_a_gpu_lost_mid_run_fails_over_on_the_failing_inference_and_comes_back() -> None:
+    """The GPU behind LiteRT's WebGPU accelerator (the fake: a real CompiledModel on the CPU
+    kernels whose runs fail while the device is lost). A GPU is not unplugged, so what
+    triggers the failover is the failing inference itself; that frame is run again."""
+    gpu = FakeGpu()
+    recorder = Recorder()
+    pipeline = make_pipeline(
+        recorder, {"litert-gpu": gpu.accelerator(), "cpu": get_accelerator("cpu")}
+    )
+    pipeline.start()
+    try:
+        assert pipeline.runner is not None
+        assert pipeline.runner.engine.accelerator == "litert-gpu"
+        assert pipeline.runner.engine.describe()["runtime"] == "compiled-model"
+        recorder.wait(lambda r: len(r.results) >= 10)
+
+        gpu.lose_device()
+        recorder.wait(lambda r: any(kind == "accelerator-fallback" for kind, _ in r.events))
+        _, details = recorder.events[0]
+        assert (details["from"], details["to"]) == ("litert-gpu", "cpu")
+        assert "GPU device lost" in details["reason"]
+        count = len(recorder.results)
+        recorder.wait(lambda r: len(r.results) >= count + 10)
+        assert recorder.results[-1]["accelerator"] == "cpu"
+
+        gpu.restore()
+        recorder.wait(lambda r: any(kind == "accelerator-recovered" for kind, _ in r.events))
+        count = len(recorder.results)
+        recorder.wait(lambda r: len(r.results) >= count + 5)
+        assert recorder.results[-1]["accelerator"] == "litert-gpu"
+    finally:
+        pipeline.stop()
+    seqs = [r["seq"] for r in recorder.results]
+    assert seqs == list(range(len(seqs))), "no result was lost across the switches"
+    assert gpu.compiles >= 2  # compiled again on the way back

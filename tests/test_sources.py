@@ -26,10 +26,13 @@ from edgeagent.config import (
 from edgeagent.errors import MissingDependencyError, SourceError
 from edgeagent.hal.camera.images import ImagesSource
 from edgeagent.hal.camera.opencv import OpenCVSource
-from edgeagent.hal.camera.picamera2 import PiCameraSource, bgr_to_rgb
+from edgeagent.hal.camera.picamera2 import PiCameraSource, bgr_to_rgb, yuv420_to_rgb
+from edgeagent.hal.camera.settings import lores_size_for
 from edgeagent.hal.sensor.csv import CsvSource
 from edgeagent.hal.sensor.mpu6050 import Mpu6050Source, open_smbus, rate_registers
 from edgeagent.hal.sources import SOURCES, open_source, source_class
+from tests import picamera2_fake
+from tests.waiting import wait_until
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -571,3 +574,169 @@ def test_open_source_returns_an_open_source(folder: Path) -> None:
 def test_open_source_passes_the_backend_error_on(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="does not exist"):
         open_source(CsvSensor(type="csv", path=str(tmp_path / "missing.csv")))
+
+
+# --- picamera2 with a fake camera (picamera2's own configuration rules) ----------------
+
+
+def _pi_camera(width: int = 640, height: int = 480, **options: typing.Any) -> PiCamera:
+    return PiCamera(type="picamera2", width=width, height=height, fps=200, **options)
+
+
+def test_picamera2_fake_refuses_what_picamera2_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake is only worth its tests if a wrong configuration fails in it."""
+    camera = picamera2_fake.install(monkeypatch, picamera2_fake.Platform.VC4)(0)
+    sycc = picamera2_fake.ColorSpace.Sycc()
+    cases = [
+        ({"size": (160, 160), "format": "RGB888"}, "lores stream must be YUV"),
+        ({"size": (800, 160), "format": "YUV420"}, "may not exceed main stream"),
+    ]
+    for lores, message in cases:
+        config = camera.create_video_configuration(
+            main={"size": (640, 480), "format": "RGB888"}, lores=lores, colour_space=sycc
+        )
+        with pytest.raises(RuntimeError, match=message):
+            camera.configure(config)
+    config = camera.create_video_configuration(main={"size": (640, 480)}, colour_space="sYCC")
+    with pytest.raises(RuntimeError, match="Colour space has incorrect type"):
+        camera.configure(config)
+    pisp = picamera2_fake.install(monkeypatch, picamera2_fake.Platform.PISP)(0)
+    pisp.configure(
+        pisp.create_video_configuration(
+            main={"size": (640, 480)}, lores={"size": (160, 160), "format": "RGB888"}
+        )
+    )
+
+
+def test_pi_camera_settings_fit_the_lores_stream_to_the_model() -> None:
+    assert lores_size_for((640, 480), (160, 160), "stretch") == (160, 160)
+    assert lores_size_for((640, 480), (160, 160), "letterbox") == (160, 120)  # padded only
+    assert lores_size_for((640, 480), (160, 160), "crop") == (214, 160)  # cropped only
+    assert lores_size_for((1280, 720), (300, 300), "letterbox") == (300, 168)  # even
+    assert lores_size_for((320, 240), (640, 640), "stretch") is None  # the ISP scales down
+    fitted = _pi_camera().fitted_to_input(160, 160, "stretch")
+    assert fitted.lores_size == (160, 160)
+    assert _pi_camera(lores=False).fitted_to_input(160, 160, "stretch").lores_size is None
+    pinned = _pi_camera(lores_size=(320, 240))
+    assert pinned.fitted_to_input(160, 160, "stretch") is pinned
+
+
+@pytest.mark.parametrize(
+    ("platform", "fmt"),
+    [(picamera2_fake.Platform.VC4, "YUV420"), (picamera2_fake.Platform.PISP, "RGB888")],
+)
+def test_picamera2_infers_on_the_lores_stream_and_reads_main_only_for_a_snapshot(
+    monkeypatch: pytest.MonkeyPatch, platform: picamera2_fake.Platform, fmt: str
+) -> None:
+    cameras = picamera2_fake.install(monkeypatch, platform)
+    source = PiCameraSource(_pi_camera().fitted_to_input(160, 160, "stretch"))
+    source.open()
+    try:
+        (camera,) = cameras.opened
+        assert camera.config["lores"]["format"] == fmt
+        samples = [source.read() for _ in range(3)]
+        assert camera.captures == {"lores": 3}, "inference never reads the main stream"
+        frame = samples[-1].data
+        assert (frame.shape, frame.dtype) == ((160, 160, 3), np.uint8)
+        # The ISP's picture, as RGB: exact from RGB888, within YUV420's rounding otherwise.
+        error = np.abs(frame.astype(int) - picamera2_fake.scene(160, 160).astype(int))
+        assert error.max() <= (0 if fmt == "RGB888" else 3)
+        full_frame = samples[-1].full_frame
+        assert full_frame is not None
+        snapshot = full_frame()
+        assert snapshot.shape == (480, 640, 3)
+        np.testing.assert_array_equal(snapshot, picamera2_fake.scene(640, 480))
+        assert camera.captures == {"lores": 3, "main": 1}
+    finally:
+        source.close()
+    assert camera.closed
+
+
+def test_picamera2_without_lores_reads_main_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    cameras = picamera2_fake.install(monkeypatch)
+    source = PiCameraSource(_pi_camera(lores=False).fitted_to_input(160, 160, "stretch"))
+    source.open()
+    try:
+        sample = source.read()
+    finally:
+        source.close()
+    assert cameras.opened[0].config["lores"] is None
+    assert sample.data.shape == (480, 640, 3)
+    assert sample.full_frame is None
+    assert cameras.opened[0].captures == {"main": 1}
+
+
+def test_picamera2_yuv420_conversion_handles_stride_and_yvu() -> None:
+    rgb = picamera2_fake.scene(96, 64)
+    for swap in (False, True):
+        packed = picamera2_fake._yuv420(rgb, stride=128, full_range=True, swap=swap)
+        assert packed.shape == (96, 128)
+        back = yuv420_to_rgb(packed, 96, 64, swap_uv=swap)
+        assert np.abs(back.astype(int) - rgb.astype(int)).max() <= 3
+    with pytest.raises(SourceError, match="should be an array of 96 rows"):
+        yuv420_to_rgb(np.zeros((64, 96), np.uint8), 96, 64)
+
+
+def test_a_pipeline_on_a_pi_camera_has_the_isp_scale_frames_to_the_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pipeline fits the camera to its model (shapes-detector takes 160x160), so the
+    frames it prepares already have the model's size; the main stream stays unread."""
+    from edgeagent.config import parse_config
+    from edgeagent.pipeline import Pipeline
+
+    cameras = picamera2_fake.install(monkeypatch)
+    config = parse_config(
+        """
+pipelines:
+  - name: cam
+    source: {type: picamera2, width: 640, height: 480, fps: 100}
+    model: shapes-detector
+    accelerator: cpu
+    threads: 1
+"""
+    ).pipelines[0]
+    results: list[dict[str, typing.Any]] = []
+    pipeline = Pipeline(config, lambda _name, result: results.append(result))
+    pipeline.start()
+    try:
+        wait_until(lambda: len(results) >= 3, timeout=20)
+    finally:
+        pipeline.stop()
+    (camera,) = cameras.opened
+    assert camera.config["lores"]["size"] == (160, 160)
+    assert camera.config["lores"]["format"] == "YUV420"
+    assert set(camera.captures) == {"lores"}
+    assert pipeline.last is not None
+    assert pipeline.last[0].data.shape == (160, 160, 3)
+
+
+def test_a_snapshot_of_a_lores_pipeline_shows_the_main_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The `snapshot` command draws the last result on the camera's main stream, not on
+    the small frame the model saw."""
+    import io
+
+    from edgeagent.commands.operations import Operations, SnapshotArgs
+
+    picamera2_fake.install(monkeypatch)
+    source = PiCameraSource(_pi_camera().fitted_to_input(160, 160, "stretch"))
+    source.open()
+    try:
+        sample = source.read()
+        result = {"detections": [{"box": [0.25, 0.25, 0.5, 0.5], "score": 0.9, "index": 0}]}
+
+        class Agent:
+            def last_output(self, _name: str) -> tuple[typing.Any, dict[str, typing.Any]]:
+                return sample, result
+
+        operations = Operations(typing.cast(typing.Any, Agent()))
+        snapshot = operations.snapshot(SnapshotArgs(pipeline="cam"))
+    finally:
+        source.close()
+    assert sample.data.shape == (160, 160, 3)
+    assert Image.open(io.BytesIO(snapshot.data)).size == (640, 480)
+    # Once the camera is closed (the pipeline stopped), the frame the model saw.
+    after = operations.snapshot(SnapshotArgs(pipeline="cam"))
+    assert Image.open(io.BytesIO(after.data)).size == (160, 160)

@@ -22,6 +22,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from edgeagent.config import ImagePreprocess, Task, WindowPreprocess
 from edgeagent.errors import ConfigError, SourceError
+from edgeagent.hal.accel import AUTO_ORDER
 from edgeagent.hal.audio.wav import read_wav
 from edgeagent.hal.camera.images import read_image
 from edgeagent.hal.settings import SampleKind
@@ -46,7 +47,7 @@ def register(commands: Any) -> None:
         "input", type=Path, help="image file, CSV for sensor models, WAV for audio models"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--accelerator", default="auto", choices=["auto", "edgetpu", "gpu", "cpu"])
+    parser.add_argument("--accelerator", default="auto", choices=["auto", *AUTO_ORDER])
     parser.add_argument("--threads", type=int, default=2)
     overrides = parser.add_argument_group(
         "overrides", "what a pipeline's task/preprocess/labels would set (default: inferred)"

@@ -32,7 +32,7 @@ from edgeagent.commands.remote import (
 from edgeagent.commands.request import Request, validation_reason
 from edgeagent.commands.router import BinaryResult, CommandRouter, Progress
 from edgeagent.config import AgentConfig, rename_legacy_keys, validate_config_data
-from edgeagent.errors import ConfigError, EdgeAgentError
+from edgeagent.errors import ConfigError, EdgeAgentError, SourceError
 from edgeagent.inference.benchmark import measure
 from edgeagent.snapshot import render_mask, render_snapshot
 from edgeagent.telemetry.report import LinkFigures
@@ -410,7 +410,14 @@ class Operations:
                 "image/png",
                 meta={"pipeline": args.pipeline, "captured_at": sample.captured_at},
             )
-        jpeg = render_snapshot(sample.data, result, quality=args.quality)
+        image = sample.data
+        if sample.full_frame is not None:
+            # A camera that infers on its low-resolution stream shows its main stream here.
+            try:
+                image = sample.full_frame()
+            except SourceError as exc:  # the pipeline stopped, or the camera failed
+                log.info("snapshot of %s shows the frame the model saw: %s", args.pipeline, exc)
+        jpeg = render_snapshot(image, result, quality=args.quality)
         return BinaryResult(
             jpeg,
             "image/jpeg",

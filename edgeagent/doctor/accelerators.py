@@ -116,8 +116,24 @@ def _accelerator_fix(probe: Probe) -> str:
             "re-plug the Coral, check that the service user is in plugdev (udev rule "
             "99-edgeagent-coral.rules), and reinstall libedgetpu1-std"
         )
+    if probe.name == "litert-gpu":
+        if "library" not in probe.details:
+            return "pip install -U 'ai-edge-litert>=2.3' (its wheel carries the GPU accelerator)"
+        if probe.state is ProbeState.ABSENT:
+            return (
+                "install the GPU's Vulkan driver: sudo apt install mesa-vulkan-drivers libvulkan1 "
+                "(v3dv on a Pi 4/5); `vulkaninfo --summary` (vulkan-tools) lists the adapters"
+            )
+        return (
+            "see LiteRT's own log: python -m edgeagent.hal.accel.litert_gpu <model.tflite>; "
+            "until it compiles, set the pipeline's accelerator to cpu"
+        )
     if probe.name == "gpu":
-        return "build and install libtensorflowlite_gpu_delegate.so, or use the CPU"
+        return (
+            "use the GPU accelerator in the ai-edge-litert wheel instead (accelerator "
+            "litert-gpu, needs a Vulkan driver); this legacy delegate needs "
+            "libtensorflowlite_gpu_delegate.so built from the LiteRT sources"
+        )
     return "reinstall ai-edge-litert"
 
 

@@ -18,7 +18,7 @@ import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Self, get_args
 
 from pydantic import BaseModel, ConfigDict
 
@@ -95,6 +95,14 @@ class SourceSettings(BaseModel):
 
     def device(self) -> DeviceUse | None:
         return None
+
+    def fitted_to_input(self, height: int, width: int, resize: str) -> Self:
+        """These settings for a model that takes (height, width) images resized by
+        `resize` ("stretch", "letterbox", "crop"): a camera that can scale in hardware
+        returns a copy that delivers frames the pre-processing need not resize. Others
+        return themselves."""
+        del height, width, resize
+        return self
 
     def remote_paths(self) -> Iterator[RemotePath]:
         """The file paths these settings read, each with the check a command's value must

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,6 +26,9 @@ class Sample:
     capture_s: float  # seconds spent producing it (decode, read, render)
     sequence: int  # per-source counter, starting at 0
     truth: dict[str, Any] | None = field(default=None)
+    # A camera that infers on a low-resolution stream sets this: its main stream, taken
+    # when called (for snapshots; a frame or so later than `data`). None: `data` is all.
+    full_frame: Callable[[], npt.NDArray[np.uint8]] | None = field(default=None)
 
 
 class Source(Protocol):

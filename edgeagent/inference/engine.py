@@ -1,11 +1,17 @@
-"""Loads a .tflite model into a LiteRT Interpreter on the best accelerator that can run it.
+"""Loads a .tflite model into LiteRT on the best accelerator that can run it.
 
 `Engine.load(path)` with `accelerator="auto"` tries the accelerators of AUTO_ORDER in turn
 and records, for each one it skips, one sentence saying why. Naming an accelerator makes it
 that one or an AcceleratorError: a device someone asked for never silently becomes the CPU.
 
+Two LiteRT runtimes sit behind the one Engine interface (`invoke`, `inputs`, `outputs`,
+`describe`, `close`): the Interpreter with an accelerator's delegates (Edge TPU, GPU
+delegate, CPU), and a CompiledModel that an accelerator compiles itself (`litert-gpu`,
+LiteRT's WebGPU accelerator; hal/accel/base.py `CompiledModelAccelerator`). Both return
+the same raw outputs in the model's subgraph order, so the rest of the agent cannot tell.
+
 An Engine is used by one inference thread at a time; `invoke()` holds a lock only so that
-`close()` from another thread cannot pull the interpreter from under a running inference.
+`close()` from another thread cannot pull the runtime from under a running inference.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -25,8 +31,8 @@ from ai_edge_litert.interpreter import Interpreter
 
 from edgeagent.errors import AcceleratorError, EdgeAgentError, ModelError
 from edgeagent.hal import accel as registry
-from edgeagent.hal.accel.base import Accelerator, ProbeState
-from edgeagent.modelfile.tflite import ModelFile, read_model
+from edgeagent.hal.accel.base import Accelerator, CompiledModelAccelerator, ProbeState
+from edgeagent.modelfile.tflite import ModelFile, TensorDescription, read_model
 
 _log = logging.getLogger(__name__)
 
@@ -104,6 +110,136 @@ class TensorInfo:
         }
 
 
+class _Runtime(Protocol):
+    """One way LiteRT runs a loaded model; the Engine holds exactly one."""
+
+    inputs: tuple[TensorInfo, ...]  # in the model's subgraph order
+    outputs: tuple[TensorInfo, ...]
+
+    def run(self, inputs: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+        """Raw outputs (copies); ValueError for an input that does not fit, RuntimeError
+        when LiteRT fails."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _InterpreterRuntime:
+    """The Interpreter, with whatever delegates it was built with."""
+
+    def __init__(self, interpreter: Interpreter) -> None:
+        self._interpreter = interpreter
+        self.inputs = tuple(TensorInfo.from_details(d) for d in interpreter.get_input_details())
+        self.outputs = tuple(TensorInfo.from_details(d) for d in interpreter.get_output_details())
+
+    def run(self, inputs: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+        for info, value in zip(self.inputs, inputs, strict=True):
+            try:
+                self._interpreter.set_tensor(info.index, value)
+            except ValueError as exc:
+                raise _misfit(info, value, str(exc)) from exc
+        self._interpreter.invoke()
+        # get_tensor copies, so the results survive the next invoke().
+        return [self._interpreter.get_tensor(info.index) for info in self.outputs]
+
+    def close(self) -> None:
+        """Nothing to do: the Interpreter and its delegate go with the Engine's reference."""
+
+
+class _CompiledRuntime:
+    """A LiteRT CompiledModel run through its first signature with one set of buffers.
+
+    The signature lists tensors in its own order and without quantisation, so each is
+    matched by name with the file's subgraph inputs and outputs: `inputs` and `outputs`
+    are in the Interpreter's order, with the file's scale and zero point."""
+
+    def __init__(self, compiled: Any, model: ModelFile) -> None:
+        signature = compiled.get_signature_by_index(0)
+        key = signature["key"]
+        self.inputs, self._input_slots = _signature_tensors(
+            signature["inputs"], compiled.get_input_tensor_details(key), model.inputs
+        )
+        self.outputs, self._output_slots = _signature_tensors(
+            signature["outputs"], compiled.get_output_tensor_details(key), model.outputs
+        )
+        self._compiled = compiled
+        self._input_buffers = compiled.create_input_buffers(0)
+        self._output_buffers = compiled.create_output_buffers(0)
+        # Fresh buffers hold whatever memory held. An operator that fills only part of its
+        # output (SSD post-processing writes num_detections rows) leaves the rest as it
+        # was, as in the Interpreter; zeros at first read better than -1.7e18.
+        for info, slot in zip(self.outputs, self._output_slots, strict=True):
+            self._output_buffers[slot].write(np.zeros(info.shape, np.dtype(info.dtype)))
+
+    def run(self, inputs: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+        for info, slot, value in zip(self.inputs, self._input_slots, inputs, strict=True):
+            # A TensorBuffer takes any bytes of the right kind; check what set_tensor would.
+            shape, dtype = tuple(np.shape(value)), getattr(value, "dtype", None)
+            if shape != info.shape or dtype != np.dtype(info.dtype):
+                raise _misfit(info, value, "shape or dtype differs")
+            self._input_buffers[slot].write(np.asarray(value))
+        self._compiled.run_by_index(0, self._input_buffers, self._output_buffers)
+        outputs = []
+        for info, slot in zip(self.outputs, self._output_slots, strict=True):
+            count = int(np.prod(info.shape, dtype=np.int64))
+            data = self._output_buffers[slot].read(count, np.dtype(info.dtype))
+            outputs.append(data.reshape(info.shape))
+        return outputs
+
+    def close(self) -> None:
+        # Buffers go before the model that made them; LiteRT frees each with its owner.
+        self._input_buffers = []
+        self._output_buffers = []
+        self._compiled.close()
+
+
+def _signature_tensors(
+    names: Sequence[str],
+    details: Mapping[str, Mapping[str, Any]],
+    described: Sequence[TensorDescription],
+) -> tuple[tuple[TensorInfo, ...], tuple[int, ...]]:
+    """The signature's tensors as TensorInfo in the file's order, and where each sits in
+    the signature (its buffer's position). ValueError when they are not the file's
+    subgraph tensors (another signature first): without the file's quantisation the
+    outputs could not be read right, so the model is left to the Interpreter."""
+    by_tensor = {str(details[n]["name"]): position for position, n in enumerate(names)}
+    slots = [by_tensor.get(d.name) for d in described]
+    order = [slot for slot in slots if slot is not None]
+    if len(described) != len(names) or len(order) != len(described):
+        raise ValueError(
+            f"its first signature's tensors {sorted(by_tensor)} are not the model's "
+            f"{[d.name for d in described]}"
+        )
+    infos = []
+    for position, tensor in zip(order, described, strict=True):
+        entry = details[names[position]]
+        infos.append(
+            TensorInfo(
+                name=str(entry["name"]),
+                index=int(entry["index"]),
+                shape=tuple(int(d) for d in entry["shape"]),
+                dtype=np.dtype(entry["dtype"]).name,
+                scale=tensor.scale,
+                zero_point=tensor.zero_point,
+            )
+        )
+    return tuple(infos), tuple(order)
+
+
+class _MisfitError(ValueError):
+    """An input array that does not fit its tensor; the Engine names the model."""
+
+    def __init__(self, info: TensorInfo, value: Any, why: str) -> None:
+        super().__init__(why)
+        self.info = info
+        self.got = f"{list(np.shape(value))} {getattr(value, 'dtype', type(value).__name__)}"
+        self.why = why
+
+
+def _misfit(info: TensorInfo, value: Any, why: str) -> _MisfitError:
+    return _MisfitError(info, value, why)
+
+
 class Engine:
     """A loaded model, ready to invoke. Build it with `Engine.load`."""
 
@@ -111,7 +247,7 @@ class Engine:
         self,
         *,
         path: Path,
-        interpreter: Interpreter,
+        runtime: _Runtime,
         model: ModelFile,
         accelerator: str,
         fallbacks: tuple[str, ...],
@@ -125,9 +261,10 @@ class Engine:
         self.threads = threads
         self.load_s = load_s
         self.operators = model.operator_names
-        self.inputs = tuple(TensorInfo.from_details(d) for d in interpreter.get_input_details())
-        self.outputs = tuple(TensorInfo.from_details(d) for d in interpreter.get_output_details())
-        self._interpreter: Interpreter | None = interpreter
+        self.inputs = runtime.inputs
+        self.outputs = runtime.outputs
+        self.runtime = "compiled-model" if isinstance(runtime, _CompiledRuntime) else "interpreter"
+        self._runtime: _Runtime | None = runtime
         self._lock = threading.Lock()
 
     @classmethod
@@ -157,7 +294,7 @@ class Engine:
         for name in names:
             try:
                 acc = _lookup(name, accelerators)
-                interpreter = _open_on(acc, model, path, threads)
+                runtime = _open_on(acc, model, path, threads)
             except _Skip as skip:
                 if explicit:
                     raise AcceleratorError(
@@ -170,7 +307,7 @@ class Engine:
                 continue
             engine = cls(
                 path=path,
-                interpreter=interpreter,
+                runtime=runtime,
                 model=model,
                 accelerator=name,
                 fallbacks=tuple(skipped),
@@ -178,9 +315,10 @@ class Engine:
                 load_s=time.perf_counter() - started,
             )
             _log.info(
-                "loaded %s on %s with %d thread(s) in %.3f s%s",
+                "loaded %s on %s (%s) with %d thread(s) in %.3f s%s",
                 path.name,
                 name,
+                engine.runtime,
                 threads,
                 engine.load_s,
                 f" after {len(skipped)} fallback(s)" if skipped else "",
@@ -199,24 +337,19 @@ class Engine:
                 f"{self.path.name} takes {len(self.inputs)} input(s), got {len(inputs)}"
             )
         with self._lock:
-            interpreter = self._require_open()
-            for info, value in zip(self.inputs, inputs, strict=True):
-                try:
-                    interpreter.set_tensor(info.index, value)
-                except ValueError as exc:
-                    raise ValueError(
-                        f"input {info.name!r} of {self.path.name} takes {list(info.shape)} "
-                        f"{info.dtype}, got {list(np.shape(value))} "
-                        f"{getattr(value, 'dtype', type(value).__name__)}: {exc}"
-                    ) from exc
+            runtime = self._require_open()
             try:
-                interpreter.invoke()
+                return runtime.run(inputs)
+            except _MisfitError as exc:
+                info = exc.info
+                raise ValueError(
+                    f"input {info.name!r} of {self.path.name} takes {list(info.shape)} "
+                    f"{info.dtype}, got {exc.got}: {exc.why}"
+                ) from exc
             except RuntimeError as exc:
                 raise ModelError(
                     f"inference with {self.path.name} on {self.accelerator} failed: {exc}"
                 ) from exc
-            # get_tensor copies, so the results survive the next invoke().
-            return [interpreter.get_tensor(info.index) for info in self.outputs]
 
     def warm_up(self, runs: int = 2) -> None:
         """Invokes on zero inputs so that first-inference costs (allocation, delegate
@@ -231,6 +364,7 @@ class Engine:
             "path": str(self.path),
             "size": self.model.size,
             "accelerator": self.accelerator,
+            "runtime": self.runtime,
             "fallbacks": list(self.fallbacks),
             "threads": self.threads,
             "load_s": round(self.load_s, 4),
@@ -241,14 +375,16 @@ class Engine:
         }
 
     def close(self) -> None:
-        """Releases the interpreter (and its delegate); invoke() afterwards is an error."""
+        """Releases the runtime (and its delegate or device); invoke() afterwards is an error."""
         with self._lock:
-            self._interpreter = None
+            runtime, self._runtime = self._runtime, None
+        if runtime is not None:
+            runtime.close()
 
-    def _require_open(self) -> Interpreter:
-        if self._interpreter is None:
+    def _require_open(self) -> _Runtime:
+        if self._runtime is None:
             raise ModelError(f"the engine for {self.path.name} is closed; load the model again")
-        return self._interpreter
+        return self._runtime
 
 
 class _Skip(Exception):  # noqa: N818 - control flow, not an error shown to anyone
@@ -283,9 +419,10 @@ def _lookup(name: str, accelerators: Mapping[str, Accelerator] | None) -> Accele
     return accelerators[name]
 
 
-def _open_on(acc: Accelerator, model: ModelFile, path: Path, threads: int) -> Interpreter:
-    """An allocated Interpreter for `model` on `acc`, or _Skip saying why not. ModelError
-    when the model itself cannot load (which no other accelerator would change)."""
+def _open_on(acc: Accelerator, model: ModelFile, path: Path, threads: int) -> _Runtime:
+    """`model` ready to run on `acc` (an allocated Interpreter, or what the accelerator
+    compiled), or _Skip saying why not. ModelError when the model itself cannot load
+    (which no other accelerator would change)."""
     probe = acc.probe()
     if probe.state is ProbeState.ABSENT:
         raise _Skip(f"absent ({probe.reason})")
@@ -294,6 +431,8 @@ def _open_on(acc: Accelerator, model: ModelFile, path: Path, threads: int) -> In
     why_not = acc.can_run(model.operator_names)
     if why_not is not None:
         raise _Skip(why_not)
+    if isinstance(acc, CompiledModelAccelerator):
+        return _compile_on(acc, model, path, threads)
     try:
         delegates = acc.delegates()
     except AcceleratorError as exc:
@@ -311,7 +450,25 @@ def _open_on(acc: Accelerator, model: ModelFile, path: Path, threads: int) -> In
             f"present but the model did not load with its delegate ({_one_line(exc)})",
             logging.WARNING,
         ) from exc
-    return interpreter
+    return _InterpreterRuntime(interpreter)
+
+
+def _compile_on(
+    acc: CompiledModelAccelerator, model: ModelFile, path: Path, threads: int
+) -> _Runtime:
+    """What `acc` compiled, or _Skip: a model that will not compile for the GPU still
+    runs on the CPU accelerator, so nothing here is the model's fault."""
+    try:
+        compiled = acc.compile_model(path, threads)
+    except AcceleratorError as exc:
+        raise _Skip(f"present but the model did not compile ({exc})", logging.WARNING) from exc
+    try:
+        return _CompiledRuntime(compiled, model)
+    except (*_LOAD_ERRORS, KeyError) as exc:
+        compiled.close()
+        raise _Skip(
+            f"present but the compiled model cannot be run ({_one_line(exc)})", logging.WARNING
+        ) from exc
 
 
 def missing_operator(text: str) -> str | None:

@@ -6,13 +6,14 @@ import importlib
 import threading
 
 from edgeagent.errors import AcceleratorError
-from edgeagent.hal.accel.base import Accelerator, Probe, ProbeState
+from edgeagent.hal.accel.base import Accelerator, CompiledModelAccelerator, Probe, ProbeState
 
 # The order `accelerator: auto` tries them in: fastest first, the CPU always last.
-AUTO_ORDER = ("edgetpu", "gpu", "cpu")
+AUTO_ORDER = ("edgetpu", "litert-gpu", "gpu", "cpu")
 
 ACCELERATORS: dict[str, str] = {
     "edgetpu": "edgeagent.hal.accel.edgetpu:EdgeTpuAccelerator",
+    "litert-gpu": "edgeagent.hal.accel.litert_gpu:LiteRtGpuAccelerator",
     "gpu": "edgeagent.hal.accel.gpu:GpuAccelerator",
     "cpu": "edgeagent.hal.accel.cpu:CpuAccelerator",
 }
@@ -48,6 +49,7 @@ __all__ = [
     "ACCELERATORS",
     "AUTO_ORDER",
     "Accelerator",
+    "CompiledModelAccelerator",
     "Probe",
     "ProbeState",
     "get_accelerator",

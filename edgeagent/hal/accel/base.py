@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 
 class ProbeState(StrEnum):
@@ -41,4 +42,15 @@ class Accelerator(Protocol):
     def can_run(self, operator_names: frozenset[str]) -> str | None:
         """None when this accelerator can run a model with these operators, otherwise the
         reason it cannot (e.g. the Edge TPU needs a model compiled by edgetpu_compiler)."""
+        ...
+
+
+@runtime_checkable
+class CompiledModelAccelerator(Protocol):
+    """An accelerator that LiteRT reaches through its CompiledModel API (the WebGPU
+    accelerator in the wheel) rather than Interpreter delegates: the engine has it compile
+    the model and runs what it returns. Its `delegates()` raises; nothing calls it."""
+
+    def compile_model(self, path: Path, threads: int) -> Any:
+        """A LiteRT CompiledModel of `path`; AcceleratorError says why it cannot be."""
         ...

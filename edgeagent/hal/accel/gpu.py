@@ -1,4 +1,6 @@
-"""The GPU through LiteRT's GPU delegate library (OpenGL ES / OpenCL), when one is installed."""
+"""The GPU through LiteRT's legacy GPU delegate library (OpenGL ES / OpenCL), when one is
+installed. The wheel ships another way to the GPU, which needs no build: `litert-gpu`
+(litert_gpu.py, WebGPU over Vulkan through LiteRT's CompiledModel API)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ from edgeagent.hal.accel.external_delegate import DelegateAccelerator, find_libr
 LIBRARY_ENV = "EDGEAGENT_GPU_DELEGATE_LIB"
 LIBRARY = "libtensorflowlite_gpu_delegate.so"
 INSTALL_HINT = (
-    "the ai-edge-litert wheel does not ship the GPU delegate; build "
-    "libtensorflowlite_gpu_delegate.so from the LiteRT sources (bazel) and install it in "
+    "the ai-edge-litert wheel does not ship this legacy GPU delegate but its own GPU "
+    "accelerator, litert-gpu (WebGPU over Vulkan), which needs no build; for this delegate, "
+    "build libtensorflowlite_gpu_delegate.so from the LiteRT sources and install it in "
     f"/usr/local/lib, or point {LIBRARY_ENV} at it"
 )
 

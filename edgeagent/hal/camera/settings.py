@@ -7,6 +7,7 @@ and no numpy; each backend imports its own library when it is opened.
 from __future__ import annotations
 
 import glob
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,7 +144,12 @@ class OpenCVCamera(_Camera):
 
 
 class PiCamera(_Camera):
-    """The Raspberry Pi camera through picamera2 (libcamera)."""
+    """The Raspberry Pi camera through picamera2 (libcamera).
+
+    `width` x `height` is the main stream (snapshots). With `lores` on, the ISP also
+    delivers a low-resolution stream at the size the model's pre-processing wants
+    (`lores_size`, filled in from the model by `fitted_to_input` unless set), and
+    inference reads that one, so no CPU resize runs."""
 
     implementation: ClassVar[str] = "edgeagent.hal.camera.picamera2:PiCameraSource"
 
@@ -152,9 +158,17 @@ class PiCamera(_Camera):
     height: int = 480
     fps: float = Field(default=30.0, gt=0)
     camera: int = 0
+    lores: bool = True  # false: infer on the main stream, resized on the CPU
+    lores_size: tuple[int, int] | None = None  # (width, height); None: from the model
 
     def sample_shape(self) -> tuple[int, ...]:
         return _frame(self.width, self.height)
+
+    def fitted_to_input(self, height: int, width: int, resize: str) -> PiCamera:
+        if not self.lores or self.lores_size is not None:
+            return self
+        size = lores_size_for((self.width, self.height), (width, height), resize)
+        return self if size is None else self.model_copy(update={"lores_size": size})
 
     def device(self) -> DeviceUse | None:
         return DeviceUse("camera", "media*")  # libcamera's media controller nodes
@@ -163,3 +177,26 @@ class PiCamera(_Camera):
         del env
         missing = library_preflight("picamera2", "picamera2", PICAMERA2_INSTALL_HINT)
         return missing or Preflight(True, "picamera2 imports")
+
+
+def lores_size_for(
+    main: tuple[int, int], model: tuple[int, int], resize: str
+) -> tuple[int, int] | None:
+    """The (width, height) of a low-resolution stream showing `main`'s view that the
+    pre-processing turns into a `model`-sized input without resizing: the model's size
+    for "stretch"; `main` scaled to fit inside it ("letterbox", then only padded) or to
+    cover it ("crop", then only cropped). Even sizes, as libcamera wants; None when the
+    model's input is not smaller than the main stream (the ISP only scales down)."""
+    (main_w, main_h), (model_w, model_h) = main, model
+    if resize == "stretch":
+        width, height = model_w, model_h
+    else:
+        fit = min if resize == "letterbox" else max
+        ratio = fit(model_w / main_w, model_h / main_h)
+        # Up to even for "crop" (it must still cover the model), to nearest for "letterbox".
+        step = math.ceil if resize == "crop" else round
+        width, height = step(main_w * ratio / 2) * 2, step(main_h * ratio / 2) * 2
+    width, height = width + width % 2, height + height % 2
+    if width > main_w or height > main_h or (width, height) == (main_w, main_h):
+        return None
+    return max(width, 2), max(height, 2)
