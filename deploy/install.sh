@@ -8,7 +8,7 @@
 set -euo pipefail
 
 NAME=edgeagent
-GROUPS_WANTED=(video i2c plugdev gpio)
+GROUPS_WANTED=(video render i2c plugdev gpio)
 ASSETS="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 usage() {

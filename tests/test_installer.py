@@ -92,7 +92,7 @@ def test_install_creates_the_user_files_and_unit(root: Path) -> None:
     unit = root / "etc/systemd/system/edgeagent.service"
     assert unit.read_text() == (REPO / "systemd/edgeagent.service").read_text()
     assert mode(unit) == 0o644
-    # i2c and gpio do not exist in this root: systemd would refuse to start the unit
+    # render, i2c and gpio do not exist in this root: systemd would refuse to start the unit
     dropin = root / "etc/systemd/system/edgeagent.service.d/10-groups.conf"
     assert dropin.read_text().splitlines()[1:] == [
         "[Service]",
@@ -158,7 +158,7 @@ def test_on_a_pi_all_groups_exist_and_no_drop_in_is_left(tmp_path: Path) -> None
     dropin = root / "etc/systemd/system/edgeagent.service.d/10-groups.conf"
     assert dropin.exists()
 
-    for group, gid in [("i2c", 990), ("gpio", 991)]:  # as on Raspberry Pi OS
+    for group, gid in [("render", 989), ("i2c", 990), ("gpio", 991)]:  # as on Raspberry Pi OS
         with (root / "etc/group").open("a") as f:
             f.write(f"{group}:x:{gid}:\n")
         with (root / "etc/gshadow").open("a") as f:
@@ -166,7 +166,7 @@ def test_on_a_pi_all_groups_exist_and_no_drop_in_is_left(tmp_path: Path) -> None
     install(root, "--skip-pip")
 
     assert not dropin.exists(), "the unit's own SupplementaryGroups= applies"
-    for group in ("video", "i2c", "plugdev", "gpio"):
+    for group in ("video", "render", "i2c", "plugdev", "gpio"):
         members = account(root, "group", group)
         assert members is not None
         assert members[3] == "edgeagent"

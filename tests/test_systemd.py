@@ -454,7 +454,7 @@ def test_unit_is_a_watched_notify_service_with_a_start_limit() -> None:
 
 def test_unit_is_hardened_but_reaches_camera_coral_and_i2c() -> None:
     assert values("Service", "User") == ["edgeagent"]
-    assert values("Service", "SupplementaryGroups") == ["video i2c plugdev gpio"]
+    assert values("Service", "SupplementaryGroups") == ["video render i2c plugdev gpio"]
     for key, value in [
         ("ProtectSystem", "strict"),
         ("NoNewPrivileges", "yes"),
