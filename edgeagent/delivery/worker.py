@@ -68,8 +68,8 @@ from edgeagent.delivery.agent_view import (
     PipelineLookup,
     Target,
 )
-from edgeagent.delivery.gate import ModelValidator, validate_model
 from edgeagent.delivery.download import ModelDownload, ModelMessage, TransferStats, find_installed
+from edgeagent.delivery.gate import ModelValidator, validate_model
 from edgeagent.delivery.probation import SWAP_TIMEOUT_S, TICK_S, Probations, describe_stored
 from edgeagent.delivery.reporting import DELIVERY_CODES, DeliveryReport, EventType, PipelineState
 from edgeagent.delivery.signing import (
