@@ -168,6 +168,12 @@ def register(commands: Any) -> None:
         "--reconnect-max-s", type=float, default=60.0, help="reconnect back-off cap (default 60)"
     )
     simulate.add_argument(
+        "--reconnect-jitter",
+        choices=["full", "none"],
+        default="full",
+        help="full: random waits (default); none: every device waits the same (to compare)",
+    )
+    simulate.add_argument(
         "--report-every", type=float, default=5.0, help="seconds between summaries (default 5)"
     )
     simulate.add_argument("--duration", type=float, help="stop after this many seconds")
@@ -365,6 +371,8 @@ def execute_simulate(args: argparse.Namespace) -> int:
         raise EdgeAgentError("--processes must be between 1 and --devices")
     if args.rate < 0 or (args.duration is not None and args.duration <= 0):
         raise EdgeAgentError("--rate must be 0 or more and --duration positive")
+    if not 0 < args.reconnect_min_s <= args.reconnect_max_s:
+        raise EdgeAgentError("--reconnect-min-s must be positive and at most --reconnect-max-s")
     if not args.trusted_key and not args.allow_unsigned:
         raise EdgeAgentError(
             "the simulated devices need a key to check model signatures: pass --trusted-key "
@@ -380,7 +388,11 @@ def execute_simulate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"--id-prefix or --group: {exc}") from exc
     mqtt = broker_config(args).model_copy(
-        update={"reconnect_min_s": args.reconnect_min_s, "reconnect_max_s": args.reconnect_max_s}
+        update={
+            "reconnect_min_s": args.reconnect_min_s,
+            "reconnect_max_s": args.reconnect_max_s,
+            "reconnect_jitter": args.reconnect_jitter,
+        }
     )
     state_dir = args.state_dir
     temporary = state_dir is None

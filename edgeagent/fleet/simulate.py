@@ -506,14 +506,20 @@ class _Worker:
     done: bool = False
 
 
-def summary(workers: Sequence[dict[str, Any] | None], devices: int) -> dict[str, Any]:
-    """The sum of the workers' last stats lines."""
-    seen = [w for w in workers if w is not None]
+def summary(workers: Sequence[_Worker], devices: int) -> dict[str, Any]:
+    """The sum of the workers' last stats lines, and the workers' process ids."""
+    seen = [w.last for w in workers if w.last is not None]
     total = {
         key: sum(int(w.get(key, 0)) for w in seen)
         for key in ("online", "results", "backlog", "reconnects", "late", "threads")
     }
-    return {"type": "summary", "ts": round(time.time(), 3), "devices": devices, **total}
+    return {
+        "type": "summary",
+        "ts": round(time.time(), 3),
+        "devices": devices,
+        **total,
+        "workers": [w.proc.pid for w in workers],
+    }
 
 
 def run_simulation(
@@ -563,7 +569,7 @@ def run_simulation(
                     _take(worker, text, out, as_json)
                 if time.monotonic() >= next_report:
                     next_report += report_every_s
-                    line = summary([w.last for w in workers], devices)
+                    line = summary(workers, devices)
                     now = time.monotonic()
                     if rate_from is not None:
                         line["results_per_s"] = round(
@@ -588,7 +594,7 @@ def run_simulation(
                 _signal(worker.proc, signal.SIGKILL)
                 worker.proc.wait()
             clean = clean and worker.proc.returncode == 0
-        final = summary([w.last for w in workers], devices)
+        final = summary(workers, devices)
         final["type"] = "stopped"
         _print_summary(final, out, as_json)
         return 0 if clean else 1
