@@ -135,7 +135,7 @@ def register(commands: Any) -> None:
     simulate.add_argument(
         "--processes",
         type=int,
-        help="worker processes (default: one per 150 devices)",
+        help="worker processes (default: one per 100 devices; at most 110 devices each)",
     )
     simulate.add_argument(
         "--state-dir",
@@ -363,12 +363,25 @@ def _event_text(event: dict[str, Any]) -> str:
 
 
 def execute_simulate(args: argparse.Namespace) -> int:
-    from edgeagent.fleet.simulate import SimulationSettings, default_processes, run_simulation
+    from edgeagent.fleet.simulate import (
+        MAX_DEVICES_PER_PROCESS,
+        SimulationSettings,
+        default_processes,
+        run_simulation,
+    )
 
     if args.devices < 1:
         raise EdgeAgentError("--devices must be at least 1")
-    if args.processes is not None and not 1 <= args.processes <= args.devices:
+    processes = args.processes or default_processes(args.devices)
+    if not 1 <= processes <= args.devices:
         raise EdgeAgentError("--processes must be between 1 and --devices")
+    if -(-args.devices // processes) > MAX_DEVICES_PER_PROCESS:
+        raise EdgeAgentError(
+            f"--processes {processes} puts more than {MAX_DEVICES_PER_PROCESS} devices in one "
+            "process: paho waits with select(), which cannot watch a file descriptor numbered "
+            "1024 or more, so the devices past that would never connect. Use --processes "
+            f"{-(-args.devices // MAX_DEVICES_PER_PROCESS)} or more"
+        )
     if args.rate < 0 or (args.duration is not None and args.duration <= 0):
         raise EdgeAgentError("--rate must be 0 or more and --duration positive")
     if not 0 < args.reconnect_min_s <= args.reconnect_max_s:
@@ -415,7 +428,7 @@ def execute_simulate(args: argparse.Namespace) -> int:
         return run_simulation(
             settings,
             devices=args.devices,
-            processes=args.processes or default_processes(args.devices),
+            processes=processes,
             report_every_s=args.report_every,
             duration_s=args.duration,
             as_json=args.json,

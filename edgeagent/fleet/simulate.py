@@ -31,6 +31,7 @@ by the worker's one `InferenceStandIn` thread.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import heapq
@@ -69,10 +70,19 @@ from edgeagent.service import Agent
 
 log = logging.getLogger(__name__)
 
-DEVICES_PER_PROCESS: Final = 150
-"""Default devices per worker process: about 1,000 threads, and one GIL, per worker."""
+FDS_PER_DEVICE: Final = 9
+"""File descriptors one simulated device holds: its MQTT socket and paho's socket pair, its
+control socket, and the outbox's SQLite files (two connections to the database and its WAL,
+one shared-memory file)."""
+MAX_DEVICES_PER_PROCESS: Final = 110
+"""paho's network loop waits with select(), which cannot watch a descriptor numbered 1024
+or more: a client whose socket gets such a number never connects (paho drops it silently).
+At `FDS_PER_DEVICE` each, about 110 devices fit under 1024 in one process."""
+DEVICES_PER_PROCESS: Final = 100
+"""Default devices per worker process (about 900 descriptors and 600 threads)."""
 STOP_TIMEOUT_S: Final = 120.0  # a worker stopping its devices (each waits for its acks)
-_PARALLEL_STARTS: Final = 8  # devices started (and stopped) at once within a worker
+_PARALLEL_STARTS: Final = 8  # devices started at once within a worker
+_PARALLEL_STOPS: Final = 32  # devices stopped at once (each may wait 5 s for its acks)
 _FAKE_LATENCY_MS: Final = {"capture": 0.0, "preprocess": 0.1, "invoke": 1.0, "postprocess": 0.1}
 
 
@@ -377,8 +387,11 @@ class WorkerSpec:
 
 def _worker_stats(agents: Sequence[Agent], stand_in: InferenceStandIn) -> dict[str, Any]:
     online = results = backlog = reconnects = 0
+    offline_because: collections.Counter[str] = collections.Counter()
     for agent in agents:
         online += agent.link.connected
+        if not agent.link.connected:
+            offline_because[agent.link.last_error or "not connected yet"] += 1
         reconnects += agent.link.reconnects
         stats = agent.outbox_stats()
         backlog += stats.depth if stats is not None else 0
@@ -395,6 +408,7 @@ def _worker_stats(agents: Sequence[Agent], stand_in: InferenceStandIn) -> dict[s
         "reconnects": reconnects,
         "late": stand_in.late,
         "threads": threading.active_count(),
+        "offline_because": dict(offline_because.most_common(3)),
     }
 
 
@@ -435,7 +449,7 @@ def run_worker(spec: WorkerSpec, stop: threading.Event) -> None:
         while not stop.wait(spec.report_every_s):
             _emit(_worker_stats(agents, stand_in))
     finally:
-        with ThreadPoolExecutor(_PARALLEL_STARTS, thread_name_prefix="edgeagent-sim-stop") as pool:
+        with ThreadPoolExecutor(_PARALLEL_STOPS, thread_name_prefix="edgeagent-sim-stop") as pool:
             list(pool.map(_call_catching(Agent.stop), agents))
         stand_in.stop()
         _emit({"type": "stopped", **_worker_stats(agents, stand_in)})
