@@ -336,10 +336,12 @@ def run_n(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         try:
             result["start_s"] = round(sim.wait_online(args.timeout), 1)
             result["threads"] = sim.last.get("threads")
-            result["rollout"] = rollout(broker, sim, args)
-            print(f"N={n} rollout: {result['rollout']}", flush=True)
-            result["ping"] = group_ping(broker, n)
-            print(f"N={n} ping: {result['ping']}", flush=True)
+            if "rollout" in args.parts:
+                result["rollout"] = rollout(broker, sim, args)
+                print(f"N={n} rollout: {result['rollout']}", flush=True)
+            if "ping" in args.parts:
+                result["ping"] = group_ping(broker, n)
+                print(f"N={n} ping: {result['ping']}", flush=True)
             result["restart_full_jitter"] = restart(broker, sim)
             print(f"N={n} restart (full jitter): {result['restart_full_jitter']}", flush=True)
         finally:
@@ -362,8 +364,13 @@ def report(results: list[dict[str, Any]]) -> None:
           "| CPU s broker / sim | watch saw / CPU s | ping p50 / p99 ms (replies) "
           "| restart: half/all online s, peak connects/s: full jitter vs none |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
+    none_ro = dict.fromkeys(("converged_s", "outcome", "bytes_sent_per_device_model"), "-")
+    none_ro |= dict.fromkeys(("broker_peak_rss_mib", "broker_rss_idle_mib", "broker_cpu_s"), "-")
+    none_ro |= {"bytes_sent": 0, "simulator_cpu_s": "-", "watch_saw_converged": "-"}
+    none_ro |= {"watch_cpu_s": "-"}
     for r in results:
-        ro, pi = r["rollout"], r["ping"]
+        ro = r.get("rollout", none_ro)
+        pi = r.get("ping", {"p50_ms": "-", "p99_ms": "-", "replies": "-", "sent": "-"})
         full, none = r["restart_full_jitter"], r["restart_no_jitter"]
         print(
             f"| {r['devices']} | {r['start_s']} | {ro['converged_s']} ({ro['outcome']}) "
@@ -384,6 +391,9 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=0.2, help="results/s per device")
     parser.add_argument("--model-mib", type=float, default=5.0)
     parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument(
+        "--parts", default="rollout,ping,restart", help="which parts (restart is always run)"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
