@@ -3,7 +3,7 @@
     python bench/fleet.py [--devices 100,300,1000] [--rate 0.2] [--model-mib 5] [--json FILE]
 
 The devices are `edgeagent fleet simulate` (the agent's own code per device, with a
-stand-in for inference and a parse-only gate; edgeagent/fleet/simulate.py), in its worker
+stand-in for inference and a parse-only gate; edgeagent/fleet/simulated_device.py), in its worker
 processes; the operator side is the real CLI (`model keygen|publish`, `fleet
 deploy|watch`) and a paho client sending group commands. The broker is mosquitto with
 `max_queued_messages 100000` and `max_inflight_messages 0` (the defaults, 1,000 queued and
