@@ -180,9 +180,7 @@ def _running(command: list[str], counter: Counter) -> Iterator[subprocess.Popen[
 # --- the three workloads ------------------------------------------------------------------
 
 
-def agent_window(model: str, threads: int, seconds: float, port: int, *, fps: float = 0) -> Window:
-    """The real `edgeagent run` (outbox on, publish every), measured from outside."""
-    state = tempfile.mkdtemp(prefix="edgeagent-cpu-")
+def _agent_config(state: str, model: str, threads: int, port: int, fps: float) -> Path:
     config = Path(state) / "agent.yaml"
     config.write_text(
         f"""
@@ -197,15 +195,88 @@ pipelines:
     threads: {threads}
 """
     )
+    return config
+
+
+@contextmanager
+def running_agent(
+    model: str, threads: int, port: int, *, fps: float = 0
+) -> Iterator[tuple[subprocess.Popen[bytes], Counter]]:
+    """The real `edgeagent run` (outbox on, publish every), warmed up, with its counter."""
+    state = tempfile.mkdtemp(prefix="edgeagent-cpu-")
+    config = _agent_config(state, model, threads, port, fps)
     counter = Counter(port, TOPIC_AGENT)
     command = [sys.executable, "-m", "edgeagent.cli.main", "run", "--config", str(config)]
     try:
         with _running(command, counter) as process:
             _warm_up(counter, process, results=3 if fps and fps < 5 else 20)
-            names = python_thread_names(process.pid)
-            return measure(process.pid, counter, seconds, names)
+            yield process, counter
     finally:
         shutil.rmtree(state, ignore_errors=True)
+
+
+def agent_window(model: str, threads: int, seconds: float, port: int, *, fps: float = 0) -> Window:
+    """The agent measured from outside over `seconds`."""
+    with running_agent(model, threads, port, fps=fps) as (process, counter):
+        return measure(process.pid, counter, seconds, python_thread_names(process.pid))
+
+
+def profile_agent(model: str, threads: int, seconds: float, port: int, out: Path) -> None:
+    """`py-spy record --threads --nonblocking` of the agent over `seconds`: the raw (collapsed)
+    stacks go to `out`, and the functions where each thread spends its samples are printed
+    (self time, and time including callees, as shares of that thread's samples)."""
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    with running_agent(model, threads, port) as (process, counter):
+        names = python_thread_names(process.pid)
+        with counter.lock:
+            before = counter.count
+        subprocess.run(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(process.pid),
+                "--threads",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--duration",
+                str(int(seconds)),
+                "--output",
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        with counter.lock:
+            results = counter.count - before
+    print(f"{results} results in {seconds:.0f} s; samples per thread, top functions:")
+    per_thread: dict[str, dict[str, list[int]]] = {}
+    totals: dict[str, int] = {}
+    for line in out.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        frames = stack.split(";")
+        tid = frames[0].removeprefix("thread (").rstrip(")")
+        thread = names.get(int(tid), frames[0]) if tid.isdigit() else frames[0]
+        count = int(count_text)
+        totals[thread] = totals.get(thread, 0) + count
+        functions = per_thread.setdefault(thread, {})
+        for depth, frame in enumerate(dict.fromkeys(frames[1:])):
+            name = (
+                frame.split(" (")[0] + " (" + frame.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]
+            )
+            entry = functions.setdefault(name, [0, 0])
+            entry[1] += count
+            if depth == len(frames) - 2:
+                entry[0] += count
+    for thread, total in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"{thread}: {total} samples")
+        ranked = sorted(per_thread[thread].items(), key=lambda kv: -kv[1][0])[:12]
+        for name, (own, inclusive) in ranked:
+            own_pc, inclusive_pc = 100 * own / total, 100 * inclusive / total
+            print(f"    self {own_pc:5.1f} %  incl {inclusive_pc:5.1f} %  {name}")
 
 
 def tutorial_window(model: str, threads: int, seconds: float, port: int) -> Window:
@@ -475,6 +546,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="3 s windows (noisier)")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--json", type=Path, help="also write the report to this file")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="instead: py-spy record the agent (first model, 1 thread) into FILE and summarise",
+    )
     parser.add_argument("--worker", choices=("bare", "tutorial"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -488,6 +565,11 @@ def main() -> int:
         return 0
     if args.quick:
         args.seconds, args.idle_seconds = 3.0, 8.0
+    if args.profile:
+        with LocalBroker() as broker:
+            model = MODELS[args.models.split(",")[0]]
+            profile_agent(model, 1, args.seconds, broker.port, args.profile)
+        return 0
     report = run(args)
     print_table(report)
     if args.json:
