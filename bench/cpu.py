@@ -7,7 +7,7 @@ Every workload is its own process, measured from outside the same way: utime + s
 its pid (/proc/PID/stat) over a window after warm-up, divided by the results a subscriber
 counted on a loopback mosquitto in that window. Per thread from /proc/PID/task/*/stat,
 each thread named by the name Python gave it (`py-spy dump` maps native ids to names when
-py-spy is installed; otherwise the kernel's `comm`).
+py-spy is installed; otherwise the kernel's name, which the agent sets: "p-capture").
 
 - agent: `edgeagent run`, synthetic 640x480 camera unpaced (or at `fps`), 1 or 2
   interpreter threads, `publish: every`, outbox on.
@@ -145,7 +145,9 @@ def measure(pid: int, counter: Counter, seconds: float, names: dict[int, str]) -
     threads_after = thread_cpu_s(pid)
     by_name: dict[str, float] = {}
     for tid, (comm, cpu) in threads_after.items():
-        name = names.get(tid) or f"{comm} (native)"
+        # Without py-spy, the kernel's names (the agent sets them, edgeagent/threadnames.py);
+        # with it, a thread Python does not know is a library's (LiteRT's pool).
+        name = names.get(tid) or (f"{comm} (native)" if names else comm)
         spent = cpu - threads_before.get(tid, (comm, 0.0))[1]
         by_name[name] = by_name.get(name, 0.0) + spent
     return Window(elapsed, cpu_after - cpu_before, count_after - count_before, by_name)
