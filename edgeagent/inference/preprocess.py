@@ -22,7 +22,7 @@ Windows without a spec are used as they are (mean 0, std 1).
 Images are shrunk in two steps (Pillow's `reducing_gap`): first by whole factors with a
 box filter (`Image.reduce`, each output pixel the mean of a block), then the rest of the
 way with bilinear filtering. A 640x480 frame to 160x160 costs a quarter of a one-step
-bilinear resize and the bundled and benchmark models score the same on it
+bilinear resize and the bundled models score the same on it
 (docs/benchmarks.md, "CPU per result"); `reducing_gap=None` gives the one-step resize.
 """
 
