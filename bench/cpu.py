@@ -2,6 +2,8 @@
 
     python bench/cpu.py [--quick] [--seconds 10] [--models shapes-detector,mobilenet-224-int8]
                         [--json FILE] [--idle-seconds 20]
+    python bench/cpu.py --stages          # each stage's CPU alone, in this process
+    python bench/cpu.py --profile FILE --models shapes-detector   # py-spy, per thread
 
 Every workload is its own process, measured from outside the same way: utime + stime of
 its pid (/proc/PID/stat) over a window after warm-up, divided by the results a subscriber
