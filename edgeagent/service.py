@@ -51,6 +51,7 @@ from edgeagent.telemetry.report import (
     TelemetryPublisher,
     build_telemetry,
 )
+from edgeagent.threadnames import name_kernel_threads
 
 if TYPE_CHECKING:
     import numpy as np
@@ -211,6 +212,7 @@ class Agent:
         self.telemetry.start()
         if self._exporter is not None:
             self._exporter.start()
+        name_kernel_threads()
         self.publish_status()
 
     def stop(self) -> None:
@@ -286,6 +288,7 @@ class Agent:
                 self.failed[config.name] = str(exc)
             log.error("pipeline %s skipped: %s", config.name, exc)
             return None
+        name_kernel_threads()
         return pipeline
 
     def stop_pipeline(self, name: str) -> None:

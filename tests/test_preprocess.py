@@ -219,3 +219,38 @@ def test_window_inputs_that_do_not_fit() -> None:
         prepare(np.zeros((8, 2), np.float32))
     with pytest.raises(ModelError, match="image preprocess spec was given for a sensor"):
         make_preprocessor(ImagePreprocess(), window_input(1, 8, 3), "window")
+
+
+def test_shrinking_by_whole_factors_averages_whole_blocks() -> None:
+    """640x480 -> 160x160 is 4x3 blocks: the two-step resize gives each block's mean
+    (what INTER_AREA gives), where a one-step bilinear filter also weighs in neighbours."""
+    frame = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    prepare = make_preprocessor(ImagePreprocess(std=(1.0,)), image_input(160, 160), "image")
+    got = prepare(frame).tensor[0]
+    blocks = frame.astype(np.float64).reshape(160, 3, 160, 4, 3).mean(axis=(1, 3))
+    assert np.abs(got - blocks).max() <= 0.5 + 1e-6  # Pillow rounds the mean to uint8
+
+
+@pytest.mark.parametrize("resize", ["stretch", "crop", "letterbox"])
+@pytest.mark.parametrize(
+    ("dtype", "scale", "zero_point"), [("int8", 1 / 255, -128), ("uint8", 1 / 128, 0)]
+)
+def test_two_step_resize_stays_close_to_the_one_step_resize(
+    resize: str, dtype: str, scale: float, zero_point: int
+) -> None:
+    """Same shape, dtype and transform as the one-step bilinear resize, and values within a
+    few quantisation steps on a natural-looking frame (a smooth gradient plus shapes)."""
+    yy, xx = np.mgrid[0:480, 0:640]
+    frame = np.stack([xx * 255 // 639, yy * 255 // 479, (xx + yy) * 255 // 1118], axis=2)
+    frame = frame.astype(np.uint8)
+    frame[100:200, 300:420] = (220, 60, 50)
+    tensor = image_input(224, 224, dtype=dtype, scale=scale, zero_point=zero_point)
+    spec = ImagePreprocess(resize=resize)  # type: ignore[arg-type]
+    fast = make_preprocessor(spec, tensor, "image")(frame)
+    exact = make_preprocessor(spec, tensor, "image", reducing_gap=None)(frame)
+    assert fast.tensor.shape == exact.tensor.shape == (1, 224, 224, 3)
+    assert fast.tensor.dtype == exact.tensor.dtype == np.dtype(dtype)
+    assert fast.transform == exact.transform
+    difference = np.abs(fast.tensor.astype(np.int32) - exact.tensor.astype(np.int32))
+    assert np.mean(difference) < 1.5
+    assert np.percentile(difference, 99) <= 8  # only along the shape's hard edges

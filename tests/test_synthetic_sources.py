@@ -275,3 +275,21 @@ def test_sensor_without_realtime_never_sleeps() -> None:
     for _ in range(5):
         sensor.read()
     assert clock.sleeps == []
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_shape_stamps_paint_exactly_the_shape_mask(label: str) -> None:
+    """The renderer paints each shape as rectangles (runs of rows); they must cover the
+    shape's pixel mask exactly, and the truth box is the mask's extent, at every size."""
+    from edgeagent.hal.camera.synthetic import _mask, _stamp
+
+    for size in range(3, 150):
+        mask = _mask(label, size)  # type: ignore[arg-type]
+        stamp = _stamp(label, size)  # type: ignore[arg-type]
+        painted = np.zeros((size, size), dtype=bool)
+        for top, bottom, left, right in stamp.blocks:
+            assert not painted[top:bottom, left:right].any()  # no pixel painted twice
+            painted[top:bottom, left:right] = True
+        np.testing.assert_array_equal(painted, mask)
+        rows, cols = np.nonzero(mask)
+        assert stamp.extent == (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)

@@ -156,6 +156,29 @@ def test_nms_matches_a_simple_reference_loop(
     assert kept.tolist() == reference_nms(boxes, scores, classes, iou_threshold, limit)
 
 
+@settings(max_examples=100, deadline=None)
+@given(data=box_sets(), iou_threshold=st.floats(0.05, 1.0), limit=st.integers(1, 40))
+def test_nms_on_many_candidates_matches_the_reference_too(
+    data: tuple[list[list[float]], list[float], list[int]], iou_threshold: float, limit: int
+) -> None:
+    """Above `_NMS_MATRIX_MAX` candidates NMS compares one kept box at a time instead of
+    every pair at once (memory); both ways keep the same boxes."""
+    from unittest import mock
+
+    from edgeagent.inference import tasks
+
+    boxes, scores, classes = data
+    with mock.patch.object(tasks, "_NMS_MATRIX_MAX", 0):
+        kept = non_max_suppression(
+            np.array(boxes, np.float64).reshape(-1, 4),
+            np.array(scores),
+            np.array(classes),
+            iou_threshold,
+            limit,
+        )
+    assert kept.tolist() == reference_nms(boxes, scores, classes, iou_threshold, limit)
+
+
 # Raw detection heads
 
 

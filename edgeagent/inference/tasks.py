@@ -376,6 +376,9 @@ class _YoloDetection(_Detection):
         )
 
 
+_NMS_MATRIX_MAX = 256  # candidates up to which NMS computes every pairwise IoU at once
+
+
 def non_max_suppression(
     boxes: npt.NDArray[Any],
     scores: npt.NDArray[Any],
@@ -387,23 +390,52 @@ def non_max_suppression(
     when its IoU with a kept box of the same class is above `iou_threshold`. Boxes are
     (x0, y0, x1, y1); equal scores keep their input order."""
     boxes = np.asarray(boxes, dtype=np.float64)
+    classes = np.asarray(classes)
     areas = np.maximum(boxes[:, 2] - boxes[:, 0], 0.0) * np.maximum(boxes[:, 3] - boxes[:, 1], 0.0)
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    if len(boxes) <= _NMS_MATRIX_MAX:
+        # The usual case (candidates are thresholded first): every IoU in a few array
+        # operations, then the greedy pass over plain Python values.
+        suppresses = _iou(boxes, areas, boxes) > iou_threshold
+        suppresses &= classes[:, None] == classes[None, :]
+        dropped = [False] * len(boxes)
+        kept: list[int] = []
+        for index in order.tolist():
+            if dropped[index]:
+                continue
+            kept.append(index)
+            if len(kept) >= max_detections:
+                break
+            for other in np.flatnonzero(suppresses[index]).tolist():
+                dropped[other] = True
+        return np.asarray(kept, dtype=np.intp)
     keep: list[int] = []
     while order.size and len(keep) < max_detections:
         best, rest = int(order[0]), order[1:]
         keep.append(best)
-        width = np.minimum(boxes[best, 2], boxes[rest, 2]) - np.maximum(
-            boxes[best, 0], boxes[rest, 0]
-        )
-        height = np.minimum(boxes[best, 3], boxes[rest, 3]) - np.maximum(
-            boxes[best, 1], boxes[rest, 1]
-        )
-        inter = np.maximum(width, 0.0) * np.maximum(height, 0.0)
-        union = areas[best] + areas[rest] - inter
-        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        iou = _iou(boxes[best : best + 1], areas[best : best + 1], boxes[rest], areas[rest])[0]
         order = rest[(iou <= iou_threshold) | (classes[rest] != classes[best])]
     return np.asarray(keep, dtype=np.intp)
+
+
+def _iou(
+    a: npt.NDArray[np.float64],
+    areas_a: npt.NDArray[np.float64],
+    b: npt.NDArray[np.float64],
+    areas_b: npt.NDArray[np.float64] | None = None,
+) -> npt.NDArray[np.float64]:
+    """IoU of every box of `a` (rows) with every box of `b` (columns); 0 where the union
+    is empty. `areas_b` defaults to `areas_a` (b is a)."""
+    if areas_b is None:
+        areas_b = areas_a
+    width = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    height = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    inter = np.maximum(width, 0.0) * np.maximum(height, 0.0)
+    union = areas_a[:, None] + areas_b[None, :] - inter
+    iou: npt.NDArray[np.float64] = np.divide(
+        inter, union, out=np.zeros_like(inter), where=union > 0
+    )
+    return iou
 
 
 class _Pose:

@@ -133,34 +133,42 @@ class ShapeScene:
             size = min(shape.size, self.width, self.height)
             x = round(_bounce(shape.x0, shape.vx, t_index, self.width - size))
             y = round(_bounce(shape.y0, shape.vy, t_index, self.height - size))
-            mask = _mask(shape.label, size)
+            stamp = _stamp(shape.label, size)
             window = image[y : y + size, x : x + size]
-            window[mask] = shape.colour
-            rows, cols = np.nonzero(mask)
+            for top, bottom, left, right in stamp.blocks:
+                window[top:bottom, left:right] = shape.colour
+            x0, y0, x1, y1 = stamp.extent
             boxes.append(
                 {
                     "id": shape_id,
                     "label": shape.label,
                     "box": [
-                        (x + int(cols.min())) / self.width,
-                        (y + int(rows.min())) / self.height,
-                        (x + int(cols.max()) + 1) / self.width,
-                        (y + int(rows.max()) + 1) / self.height,
+                        (x + x0) / self.width,
+                        (y + y0) / self.height,
+                        (x + x1) / self.width,
+                        (y + y1) / self.height,
                     ],
                 }
             )
         return image, boxes
 
 
-_MASKS: dict[tuple[str, int], npt.NDArray[np.bool_]] = {}
+@dataclass(frozen=True, slots=True)
+class _Stamp:
+    """A shape's pixels inside its size x size bounding square, as the rectangles a frame
+    is painted with (rows top:bottom, columns left:right; runs of equal rows merged, as
+    painting a slice costs far less than a boolean mask), and the extent of the pixels
+    (x0, y0, x1, y1, exclusive ends) for the truth box."""
+
+    blocks: tuple[tuple[int, int, int, int], ...]
+    extent: tuple[int, int, int, int]
+
+
+_STAMPS: dict[tuple[str, int], _Stamp] = {}
 
 
 def _mask(label: ShapeLabel, size: int) -> npt.NDArray[np.bool_]:
-    """The shape's pixels inside its size x size bounding square (cached: sizes repeat)."""
-    key = (label, size)
-    cached = _MASKS.get(key)
-    if cached is not None:
-        return cached
+    """The shape's pixels inside its size x size bounding square."""
     centres = np.arange(size, dtype=np.float32) + 0.5
     yy, xx = centres[:, None], centres[None, :]
     if label == "circle":
@@ -170,9 +178,36 @@ def _mask(label: ShapeLabel, size: int) -> npt.NDArray[np.bool_]:
         mask = np.ones((size, size), dtype=bool)
     else:  # an upright isosceles triangle filling the square
         mask = np.abs(xx - size / 2.0) <= 0.5 * yy
-    if len(_MASKS) < 4096:
-        _MASKS[key] = mask
-    return mask
+    return np.asarray(mask)
+
+
+def _stamp(label: ShapeLabel, size: int) -> _Stamp:
+    """`_mask` as rectangles (cached: sizes repeat). Every row of these convex shapes is
+    one run of pixels, so the rectangles paint exactly the mask."""
+    key = (label, size)
+    cached = _STAMPS.get(key)
+    if cached is not None:
+        return cached
+    mask = _mask(label, size)
+    blocks: list[tuple[int, int, int, int]] = []
+    for row in range(size):
+        columns = np.flatnonzero(mask[row])
+        if columns.size == 0:
+            continue
+        left, right = int(columns[0]), int(columns[-1]) + 1
+        if right - left != columns.size:
+            raise AssertionError(f"{label} row {row} is not one run of pixels")
+        last = blocks[-1] if blocks else None
+        if last is not None and last[1] == row and last[2:] == (left, right):
+            blocks[-1] = (last[0], row + 1, left, right)
+        else:
+            blocks.append((row, row + 1, left, right))
+    rows, cols = np.nonzero(mask)
+    extent = (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
+    stamp = _Stamp(tuple(blocks), extent)
+    if len(_STAMPS) < 4096:
+        _STAMPS[key] = stamp
+    return stamp
 
 
 class SyntheticCamera:
