@@ -244,6 +244,9 @@ class MqttConfig(_Model):
     qos: Literal[0, 1] = 1  # results
     reconnect_min_s: float = Field(default=1.0, gt=0)
     reconnect_max_s: float = Field(default=60.0, gt=0)
+    # full: each wait is random in [0, min(max, min * 2**attempt)] (edgeagent/mqtt/backoff.py);
+    # none: min, 2 min, 4 min ... max, the same instants on every device.
+    reconnect_jitter: Literal["full", "none"] = "full"
 
     @field_validator("protocol", mode="before")
     @classmethod

@@ -27,6 +27,7 @@ from edgeagent.commands.operations import Operations
 from edgeagent.commands.router import CommandRouter
 from edgeagent.config import AgentConfig, PipelineConfig
 from edgeagent.control import ControlServer
+from edgeagent.delivery.gate import ModelValidator, validate_model
 from edgeagent.delivery.worker import LockedPipelines, ModelDelivery, open_store
 from edgeagent.errors import EdgeAgentError
 from edgeagent.events.policy import make_policy
@@ -94,7 +95,12 @@ class Agent:
         source_factory: SourceFactory = open_source,
         accelerators: dict[str, Accelerator] | None = None,
         on_result: Callable[[ResultHandoff], None] | None = None,
+        pipeline_factory: Callable[..., Pipeline] = Pipeline,
+        validate_model: ModelValidator = validate_model,
     ) -> None:
+        """`pipeline_factory` builds each pipeline (called like `Pipeline`) and
+        `validate_model` is delivery's gate: both are replaced only by `edgeagent fleet
+        simulate`, whose devices run a stand-in for inference instead of LiteRT."""
         self.config = config
         self.config_path = config_path
         self.device_id = config.device.id
@@ -108,6 +114,7 @@ class Agent:
         self.logs = install_log_buffer()
         self._on_result = on_result  # told what became of each result
         self._source_factory = source_factory
+        self._pipeline_factory = pipeline_factory
         self._accelerators = accelerators
         self._stopped = threading.Event()
         self._pipelines_lock = threading.RLock()
@@ -139,6 +146,7 @@ class Agent:
             self.store,
             LockedPipelines(self.pipelines, self._pipelines_lock),
             publish_event=self._publish_delivery_event,
+            validate=validate_model,
         )
         self.operations = Operations(self)
         self.router = CommandRouter(
@@ -245,7 +253,7 @@ class Agent:
         continue the `seq` numbers of every earlier pipeline of that name in this run."""
         with self._pipelines_lock:
             sequence = self._sequences.setdefault(config.name, ResultSequence())
-        pipeline = Pipeline(
+        pipeline = self._pipeline_factory(
             config,
             self._publish_result,
             source_factory=self._source_factory,

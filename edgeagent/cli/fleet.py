@@ -40,7 +40,9 @@ import argparse
 import getpass
 import json
 import queue
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ from edgeagent.fleet.connection import FleetConnection, add_broker_options, brok
 from edgeagent.fleet.rollout import Rollout, merge_desired, parse_desired
 from edgeagent.mqtt.protocol import desired_payload
 from edgeagent.mqtt.topics import FleetTopics
+from edgeagent.names import check_device_id
 
 EXIT_NOT_CONVERGED = 1
 SETTLE_S = 0.5  # retained messages arrive right after the SUBACK; judge only after them
@@ -136,6 +139,77 @@ def register(commands: Any) -> None:
     )
     add_broker_options(dashboard)
     dashboard.set_defaults(handler=execute_dashboard)
+
+    simulate = actions.add_parser(
+        "simulate",
+        help="run N simulated devices against a broker (load-test a broker and a rollout)",
+        description="Start N simulated devices in worker processes. Each runs the agent's "
+        "own code (MQTT link with last will and back-off, status, desired and reported "
+        "state, signed model delivery, commands, outbox) with a stand-in for inference. "
+        "Stop with Ctrl-C or SIGTERM: every device publishes its offline status.",
+    )
+    simulate.add_argument("--devices", type=int, required=True, help="how many devices")
+    simulate.add_argument("--group", help="the devices' group (desired state and commands)")
+    simulate.add_argument(
+        "--rate", type=float, default=1.0, help="results per second per device (default 1)"
+    )
+    simulate.add_argument(
+        "--id-prefix", default="sim", help="device ids are <prefix>-0001... (default sim)"
+    )
+    simulate.add_argument(
+        "--processes",
+        type=int,
+        help="worker processes (default: one per 100 devices; at most 110 devices each)",
+    )
+    simulate.add_argument(
+        "--state-dir",
+        type=Path,
+        help="per-device stores and outboxes (default: a temporary folder removed at exit)",
+    )
+    simulate.add_argument(
+        "--trusted-key",
+        type=Path,
+        action="append",
+        default=[],
+        help="public key (PEM) that model manifests must be signed with (repeatable)",
+    )
+    simulate.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="accept unsigned models (development only; needed when no --trusted-key)",
+    )
+    simulate.add_argument("--pipeline", default="detect", help="pipeline name (default detect)")
+    simulate.add_argument(
+        "--model", default="shapes-detector", help="the model it starts with (a bundled name)"
+    )
+    simulate.add_argument(
+        "--probation-s", type=float, default=10.0, help="probation of a new model (default 10)"
+    )
+    simulate.add_argument(
+        "--reconnect-min-s", type=float, default=1.0, help="reconnect back-off floor (default 1)"
+    )
+    simulate.add_argument(
+        "--reconnect-max-s", type=float, default=60.0, help="reconnect back-off cap (default 60)"
+    )
+    simulate.add_argument(
+        "--reconnect-jitter",
+        choices=["full", "none"],
+        default="full",
+        help="full: random waits (default); none: every device waits the same (to compare)",
+    )
+    simulate.add_argument(
+        "--report-every", type=float, default=5.0, help="seconds between summaries (default 5)"
+    )
+    simulate.add_argument("--duration", type=float, help="stop after this many seconds")
+    simulate.add_argument("--json", action="store_true", help="summaries as JSON lines")
+    simulate.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="warning",
+        help="the devices' log level, on stderr (default warning)",
+    )
+    add_broker_options(simulate)
+    simulate.set_defaults(handler=execute_simulate)
 
 
 def _who() -> str:
@@ -354,3 +428,79 @@ def _event_text(event: dict[str, Any]) -> str:
     if event.get("code") or event.get("reason"):
         what += f" ({event.get('code', '')}: {event.get('reason', '')})"
     return what
+
+
+def execute_simulate(args: argparse.Namespace) -> int:
+    from edgeagent.fleet.simulate import (
+        MAX_DEVICES_PER_PROCESS,
+        SimulationSettings,
+        default_processes,
+        run_simulation,
+    )
+
+    if args.devices < 1:
+        raise EdgeAgentError("--devices must be at least 1")
+    processes = args.processes or default_processes(args.devices)
+    if not 1 <= processes <= args.devices:
+        raise EdgeAgentError("--processes must be between 1 and --devices")
+    if -(-args.devices // processes) > MAX_DEVICES_PER_PROCESS:
+        raise EdgeAgentError(
+            f"--processes {processes} puts more than {MAX_DEVICES_PER_PROCESS} devices in one "
+            "process: paho waits with select(), which cannot watch a file descriptor numbered "
+            "1024 or more, so the devices past that would never connect. Use --processes "
+            f"{-(-args.devices // MAX_DEVICES_PER_PROCESS)} or more"
+        )
+    if args.rate < 0 or (args.duration is not None and args.duration <= 0):
+        raise EdgeAgentError("--rate must be 0 or more and --duration positive")
+    if not 0 < args.reconnect_min_s <= args.reconnect_max_s:
+        raise EdgeAgentError("--reconnect-min-s must be positive and at most --reconnect-max-s")
+    if not args.trusted_key and not args.allow_unsigned:
+        raise EdgeAgentError(
+            "the simulated devices need a key to check model signatures: pass --trusted-key "
+            "PUBLIC.pem (see `edgeagent model keygen`), or --allow-unsigned for development"
+        )
+    for key in args.trusted_key:
+        if not key.is_file():
+            raise ConfigError(f"--trusted-key {key}: no such file")
+    try:
+        check_device_id(f"{args.id_prefix}-0001")
+        if args.group is not None:
+            FleetTopics(args.prefix).group_desired(args.group)
+    except ValueError as exc:
+        raise ConfigError(f"--id-prefix or --group: {exc}") from exc
+    mqtt = broker_config(args).model_copy(
+        update={
+            "reconnect_min_s": args.reconnect_min_s,
+            "reconnect_max_s": args.reconnect_max_s,
+            "reconnect_jitter": args.reconnect_jitter,
+        }
+    )
+    state_dir = args.state_dir
+    temporary = state_dir is None
+    if temporary:
+        state_dir = Path(tempfile.mkdtemp(prefix="edgeagent-sim-"))
+    try:
+        settings = SimulationSettings(
+            mqtt=mqtt,
+            id_prefix=args.id_prefix,
+            group=args.group,
+            rate=args.rate,
+            pipeline=check_safe_id(args.pipeline, "pipeline"),
+            model=args.model,
+            state_dir=state_dir.resolve(),
+            trusted_keys=tuple(k.resolve() for k in args.trusted_key),
+            allow_unsigned=args.allow_unsigned,
+            probation_s=args.probation_s,
+            log_level=args.log_level,
+        )
+        return run_simulation(
+            settings,
+            devices=args.devices,
+            processes=processes,
+            report_every_s=args.report_every,
+            duration_s=args.duration,
+            as_json=args.json,
+        )
+    finally:
+        if temporary:
+            shutil.rmtree(state_dir, ignore_errors=True)

@@ -14,7 +14,7 @@ from typing import Final
 
 from edgeagent.config import DeliveryConfig
 from edgeagent.delivery.agent_view import DeliveryLink, DeliveryPipeline, PipelineLookup, Target
-from edgeagent.delivery.gate import validate_model
+from edgeagent.delivery.gate import ModelValidator, validate_model
 from edgeagent.delivery.reporting import DeliveryReport
 from edgeagent.delivery.signing import GATE_CODES, DeliveryError, DeliveryManifest, verify_manifest
 from edgeagent.delivery.store import ModelStore, StoredModel
@@ -87,8 +87,11 @@ class ModelDownload:
         report: DeliveryReport,
         on_wanted: Callable[[tuple[str, str] | None], None],
         on_installed: Callable[[str, StoredModel], None],
+        validate: ModelValidator = validate_model,
     ) -> None:
+        """`validate` is the gate (`validate_model`, the LiteRT child process)."""
         self._config = config
+        self._validate = validate
         self._link = link
         self._topics = topics
         self._store = store
@@ -286,7 +289,7 @@ class ModelDownload:
         )
         self._report.publish()
         try:
-            validate_model(
+            self._validate(
                 staged,
                 manifest,
                 source_kind=pipeline.config.source.kind,

@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -82,6 +82,21 @@ class GateReport:
                 None if data["reference_max_error"] is None else float(data["reference_max_error"])
             ),
         )
+
+
+class ModelValidator(Protocol):
+    """What delivery calls to validate a staged model before installing it: `validate_model`
+    on a device; `edgeagent fleet simulate` passes a stand-in that skips only LiteRT."""
+
+    def __call__(
+        self,
+        path: Path,
+        manifest: DeliveryManifest,
+        *,
+        source_kind: SourceKind,
+        source_shape: tuple[int, ...],
+        timeout_s: float = ...,
+    ) -> GateReport: ...
 
 
 def validate_model(

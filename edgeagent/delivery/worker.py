@@ -69,6 +69,7 @@ from edgeagent.delivery.agent_view import (
     Target,
 )
 from edgeagent.delivery.download import ModelDownload, ModelMessage, TransferStats, find_installed
+from edgeagent.delivery.gate import ModelValidator, validate_model
 from edgeagent.delivery.probation import SWAP_TIMEOUT_S, TICK_S, Probations, describe_stored
 from edgeagent.delivery.reporting import DELIVERY_CODES, DeliveryReport, EventType, PipelineState
 from edgeagent.delivery.signing import (
@@ -137,11 +138,13 @@ class ModelDelivery:
         pipelines: PipelineLookup,
         *,
         publish_event: Callable[[str, bytes], None] | None = None,
+        validate: ModelValidator = validate_model,
     ) -> None:
         """`pipelines` looks the agent's pipelines up under its lock (`LockedPipelines`):
         pipelines started, restarted or stopped later are followed. `publish_event(topic,
         payload)` sends events (the agent's durable outbox); by default they go straight to
-        the link. Raises ConfigError when a trusted key file is unusable."""
+        the link. `validate` is the gate (`validate_model`; the simulator's stand-in skips only
+        LiteRT). Raises ConfigError when a trusted key file is unusable."""
         self._config = config
         self._link = link
         self._topics = topics
@@ -181,6 +184,7 @@ class ModelDelivery:
             report=self._report,
             on_wanted=self._set_wanted,
             on_installed=self._probations.start,
+            validate=validate,
         )
         self._thread: threading.Thread | None = None
 

@@ -37,6 +37,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edgeagent.mqtt.backoff import ReconnectBackoff
 from edgeagent.mqtt.client import (
     Will,
     agent_client_id,
@@ -245,6 +246,10 @@ class MqttLink:
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
         self._dispatcher = _Dispatcher(on_connected, on_message)
+        # Jittered: a fleet that lost one broker does not retry in step (mqtt/backoff.py).
+        self._backoff = ReconnectBackoff(
+            config.reconnect_min_s, config.reconnect_max_s, jitter=config.reconnect_jitter
+        )
 
         # Everything below is guarded by _lock, which is only ever held for a few
         # dictionary operations (paho's callbacks take it too; see _on_publish).
@@ -459,6 +464,7 @@ class MqttLink:
             self._outage_since = None
             self._outage_errors.clear()
             first = self._connects == 1
+        self._backoff.reset()
         for topic_filter, qos in subscriptions:
             client.subscribe(topic_filter, qos)
         took = time.monotonic() - outage if outage is not None else 0.0
@@ -473,6 +479,7 @@ class MqttLink:
         exc = sys.exc_info()[1]
         with self._lock:
             self._answered = False
+        self._arm_backoff(client)
         self._note_failure(
             explain_connect_error(exc, where=self._where, tls=self._config.tls is not None)
         )
@@ -495,6 +502,8 @@ class MqttLink:
                 self._outage_since = time.monotonic()
                 self._outage_errors.clear()
             answered, self._answered = self._answered, False
+        if not stopping:
+            self._arm_backoff(client)
         if stopping or not was_connected:
             log.debug("MQTT connection closed: %s", reason_code)
             if not stopping and not answered:
@@ -512,11 +521,12 @@ class MqttLink:
             self._outage_errors.add(why)
         log.warning(
             "lost the connection to MQTT broker %s: %s; reconnecting with back-off "
-            "%.3g-%.3g s, %d QoS 1 messages wait for it",
+            "%.3g-%.3g s (jitter: %s), %d QoS 1 messages wait for it",
             self._where,
             why,
             self._config.reconnect_min_s,
             self._config.reconnect_max_s,
+            self._config.reconnect_jitter,
             self.outstanding,
         )
 
@@ -547,6 +557,13 @@ class MqttLink:
         if failure is not None:
             log.warning("the broker refused the message to %s: %s", ticket.topic, failure)
         ticket._resolve(failure)
+
+    def _arm_backoff(self, client: mqtt.Client) -> None:
+        """Sets paho's very next reconnect wait (it resets its own delay to this one)."""
+        wait = self._backoff.next_delay()
+        # paho annotates the delays as int but sleeps for float seconds.
+        client.reconnect_delay_set(wait, wait)  # type: ignore[arg-type]
+        log.debug("next connect attempt to %s in %.2f s", self._where, wait)
 
     def _note_failure(self, error: str) -> None:
         with self._lock:
