@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,12 @@ from tests.broker import Mosquitto
 from tests.dashboard_e2e import running_dashboard
 from tests.delivery_e2e import (
     BUNDLED,
+    CLI,
+    DETECTOR,
     SSD,
     Agent,
     keygen,
+    on,
     publish,
     write_config,
 )
@@ -198,3 +202,76 @@ def test_a_deploy_from_the_page_shows_its_progress_to_converged(
         seen = page.evaluate("window.seen")
         assert any(s.startswith("waiting") for s in seen), seen
         assert seen[-1] == "converged 100%"
+
+
+def test_a_simulated_fleet_is_listed_filtered_sorted_and_converges_on_a_group_deploy(
+    tmp_path: Path, mosquitto: Mosquitto, page: Any
+) -> None:
+    expect = playwright_api.expect
+    count = 20
+    key, public = keygen(tmp_path / "keys")
+    publish(mosquitto, key, DETECTOR, "1.1.0", BUNDLED / "shapes-detector.yaml", 16384)
+    with (
+        (tmp_path / "sim.out").open("w") as out,
+        (tmp_path / "sim.err").open("w") as err,
+    ):
+        simulation = subprocess.Popen(
+            [
+                *CLI,
+                "fleet",
+                "simulate",
+                "--devices",
+                str(count),
+                "--group",
+                "lab",
+                "--pipeline",
+                "detect",
+                "--trusted-key",
+                str(public),
+                "--probation-s",
+                "1",
+                "--state-dir",
+                str(tmp_path / "sim-state"),
+                *on(mosquitto),
+            ],
+            stdout=out,
+            stderr=err,
+            text=True,
+        )
+    try:
+        with running_dashboard(mosquitto, tmp_path / "dash.log") as dash:
+            page.goto(dash.url)
+            summary = page.locator("#summary")
+            expect(summary).to_have_text(f"{count} devices, {count} online", timeout=120_000)
+            page.fill("#filter", "sim-0007")
+            expect(page.locator("#count")).to_have_text("1 shown")
+            page.fill("#filter", "lab")  # the group column is filtered on too
+            expect(page.locator("#count")).to_have_text(f"{count} shown")
+            page.fill("#filter", "")
+            page.click('th[data-sort="id"]')  # ascending already: now descending
+            expect(page.locator("#fleet-body tr[data-device]").first).to_have_attribute(
+                "data-device", f"sim-{count:04d}"
+            )
+
+            page.goto(f"{dash.url}#/rollouts")
+            page.select_option("#deploy-kind", "group")
+            page.fill("#deploy-target", "lab")
+            page.fill("#deploy-pipeline", "detect")
+            expect(page.locator("#deploy-model option")).to_have_text(["shapes-detector 1.1.0"])
+            page.click("#deploy button[type=submit]")
+            _confirm(page)
+            expect(page.locator("#deploy-result")).to_contain_text(
+                "published on edgeagent/group/lab/desired"
+            )
+            expect(page.locator("#rollout-summary")).to_contain_text(
+                f"{count} of {count} pipelines converged", timeout=180_000
+            )
+            expect(page.locator("#rollouts-body td.status.converged")).to_have_count(count)
+
+            simulation.send_signal(signal.SIGTERM)
+            simulation.wait(120)
+            expect(summary).to_have_text(f"{count} devices, 0 online", timeout=60_000)
+    finally:
+        if simulation.poll() is None:
+            simulation.kill()
+        simulation.wait(60)
