@@ -12,6 +12,10 @@ const state = {
   device: null, deviceId: null, history: [], events: [],
   sorted: [], dirty: true, socket: null,
 };
+// Timings of the last 2,000 pushes and renders (ms), read by bench/dashboard.py.
+const stats = { apply: [], render: [] };
+window.edgeagentStats = stats;
+const note = (list, ms) => { list.push(ms); if (list.length > 2000) list.shift(); };
 const $ = (sel) => document.querySelector(sel);
 const el = (tag, attrs = {}, ...children) => {
   const node = document.createElement(tag);
@@ -71,7 +75,12 @@ function connect(delay = 500) {
   const socket = new WebSocket(`${scheme}://${location.host}/ws`);
   state.socket = socket;
   socket.onopen = () => { setLink(true); delay = 500; watch(); };
-  socket.onmessage = (e) => receive(JSON.parse(e.data));
+  socket.onmessage = (e) => {
+    const t0 = performance.now();
+    const msg = JSON.parse(e.data);
+    receive(msg);
+    if (msg.type === "rows") note(stats.apply, performance.now() - t0);
+  };
   socket.onclose = () => { setLink(false); setTimeout(() => connect(Math.min(delay * 2, 8000)), delay); };
 }
 function setLink(up) {
@@ -134,6 +143,12 @@ function visibleRows() {
 
 function render() {
   if (!state.dirty) return;
+  const t0 = performance.now();
+  renderViews();
+  note(stats.render, performance.now() - t0);
+}
+
+function renderViews() {
   state.dirty = false;
   const online = [...state.rows.values()].filter((r) => r.online === true).length;
   $("#summary").textContent = `${state.rows.size} devices, ${online} online`;
