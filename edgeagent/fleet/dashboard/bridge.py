@@ -96,6 +96,7 @@ class FleetBridge:
         self._client.loop_start()  # connects in the background and keeps reconnecting
 
     def stop(self) -> None:
+        self.connected = False  # a disconnect we asked for is no lost broker
         self._client.disconnect()
         self._client.loop_stop()
         for pending in self._pending.values():
@@ -115,7 +116,7 @@ class FleetBridge:
         log.info("dashboard connected to the MQTT broker at %s", self.where)
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        if self.connected:
+        if self.connected:  # False after stop(): that disconnect was ours
             log.warning(
                 "dashboard lost the MQTT broker at %s (%s); reconnecting", self.where, reason
             )

@@ -318,16 +318,21 @@ function drawPlot(canvas, points, lines) {
   const W = canvas.width, H = canvas.height, pad = 40;
   ctx.clearRect(0, 0, W, H);
   ctx.font = "20px system-ui"; ctx.fillStyle = "#667"; ctx.strokeStyle = "#d8dce2"; ctx.lineWidth = 1;
-  const now = Date.now() / 1000, t0 = now - 3600;
+  // The last hour at most; less while there is less (at least 5 minutes), so that the
+  // first points of a device just seen are not squeezed against the right edge.
+  const now = Date.now() / 1000;
+  const first = points.length ? points[0].ts : now;
+  const span = Math.min(3600, Math.max(300, now - first));
+  const t0 = now - span;
   const values = points.flatMap((p) => lines.map(([, f]) => f(p))).filter((v) => typeof v === "number");
   if (!values.length) { ctx.fillText("no data yet", pad, H / 2); return; }
   let lo = Math.min(...values), hi = Math.max(...values);
   if (hi === lo) { hi += 1; lo = Math.max(0, lo - 1); }
-  const x = (t) => pad + ((t - t0) / 3600) * (W - pad - 10);
+  const x = (t) => pad + ((t - t0) / span) * (W - pad - 10);
   const y = (v) => H - 25 - ((v - lo) / (hi - lo)) * (H - 45);
   ctx.beginPath(); ctx.moveTo(pad, 10); ctx.lineTo(pad, H - 25); ctx.lineTo(W - 10, H - 25); ctx.stroke();
   ctx.fillText(fmt(hi, 1), 2, 24); ctx.fillText(fmt(lo, 1), 2, H - 28);
-  ctx.fillText("-60 min", pad, H - 4); ctx.fillText("now", W - 50, H - 4);
+  ctx.fillText(`-${Math.round(span / 60)} min`, pad, H - 4); ctx.fillText("now", W - 50, H - 4);
   lines.forEach(([, f], i) => {
     ctx.strokeStyle = COLOURS[i % COLOURS.length]; ctx.lineWidth = 2; ctx.beginPath();
     let started = false;
