@@ -233,8 +233,13 @@ class FleetState:
         for pipeline, p in pipelines.items():
             entry = p.to_json()
             progress = None
-            if p.status == "converged":
-                progress = 1.0
+            fetched = (
+                p.running is not None
+                and p.desired is not None
+                and p.running["version"] == p.desired["version"]
+            )
+            if p.status == "converged" or fetched:
+                progress = 1.0  # downloaded; perhaps still on probation
             elif p.desired is not None:
                 progress = download_progress(p.desired, p.staged, p.last_event)
             entry["progress"] = progress
