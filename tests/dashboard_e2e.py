@@ -26,7 +26,7 @@ _URL = re.compile(r"dashboard: (http://\S+/)")
 class DashboardProcess:
     """`edgeagent fleet dashboard --listen 127.0.0.1:0` on `broker`; `url` once it serves."""
 
-    def __init__(self, broker: Mosquitto, log: Path, *extra: str, timeout: float = 30) -> None:
+    def __init__(self, broker: Mosquitto, log: Path, *extra: str, timeout: float = 120) -> None:
         self.log = log
         self._err = log.open("w", encoding="utf-8")
         self.process = subprocess.Popen(

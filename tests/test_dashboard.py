@@ -59,7 +59,7 @@ def test_a_non_loopback_address_without_a_token_is_refused(tmp_path: Path) -> No
         [*CLI, "fleet", "dashboard", "--listen", "0.0.0.0:0"],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=180,  # a Python start-up: generous on a loaded machine
         check=False,
     )
     assert done.returncode == 2, done.stderr
@@ -74,7 +74,7 @@ def test_a_short_token_is_refused_with_the_fix(tmp_path: Path) -> None:
         [*CLI, "fleet", "dashboard", "--listen", "127.0.0.1:0", "--token-file", str(token)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=180,  # a Python start-up: generous on a loaded machine
         check=False,
     )
     assert done.returncode == 2

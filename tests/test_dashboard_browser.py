@@ -275,3 +275,31 @@ def test_a_simulated_fleet_is_listed_filtered_sorted_and_converges_on_a_group_de
         if simulation.poll() is None:
             simulation.kill()
         simulation.wait(60)
+
+
+def test_tracked_objects_of_the_fleet_are_listed_as_they_come(
+    tmp_path: Path, mosquitto: Mosquitto, agents: Callable[[Path], Agent], page: Any
+) -> None:
+    expect = playwright_api.expect
+    pipeline = shapes_pipeline(width=320, height=240, fps=15)
+    pipeline["publish"] = {
+        "mode": "events",
+        "tracking": {"min_hits": 2, "max_misses": 10},
+        "summary_s": 0.5,
+        "zones": [{"name": "all", "polygon": [[0, 0], [1, 0], [1, 1], [0, 1]]}],
+    }
+    config = write_agent_config(tmp_path, mosquitto, device=DEVICE, pipelines=[pipeline])
+    agents(config)
+    with running_dashboard(mosquitto, tmp_path / "dash.log") as dash:
+        page.goto(f"{dash.url}#/events")
+        first = page.locator("#tracks-body tr").first
+        expect(first).to_contain_text(DEVICE, timeout=60_000)
+        expect(first.locator("td").nth(2)).to_have_text("shapes")
+        expect(first.locator("td").nth(3)).to_have_text(re.compile(r"^(new|update|end)$"))
+        expect(first.locator("td").nth(4)).to_have_text(re.compile(r"^(circle|square|triangle)$"))
+        expect(page.locator("#tracks-body td", has_text="all").first).to_be_visible()
+
+        first.locator("a").click()  # to the device page: its summary counts by label
+        expect(page.locator('[data-pipeline="shapes"] .summary')).to_contain_text(
+            "now: {", timeout=30_000
+        )
