@@ -8,6 +8,9 @@ import asyncio
 import base64
 import io
 import json
+import os
+import re
+import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -341,3 +344,34 @@ def test_every_buffer_of_the_fleet_state_is_bounded(monkeypatch: pytest.MonkeyPa
         state.feed(f"edgeagent/extra-{i}/status", b'{"state": "online"}')
     assert len(state.devices) == 3
     assert state.ignored_devices == 8
+
+
+def test_the_demo_starts_the_dashboard_and_shows_its_camera(tmp_path: Path) -> None:
+    log = tmp_path / "demo.log"
+    with log.open("w") as err:
+        demo = subprocess.Popen(
+            [*CLI, "demo", "--duration", "90", "--dashboard-port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        assert demo.stdout is not None
+        first = demo.stdout.readline()  # the URL comes first, before the console view
+        found = re.match(r"dashboard: (http://127\.0\.0\.1:\d+/)", first)
+        assert found, first
+        url = found.group(1)
+        wait_until(lambda: _online(url, "demo"), 120, "the demo device online on its dashboard")
+
+        def live() -> bytes | None:
+            status, headers, image = http(f"{url}api/live/demo/shapes")
+            return image if status == 200 and headers["Content-Type"] == "image/jpeg" else None
+
+        frame = Image.open(io.BytesIO(wait_until(live, 60, "the demo camera's live view")))
+        assert frame.size == (640, 480)
+    finally:
+        demo.send_signal(signal.SIGINT)
+        demo.communicate(timeout=120)
+    assert demo.returncode == 0
+    assert "Traceback" not in log.read_text()
