@@ -192,11 +192,14 @@ def test_forged_requests_are_refused_and_send_nothing(
 # --- commands, deploys and live updates against a real agent ----------------------------
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_commands_round_trip_and_a_snapshot_comes_back_as_an_image(
-    tmp_path: Path, mosquitto: Mosquitto, agents: Callable[[Path], Agent]
+    tmp_path: Path, mosquitto: Mosquitto, agents: Callable[[Path], Agent], protocol: str
 ) -> None:
+    """MQTT 5: replies on the dashboard's response topic; 3.1.1: on the device's `reply`
+    topic, matched by request id (and the image by its sha256)."""
     agents(_agent_config(tmp_path, mosquitto))
-    with running_dashboard(mosquitto, tmp_path / "dash.log") as dash:
+    with running_dashboard(mosquitto, tmp_path / "dash.log", "--protocol", protocol) as dash:
         wait_until(lambda: _online(dash.url, DEVICE), 60, f"{DEVICE} online on the dashboard")
         headers = {"X-CSRF-Token": _csrf(dash.url)}
         status, answer = post_json(

@@ -23,6 +23,7 @@ from tests.delivery_e2e import (
     CLI,
     DETECTOR,
     SSD,
+    VIBRATION,
     Agent,
     keygen,
     on,
@@ -203,6 +204,18 @@ def test_a_deploy_from_the_page_shows_its_progress_to_converged(
         assert any(s.startswith("waiting") for s in seen), seen
         assert seen[-1] == "converged 100%"
 
+        # A version the device refuses: the page shows the failure with its reason code.
+        # (The vibration model takes sensor windows, not frames: the gate rejects it.)
+        publish(mosquitto, key, VIBRATION, "3.0.0", BUNDLED / "vibration-anomaly.yaml", 16384)
+        expect(page.locator("#deploy-model option")).to_have_count(2, timeout=30_000)
+        page.select_option("#deploy-model", "shapes-detector 3.0.0")
+        page.click("#deploy button[type=submit]")
+        _confirm(page)
+        expect(row.locator("td.status")).to_have_text("failed", timeout=120_000)
+        expect(row.locator("td").last).to_contain_text("input-mismatch: ")
+        expect(row).to_contain_text("shapes-detector 2.0.0 (running)")
+        expect(page.locator("#rollout-summary")).to_contain_text("1 failed")
+
 
 def test_a_simulated_fleet_is_listed_filtered_sorted_and_converges_on_a_group_deploy(
     tmp_path: Path, mosquitto: Mosquitto, page: Any
@@ -303,3 +316,26 @@ def test_tracked_objects_of_the_fleet_are_listed_as_they_come(
         expect(page.locator('[data-pipeline="shapes"] .summary')).to_contain_text(
             "now: {", timeout=30_000
         )
+
+
+def test_with_a_token_the_page_asks_for_it_then_works(
+    tmp_path: Path, mosquitto: Mosquitto, page: Any
+) -> None:
+    expect = playwright_api.expect
+    token = tmp_path / "token"
+    token.write_text("browser-test-token-0123456789\n", encoding="utf-8")
+    with running_dashboard(mosquitto, tmp_path / "dash.log", "--token-file", str(token)) as dash:
+        page.goto(dash.url)
+        expect(page).to_have_url(f"{dash.url}login")
+        page.fill("input[name=token]", "not the token")
+        page.click("form button")
+        expect(page.locator("body")).to_contain_text("wrong token")
+        page.goto(f"{dash.url}login")
+        page.fill("input[name=token]", "browser-test-token-0123456789")
+        page.click("form button")
+        expect(page).to_have_url(dash.url)
+        expect(page.locator("#link")).to_have_text("live", timeout=30_000)  # the WebSocket
+        cookie = next(c for c in page.context.cookies() if c["name"] == "edgeagent_session")
+        assert cookie["httpOnly"] is True
+        assert cookie["sameSite"] == "Strict"
+        expect(page.locator("#logout")).to_be_visible()

@@ -405,7 +405,6 @@ function renderRollouts() {
   lines.sort((a, b) => order[a[2].status] - order[b[2].status] || (a[0].id < b[0].id ? -1 : 1));
   $("#rollouts-body").replaceChildren(...lines.slice(0, 1000).map(([r, name, p]) => {
     const pct = p.progress === null || p.progress === undefined ? null : Math.round(p.progress * 100);
-    const failure = p.status === "failed" && p.last_failure ? `${p.last_failure.code}: ` : "";
     return el("tr", { "data-rollout": `${r.id}/${name}` },
       el("td", {}, el("a", { href: `#/device/${encodeURIComponent(r.id)}`, text: r.id })),
       el("td", { class: onlineText(r.online), text: onlineText(r.online) }),
@@ -415,7 +414,7 @@ function renderRollouts() {
       el("td", { text: p.running ? `${p.running.model} ${p.running.version} (${p.running.state})` : "" }),
       el("td", { class: `status ${p.status}`, text: p.status }),
       el("td", {}, el("span", { class: "bar" }, el("i", { style: `width:${pct || 0}%` })), el("span", { class: "pct", text: pct === null ? "" : ` ${pct}%` })),
-      el("td", { class: p.status === "failed" ? "failed" : "", text: failure + p.detail }));
+      el("td", { class: p.status === "failed" ? "failed" : "", text: p.detail })); // names the reason code
   }));
 }
 
