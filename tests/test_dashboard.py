@@ -18,6 +18,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from edgeagent.fleet.dashboard import fleet_state
@@ -378,3 +380,37 @@ def test_the_demo_starts_the_dashboard_and_shows_its_camera(tmp_path: Path) -> N
         demo.communicate(timeout=120)
     assert demo.returncode == 0
     assert "Traceback" not in log.read_text()
+
+
+_KEYS = ["state", "pipelines", "system", "mqtt", "model", "version", "latency_ms", "invoke",
+         "p95", "fps", "groups", "accelerators", "name", "ts", "type", "pipeline", "staged",
+         "last_failure", "progress", "fallbacks", "seq", "result"]  # fmt: skip
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(_KEYS), inner, max_size=6)
+    ),
+    max_leaves=20,
+)
+_KINDS = ["status", "telemetry", "events", "reported", "desired", "results/p", "tracks/p",
+          "state/p", "reply", "cmd/ping"]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    messages=st.lists(
+        st.tuples(st.sampled_from(_KINDS), _JSON | st.binary(max_size=20)), max_size=12
+    )
+)
+def test_the_fleet_state_reads_any_payload_without_failing(
+    messages: list[tuple[str, Any]],
+) -> None:
+    state = FleetState("edgeagent")
+    for kind, payload in messages:
+        raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        state.feed(f"edgeagent/dev/{kind}", raw)
+        state.feed(f"edgeagent/group/lab/{kind}", raw)
+        state.feed("edgeagent/models/m/1.0.0/manifest", raw)
+    json.dumps(state.fleet_json())
+    for name in state.devices:
+        json.dumps(state.detail(name))

@@ -50,6 +50,7 @@ INBOX_SIZE: Final = 200_000
 BINARIES_KEPT: Final = 32
 """Snapshot images waiting for their JSON reply (matched by sha256)."""
 PUBLISH_TIMEOUT_S: Final = 10.0
+UNREADABLE_LOGGED: Final = 5
 
 
 class CommandError(EdgeAgentError):
@@ -74,6 +75,7 @@ class FleetBridge:
         self.session = f"dash-{uuid.uuid4().hex[:12]}"
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(INBOX_SIZE)
         self.dropped = 0
+        self.unreadable = 0  # messages whose handling raised (a bug: logged, then skipped)
         self.connected = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -155,11 +157,16 @@ class FleetBridge:
             except queue.Empty:
                 break
             taken += 1
-            parsed = self.state.topics.parse_device(topic)
-            if parsed is not None and parsed.kind == "reply" and topic.startswith(reply_prefix):
-                self._take_reply(parsed.rest, payload)
-            else:
-                self.state.feed(topic, payload)
+            try:
+                parsed = self.state.topics.parse_device(topic)
+                if parsed is not None and parsed.kind == "reply" and topic.startswith(reply_prefix):
+                    self._take_reply(parsed.rest, payload)
+                else:
+                    self.state.feed(topic, payload)
+            except Exception:  # one unreadable message must not stop the page
+                self.unreadable += 1
+                if self.unreadable <= UNREADABLE_LOGGED:
+                    log.exception("dashboard: cannot take the message on %s (ignored)", topic)
         return taken
 
     def _take_reply(self, rest: str, payload: bytes) -> None:

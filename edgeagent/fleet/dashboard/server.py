@@ -177,16 +177,24 @@ class Dashboard:
     async def _push_forever(self) -> None:
         while True:
             await asyncio.sleep(PUSH_INTERVAL_S)
-            dirty, fleet = self.state.take_dirty()
-            if not self._tabs:
-                continue
-            rows = self.state.rows(dirty) if dirty else []
-            extra = self._fleet_extra() if fleet else None
-            for tab in list(self._tabs):
-                try:
-                    await self._push(tab, rows, extra, dirty)
-                except (ConnectionError, RuntimeError):
-                    self._tabs.discard(tab)
+            try:
+                await self._push_round()
+            except Exception:  # a bug in one round must not end the pushes
+                log.exception("dashboard: a push round failed; the next one sends everything")
+                for tab in self._tabs:
+                    tab.stale = True
+
+    async def _push_round(self) -> None:
+        dirty, fleet = self.state.take_dirty()
+        if not self._tabs:
+            return
+        rows = self.state.rows(dirty) if dirty else []
+        extra = self._fleet_extra() if fleet else None
+        for tab in list(self._tabs):
+            try:
+                await self._push(tab, rows, extra, dirty)
+            except (ConnectionError, RuntimeError):
+                self._tabs.discard(tab)  # the tab went away
 
     def _fleet_extra(self) -> dict[str, Any]:
         return {
