@@ -18,12 +18,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import make_mocked_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from edgeagent.fleet.dashboard import fleet_state
 from edgeagent.fleet.dashboard.fleet_state import FleetState
+from edgeagent.fleet.dashboard.security import Guard
 from tests.agent_config import shapes_pipeline, write_agent_config
 from tests.broker import Mosquitto, MqttReader, Publisher, body
 from tests.dashboard_e2e import CLI, get_json, http, post_json, running_dashboard
@@ -414,3 +416,26 @@ def test_the_fleet_state_reads_any_payload_without_failing(
     json.dumps(state.fleet_json())
     for name in state.devices:
         json.dumps(state.detail(name))
+
+
+def test_beyond_loopback_the_origin_must_match_the_host_the_browser_asked_for() -> None:
+    """The listen address is a wildcard there, so the page's own origin is the Host it
+    used; the requests are aiohttp's test requests (no socket beyond loopback is opened)."""
+    guard = Guard("a-token-of-more-than-16-chars", loopback=False)
+    guard.serve_on("0.0.0.0", 8080)
+    host = {"Host": "dash.example:8080"}
+    own = make_mocked_request(
+        "POST", "/api/command", {**host, "Origin": "http://dash.example:8080"}
+    )
+    foreign = make_mocked_request("POST", "/api/command", {**host, "Origin": "http://evil.example"})
+    plain = make_mocked_request("POST", "/api/command", host)
+    assert guard.same_origin(own)
+    assert not guard.same_origin(foreign)
+    assert guard.same_origin(plain), "no Origin: not a browser's cross-site request"
+
+    loopback = Guard(None, loopback=True)
+    loopback.serve_on("127.0.0.1", 8080)
+    rebound = make_mocked_request(
+        "POST", "/api/command", {"Host": "evil.example:8080", "Origin": "http://evil.example:8080"}
+    )
+    assert not loopback.same_origin(rebound)

@@ -63,7 +63,8 @@ def register(commands: Any) -> None:
     parser = commands.add_parser(
         "fleet",
         description="Set the desired model version of a device's or a group's pipeline "
-        "(retained desired state), and watch devices converge to it.",
+        "(retained desired state), watch devices converge to it, serve the fleet dashboard, "
+        "or simulate devices.",
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 

@@ -13,7 +13,9 @@ The contract (docs/dashboard.md "Security"):
   neither read that token nor set the header on a cross-site request without a CORS
   preflight, which the dashboard never grants. The WebSocket checks `Origin` the same way.
 - On loopback the `Host` header must name the loopback address the dashboard serves, so
-  a DNS-rebinding page (a foreign name resolving to 127.0.0.1) gets nothing.
+  a DNS-rebinding page (a foreign name resolving to 127.0.0.1) gets nothing. Beyond
+  loopback `Origin` is compared with the `Host` the browser asked for (the dashboard may
+  be reached by several names); the login, always on there, keeps rebinding pages out.
 """
 
 from __future__ import annotations
@@ -133,7 +135,14 @@ class Guard:
         return parts.scheme in ("http", "https") and parts.netloc in self._hosts(request)
 
     def _hosts(self, request: web.Request) -> set[str]:
-        return self.allowed_hosts or {request.host}
+        """The `host:port` a same-origin request names. On loopback: the address served.
+        Elsewhere (often a wildcard like 0.0.0.0, reached by any of the machine's names)
+        the Host the browser asked for: a foreign page's request names its own origin
+        there, and a DNS-rebinding page, whose origin would match, has no session cookie
+        for that name, and the login is always on beyond loopback."""
+        if self.loopback and self.allowed_hosts:
+            return self.allowed_hosts
+        return {request.host}
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
