@@ -130,7 +130,8 @@ def measure(n: int, seconds: float, browser: Browser) -> dict[str, Any]:
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
                 page.goto(url)
                 page.wait_for_function(
-                    f"document.querySelector('#summary').textContent.startsWith('{n} devices')",
+                    f"() => document.querySelector('#summary').textContent"
+                    f".startsWith('{n} devices')",
                     timeout=120_000,
                 )
                 for d in devices:  # every row gets its figures once

@@ -99,7 +99,7 @@ def main() -> int:
 
                 page.goto(f"{url}#/device/demo")
                 page.wait_for_function(
-                    "document.querySelector('[data-pipeline=\"shapes\"] img.live')"
+                    "() => document.querySelector('[data-pipeline=\"shapes\"] img.live')"
                     "?.naturalWidth > 0",
                     timeout=60_000,
                 )

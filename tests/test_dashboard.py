@@ -166,6 +166,14 @@ def test_forged_requests_are_refused_and_send_nothing(
             {"Origin": "http://evil.example"},
         )
         rebinding = http(dash.url, headers={"Host": "evil.example"})
+        cross_site = {"Sec-Fetch-Site": "cross-site"}
+        embedded = http(f"{dash.url}api/live/{DEVICE}/shapes", headers=cross_site)
+        assert embedded[0] == 403, "a foreign <img> cannot make it ask for snapshots"
+        assert http(f"{dash.url}api/fleet", headers=cross_site)[0] == 403
+        page = http(dash.url)
+        assert page[0] == 200
+        assert page[1]["X-Frame-Options"] == "DENY", "no framing: no clickjacking"
+        assert "frame-ancestors 'none'" in page[1]["Content-Security-Policy"]
         assert [no_header[0], wrong[0], foreign[0], deploy[0]] == [403, 403, 403, 403]
         assert rebinding[0] == 421, "a DNS-rebinding page gets nothing"
         # The control: the same request with the token and its own origin is sent.

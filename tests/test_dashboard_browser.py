@@ -95,12 +95,12 @@ def test_a_device_appears_online_its_results_update_live_and_commands_round_trip
         expect(results).to_have_attribute("data-seq", re.compile(r"^\d+$"), timeout=30_000)
         first = int(results.get_attribute("data-seq"))
         page.wait_for_function(
-            f"Number(document.querySelector('#results-shapes').dataset.seq) > {first + 5}",
+            f"() => Number(document.querySelector('#results-shapes').dataset.seq) > {first + 5}",
             timeout=30_000,
         )  # pushed over the WebSocket: nothing reloads the page
         live = page.locator('[data-pipeline="shapes"] img.live')
         page.wait_for_function(
-            "document.querySelector('[data-pipeline=\"shapes\"] img.live').naturalWidth > 0",
+            "() => document.querySelector('[data-pipeline=\"shapes\"] img.live').naturalWidth > 0",
             timeout=30_000,
         )
         expect(live).to_be_visible()

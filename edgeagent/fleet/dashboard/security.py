@@ -12,6 +12,10 @@ The contract (docs/dashboard.md "Security"):
   `Origin`, when the browser sends one, equal to the dashboard's own. A foreign page can
   neither read that token nor set the header on a cross-site request without a CORS
   preflight, which the dashboard never grants. The WebSocket checks `Origin` the same way.
+- API calls and the WebSocket refuse a browser's cross-site request (`Sec-Fetch-Site`),
+  so a foreign `<img>` cannot make the dashboard ask devices for snapshots; every
+  response forbids framing (`X-Frame-Options`, CSP `frame-ancestors 'none'`) against
+  clickjacking, and the page's CSP allows only its own scripts and connections.
 - On loopback the `Host` header must name the loopback address the dashboard serves, so
   a DNS-rebinding page (a foreign name resolving to 127.0.0.1) gets nothing. Beyond
   loopback `Origin` is compared with the `Host` the browser asked for (the dashboard may
@@ -41,6 +45,15 @@ MIN_TOKEN_CHARS: Final = 16
 OPEN_PATHS: Final = frozenset({"/login", "/static/login.css"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PAGE_HEADERS: Final = {
+    # No foreign page may frame the dashboard and trick a click on a command.
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+    "style-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'; "
+    "form-action 'self'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",  # "no-referrer" would make Origin "null"
+}
 
 
 def is_loopback(host: str) -> bool:
@@ -146,10 +159,23 @@ class Guard:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            response = await self._checked(request, handler)
+        except web.HTTPException as exc:
+            exc.headers.update(PAGE_HEADERS)
+            raise
+        response.headers.update(PAGE_HEADERS)
+        return response
+
+    async def _checked(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self.loopback and request.host not in self._hosts(request):
             raise web.HTTPMisdirectedRequest(
                 text=f"this dashboard answers only as {sorted(self._hosts(request))}\n"
             )
+        site = request.headers.get("Sec-Fetch-Site", "same-origin")
+        if request.path.startswith(("/api/", "/ws")) and site not in ("same-origin", "none"):
+            # A foreign page's <img src=/api/live/...> would ask the device for snapshots.
+            raise web.HTTPForbidden(text=f"{site} request refused\n")
         if request.path not in OPEN_PATHS and self.csrf(request) is None:
             if request.path.startswith(("/api/", "/ws")):
                 raise web.HTTPUnauthorized(text="log in first: POST /login with the token\n")
