@@ -447,3 +447,14 @@ def test_beyond_loopback_the_origin_must_match_the_host_the_browser_asked_for() 
         "POST", "/api/command", {"Host": "evil.example:8080", "Origin": "http://evil.example:8080"}
     )
     assert not loopback.same_origin(rebound)
+
+
+def test_a_pipeline_whose_status_names_no_model_yet_shows_its_telemetry_model() -> None:
+    state = FleetState("edgeagent")
+    starting = {"state": "online", "pipelines": [{"name": "p", "state": "starting"}]}
+    state.feed("edgeagent/d/status", json.dumps(starting).encode())
+    assert state.row("d")["pipelines"][0]["model"] is None
+    figures = {"state": "running", "fps": 9.5, "model": {"name": "m", "version": "1.2.0"}}
+    state.feed("edgeagent/d/telemetry", json.dumps({"pipelines": {"p": figures}}).encode())
+    pipeline = state.row("d")["pipelines"][0]
+    assert (pipeline["model"], pipeline["version"], pipeline["state"]) == ("m", "1.2.0", "running")

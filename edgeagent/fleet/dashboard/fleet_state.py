@@ -265,7 +265,8 @@ class FleetState:
             if not isinstance(p, dict) or not isinstance(p.get("name"), str):
                 continue
             figures = _dict(live.get(p["name"]))
-            model = _dict(p.get("model"))
+            # A status sent while the pipeline was starting names no model; its telemetry does.
+            model = _dict(p.get("model")) or _dict(figures.get("model"))
             pipelines.append(
                 {
                     "name": p["name"],
