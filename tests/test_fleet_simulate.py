@@ -255,3 +255,25 @@ def test_every_simulated_device_refuses_a_model_it_cannot_trust(
     assert "1.2.0" not in {running for _, running in failures().values()}
     code, _lines, err = simulation.stop()
     assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--devices", "300", "--processes", "2", "--allow-unsigned"], "select()"),
+        (["--devices", "5"], "--trusted-key"),
+        (["--devices", "5", "--trusted-key", "/nonexistent/key.pub"], "no such file"),
+        (["--devices", "5", "--allow-unsigned", "--id-prefix", "bad/prefix"], "--id-prefix"),
+    ],
+)
+def test_simulate_refuses_what_could_not_work_and_starts_nothing(
+    options: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """More than 110 devices in one process would leave some never connected (paho's
+    select() and file descriptors over 1023); no key means no signature could be checked."""
+    from edgeagent.cli.main import main
+
+    code = main(["fleet", "simulate", *options, "--port", "1"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert says in err

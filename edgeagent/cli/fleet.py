@@ -32,6 +32,16 @@
 with --until-converged a last line `{"type": "result", "ts", "outcome":
 "converged"|"failed"|"timeout", "converged": bool, "failures": [str], "waiting": [str]}`.
 `deploy --json` prints `{"topic", "desired"}` with the desired state it published.
+
+- `simulate --devices N [--group G] [--rate R] [--id-prefix P] [--processes K]
+  [--state-dir D] (--trusted-key PEM ... | --allow-unsigned) [--duration S] [--json]
+  [broker options]`: N simulated devices (`<P>-0001`...) speaking the real device protocol
+  with the agent's own code and a stand-in for inference (edgeagent/fleet/simulate.py),
+  until Ctrl-C, SIGTERM or --duration; every device then publishes its `offline` status.
+  A summary every --report-every seconds; `--json` prints them as `{"type": "summary"|
+  "stopped", "ts", "devices", "online", "results", "backlog", "reconnects", "late",
+  "threads", "workers": [pid]}` lines (`results`: made since the start; `backlog`: in the
+  devices' outboxes, not yet acknowledged; `results_per_s` from the second summary on).
 """
 
 from __future__ import annotations

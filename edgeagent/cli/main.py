@@ -32,7 +32,7 @@ _COMMANDS: dict[str, str] = {
     "doctor": "check that this device can run the agent (hardware, broker, models)",
     "models": "list the models stored on this device, activate a version, roll back",
     "model": "inspect, quantise, sign and publish models",
-    "fleet": "deploy model versions to devices and follow the rollout",
+    "fleet": "deploy model versions to devices, follow the rollout, simulate devices",
 }
 """Each command's summary; its parser and handler are in `edgeagent.cli.<command>`, except
 where `_MODULES` names another module."""
