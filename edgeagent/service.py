@@ -379,6 +379,9 @@ class Agent:
             version=__version__,
             run=self.run_id,
             started_at=round(self.started_at, 3),
+            groups=list(
+                dict.fromkeys((*self.config.delivery.groups, *self.config.commands.groups))
+            ),
             pipelines=[
                 self.describe_pipeline(p.name)
                 if p.name in self.pipelines

@@ -1,8 +1,9 @@
 """`edgeagent demo`: the whole agent on this machine with nothing set up by hand.
 
 Starts a real MQTT broker on loopback, the agent with simulated sources and the bundled
-models, and a console view that subscribes to the device's topics as a fleet dashboard
-would and shows results and status live.
+models, the fleet dashboard on loopback (its URL printed first; the `dashboard` extra,
+aiohttp, which `.[demo]` pulls) and a console view that subscribes to the device's topics
+and shows results and status live.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from edgeagent.config import AgentConfig, MqttConfig, parse_config
+from edgeagent.errors import EdgeAgentError
 from edgeagent.modelfile.catalog import samples_dir
 from edgeagent.mqtt.broker import LOOPBACK, LocalBroker
 from edgeagent.mqtt.client import make_client
@@ -63,6 +65,13 @@ def register(commands: Any) -> None:
         "--duration", type=float, default=0, help="stop after SECONDS (0: run until Ctrl-C)"
     )
     parser.add_argument("--port", type=int, default=0, help="broker port (default: a free one)")
+    parser.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=8080,
+        help="the dashboard's port on 127.0.0.1 (default 8080, or a free one when taken)",
+    )
+    parser.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
     parser.set_defaults(handler=execute)
 
 
@@ -94,6 +103,7 @@ class DashboardView:
         self.topics = Topics(broker.prefix, device)
         self.status: dict[str, Any] = {}
         self.pipelines: dict[str, _PipelineView] = {}
+        self.dashboard_url: str | None = None
         self._lock = threading.Lock()
         self._client = make_client(broker, client_id="edgeagent-demo-view")
         self._client.on_connect = self._on_connect
@@ -136,6 +146,8 @@ class DashboardView:
             f"watch it yourself: mosquitto_sub -h {LOOPBACK} -p {self.port} -t '{every}' -v",
             "",
         ]
+        if self.dashboard_url:
+            lines[2:2] = [f"dashboard: {self.dashboard_url}#/device/{self.topics.device_id}"]
         accelerators = ", ".join(
             f"{a['name']}: {a['state']}" for a in status.get("accelerators", [])
         )
@@ -198,6 +210,8 @@ def execute(args: argparse.Namespace) -> int:
         config = demo_config(broker.port, broker.protocol, Path(state))
         view = DashboardView(config.mqtt, config.device.id)
         view.start()
+        web = None if args.no_dashboard else _start_dashboard(config.mqtt, args.dashboard_port)
+        view.dashboard_url = web.dashboard.url if web is not None else None
         agent = Agent(config)
         agent.start()
         deadline = time.monotonic() + args.duration if args.duration else None
@@ -216,4 +230,27 @@ def execute(args: argparse.Namespace) -> int:
             time.sleep(0.3)  # let the view see the retained 'offline'
             print(view.render())
             view.stop()
+            if web is not None:
+                web.stop()
     return 0
+
+
+def _start_dashboard(broker: MqttConfig, port: int) -> Any:
+    """The fleet dashboard on loopback, on `port` or a free one; prints its URL. None (and
+    a line saying why) when aiohttp is missing."""
+    try:
+        from edgeagent.fleet.dashboard import Dashboard, DashboardThread
+    except ImportError as exc:
+        print(f"no dashboard ({exc}): pip install 'edgeagent[dashboard]'", flush=True)
+        return None
+    for choice in dict.fromkeys((port, 0)):
+        web = DashboardThread(Dashboard(broker, host=LOOPBACK, port=choice))
+        try:
+            url = web.start()
+        except EdgeAgentError:
+            web.stop()
+            continue
+        print(f"dashboard: {url}  (open it in a browser; device page: {url}#/device/demo)")
+        print(flush=True)
+        return web
+    return None

@@ -20,6 +20,10 @@
   desired version or when --timeout (default 300 s) passes first; the reasons are printed.
   Without it, watch runs until interrupted or until --timeout, if given.
 
+- `dashboard [--listen HOST:PORT] [--token-file F] [broker options]`: the fleet in a
+  browser (docs/dashboard.md). Listens on 127.0.0.1:8080 by default; any non-loopback
+  address is refused without --token-file. Prints its URL, serves until interrupted.
+
 `watch --json` prints one JSON object per line: `{"type": "device", "ts", "device",
 "online": bool|null, "pipelines": {"<p>": {"desired": {"model", "version"}|null,
 "running": {"model", "version", "state"}|null, "staged": {...}|null, "last_failure":
@@ -69,7 +73,8 @@ def register(commands: Any) -> None:
     parser = commands.add_parser(
         "fleet",
         description="Set the desired model version of a device's or a group's pipeline "
-        "(retained desired state), watch devices converge to it, or simulate devices.",
+        "(retained desired state), watch devices converge to it, serve the fleet dashboard, "
+        "or simulate devices.",
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
@@ -125,6 +130,26 @@ def register(commands: Any) -> None:
     )
     add_broker_options(watch)
     watch.set_defaults(handler=execute_watch)
+
+    dashboard = actions.add_parser(
+        "dashboard",
+        help="serve the fleet dashboard (a web page) on this workstation",
+        description="Serve a web dashboard of the fleet: devices, telemetry, rollouts, "
+        "commands and deploys, updated live. Loopback only unless --token-file is given.",
+    )
+    dashboard.add_argument(
+        "--listen",
+        default="127.0.0.1:8080",
+        help="HOST:PORT to serve on (default 127.0.0.1:8080; port 0 picks a free one); a "
+        "non-loopback host needs --token-file",
+    )
+    dashboard.add_argument(
+        "--token-file",
+        type=Path,
+        help="file whose first line is the login token (at least 16 characters)",
+    )
+    add_broker_options(dashboard)
+    dashboard.set_defaults(handler=execute_dashboard)
 
     simulate = actions.add_parser(
         "simulate",
@@ -258,6 +283,50 @@ def execute_deploy(args: argparse.Namespace) -> int:
     others = sorted(p for p in state["pipelines"] if p != pipeline)
     if others:
         print(f"  other pipelines kept: {', '.join(others)}")
+    return 0
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """(host, port) from `HOST:PORT` (`[::1]:8080` for IPv6); ConfigError when invalid."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+    return host, int(port)
+
+
+def execute_dashboard(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    try:
+        from edgeagent.fleet.dashboard import Dashboard
+        from edgeagent.fleet.dashboard.security import check_listen, read_token
+    except ImportError as exc:
+        raise EdgeAgentError(
+            f"the dashboard needs aiohttp ({exc}): pip install 'edgeagent[dashboard]'"
+        ) from exc
+    host, port = parse_listen(args.listen)
+    check_listen(host, "given" if args.token_file else None)  # before reading any file
+    token = read_token(args.token_file) if args.token_file else None
+    config = broker_config(args)
+    _topics(config.prefix)
+    dashboard = Dashboard(config, host=host, port=port, token=token)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await dashboard.run(stop, lambda url: print(f"dashboard: {url}", flush=True))
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        raise EdgeAgentError(
+            f"cannot serve the dashboard on {args.listen}: {exc.strerror or exc}: choose "
+            "another --listen port"
+        ) from exc
     return 0
 
 

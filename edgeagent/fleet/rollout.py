@@ -245,7 +245,7 @@ class Rollout:
             return "waiting", f"no report yet; wants {target}"
         if matches and running is not None:
             return "waiting", f"{target} in {running['state']}"
-        progress = _progress(want, staged, event)
+        progress = download_progress(want, staged, event)
         have = f"running {running['model']} {running['version']}" if running else "not running"
         if progress is not None:
             return "waiting", f"{have}; fetching {target}: {progress:.0%}"
@@ -286,9 +286,11 @@ class Rollout:
         }
 
 
-def _progress(
+def download_progress(
     want: dict[str, str], staged: dict[str, Any] | None, event: dict[str, Any] | None
 ) -> float | None:
+    """How far the desired version's download is (0..1), from the last event or the
+    reported `staged`; None when neither is about that version."""
     if (
         event
         and event.get("type") == "download-progress"
@@ -325,6 +327,7 @@ __all__ = [
     "PipelineView",
     "Rollout",
     "Verdict",
+    "download_progress",
     "merge_desired",
     "parse_desired",
 ]
