@@ -288,6 +288,8 @@ class Agent:
                 self.failed[config.name] = str(exc)
             log.error("pipeline %s skipped: %s", config.name, exc)
             return None
+        finally:
+            self.delivery.pipelines_changed()
         name_kernel_threads()
         return pipeline
 
@@ -298,6 +300,7 @@ class Agent:
             self.stopped.add(name)
         if pipeline is not None:
             pipeline.stop()
+        self.delivery.pipelines_changed()
 
     # --- MQTT ------------------------------------------------------------------------
 

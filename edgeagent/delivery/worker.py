@@ -158,7 +158,7 @@ class ModelDelivery:
         self._inbox: deque[ModelMessage | _RollbackRequest] = deque()
         self._queued_bytes = 0
         self._wanted: tuple[str, str] | None = None
-        self._reconnected = False
+        self._republish = False
         self._stopping = False
         self.dropped_chunks = 0
 
@@ -255,8 +255,13 @@ class ModelDelivery:
     def on_connected(self) -> None:
         """Call after every (re)connect: reported is published again (a broker without
         persistence forgot it) and the desired state re-evaluated."""
+        self.pipelines_changed()
+
+    def pipelines_changed(self) -> None:
+        """Call after a pipeline started, failed to start or stopped: reported is published
+        again (one published while the pipeline was loading its model said `failed`)."""
         with self._cond:
-            self._reconnected = True
+            self._republish = True
             self._cond.notify()
 
     # --- requests from other threads -----------------------------------------------------
@@ -317,7 +322,7 @@ class ModelDelivery:
                         self._stopping
                         or bool(self._inbox)
                         or bool(self._desired_raw)
-                        or self._reconnected
+                        or self._republish
                     ),
                     timeout=TICK_S,
                 )
@@ -327,9 +332,9 @@ class ModelDelivery:
                 items = list(self._inbox)
                 self._inbox.clear()
                 self._queued_bytes = 0
-                reconnected, self._reconnected = self._reconnected, False
+                republish, self._republish = self._republish, False
             try:
-                if reconnected:
+                if republish:
                     self._report.publish()
                 for topic, payload in desired.items():
                     self._on_desired(topic, payload)
