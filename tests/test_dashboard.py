@@ -458,3 +458,13 @@ def test_a_pipeline_whose_status_names_no_model_yet_shows_its_telemetry_model() 
     state.feed("edgeagent/d/telemetry", json.dumps({"pipelines": {"p": figures}}).encode())
     pipeline = state.row("d")["pipelines"][0]
     assert (pipeline["model"], pipeline["version"], pipeline["state"]) == ("m", "1.2.0", "running")
+
+
+def test_failovers_count_only_those_while_running_not_accelerators_absent_at_start() -> None:
+    state = FleetState("edgeagent")
+    running = {"state": "online", "pipelines": [{"name": "p", "state": "running"}]}
+    state.feed("edgeagent/d/status", json.dumps(running).encode())
+    # No Coral and no GPU on this device (2 fallbacks at start), one failover since.
+    figures = {"accelerator": "cpu", "fallbacks": 3, "failovers": 1}
+    state.feed("edgeagent/d/telemetry", json.dumps({"pipelines": {"p": figures}}).encode())
+    assert state.row("d")["pipelines"][0]["failovers"] == 1

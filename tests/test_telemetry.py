@@ -149,13 +149,14 @@ def payload(tmp_path: Path) -> dict[str, Any]:
     window = LatencyWindow()
     for i in range(100):
         window.add({"capture": 2.0, "preprocess": 1.0, "invoke": float(i), "postprocess": 0.5})
-    stats = PipelineStats(frames_in=120, frames_dropped=20, results_out=100)
+    # Absent at start, then one failover while running (and back).
+    stats = PipelineStats(frames_in=120, frames_dropped=20, results_out=100, fallbacks=1)
     shapes = PipelineSnapshot.capture(
         "shapes",
         stats,
         window,
         accelerator="cpu",
-        fallbacks=["edgetpu: absent (libedgetpu.so.1 not found)"],
+        fallbacks=["gpu: absent (no adapter)", "edgetpu: USB transfer error"],
         model_name="shapes-detector",
         model_version="1.0.0",
     )
@@ -205,7 +206,8 @@ def test_the_payload_has_every_figure(payload: dict[str, Any]) -> None:
     assert [invoke["p50"], invoke["p95"], invoke["p99"]] == pytest.approx(expected.tolist())
     assert invoke["samples"] == 100
     assert shapes["accelerator"] == "cpu"
-    assert shapes["fallbacks"] == 1
+    assert shapes["fallbacks"] == 2
+    assert shapes["failovers"] == 1, "only the failover while running"
     assert shapes["model"] == {"name": "shapes-detector", "version": "1.0.0"}
 
     assert payload["mqtt"] == {
@@ -327,7 +329,8 @@ def test_prometheus_endpoint_serves_every_figure(
     assert samples[("edgeagent_pipeline_frames_in_total", labels(**shapes))] == 120
     assert samples[("edgeagent_pipeline_results_out_total", labels(**shapes))] == 100
     assert samples[("edgeagent_pipeline_frames_dropped_total", labels(**shapes))] == 20
-    assert samples[("edgeagent_pipeline_fallbacks", labels(**shapes))] == 1
+    assert samples[("edgeagent_pipeline_fallbacks", labels(**shapes))] == 2
+    assert samples[("edgeagent_pipeline_failovers_total", labels(**shapes))] == 1
     p95 = labels(**shapes, stage="invoke", quantile="0.95")
     assert samples[("edgeagent_pipeline_latency_seconds", p95)] == pytest.approx(
         invoke["p95"] / 1000

@@ -123,6 +123,7 @@ def render_prometheus(telemetry: Mapping[str, Any]) -> str:
             ("frames_in", "Frames or windows captured"),
             ("results_out", "Results published"),
             ("frames_dropped", "Frames dropped because the model was busy"),
+            ("failovers", "Failovers to a slower accelerator while running"),
         ):
             out.add(
                 f"edgeagent_pipeline_{key}_total",

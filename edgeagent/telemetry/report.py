@@ -15,7 +15,7 @@ Payload (latencies in milliseconds, times in seconds, pipelines keyed by name):
                 "cpu_temp_c", "throttling": {"raw", "ok", "problems"} | null, "uptime_s"},
      "pipelines": {"<name>": {"state", "frames_in", "results_out", "frames_dropped", "fps",
                    "latency_ms": {"<stage>": {"p50", "p95", "p99", "samples"}},
-                   "accelerator", "fallbacks", "fallback_reasons",
+                   "accelerator", "fallbacks", "fallback_reasons", "failovers",
                    "model": {"name", "version"}}},
      "mqtt": {"connected", "reconnects", "outbox_depth", "outbox_oldest_age_s",
               "dropped_messages"}}
@@ -150,6 +150,8 @@ class PipelineCounters(Protocol):
     def results_out(self) -> int: ...
     @property
     def frames_dropped(self) -> int: ...
+    @property
+    def fallbacks(self) -> int: ...  # failovers while running
 
 
 class LinkFigures(Protocol):
@@ -187,6 +189,7 @@ class PipelineSnapshot:
     latency_ms: Mapping[str, StagePercentiles]
     accelerator: str | None = None
     fallbacks: tuple[str, ...] = ()  # why each better accelerator was not used
+    failovers: int = 0  # of those, the ones that happened while running
     model_name: str | None = None
     model_version: str | None = None
 
@@ -213,6 +216,7 @@ class PipelineSnapshot:
             latency_ms=window.percentiles(),
             accelerator=accelerator,
             fallbacks=tuple(fallbacks),
+            failovers=counters.fallbacks,
             model_name=model_name,
             model_version=model_version,
         )
@@ -228,6 +232,7 @@ class PipelineSnapshot:
             "accelerator": self.accelerator,
             "fallbacks": len(self.fallbacks),
             "fallback_reasons": list(self.fallbacks),
+            "failovers": self.failovers,
             "model": {"name": self.model_name, "version": self.model_version},
         }
 

@@ -277,7 +277,9 @@ class FleetState:
                     "fps": json_number(figures.get("fps")),
                     "p95_ms": _p95(figures),
                     "accelerator": figures.get("accelerator") or p.get("accelerator"),
-                    "failovers": json_number(figures.get("fallbacks")) or 0,
+                    # Failovers while running (`fallbacks` also counts the accelerators
+                    # absent at start; an agent that sends no `failovers` shows 0).
+                    "failovers": json_number(figures.get("failovers")) or 0,
                     "results": record.results_seen.get(p["name"], 0),
                 }
             )
