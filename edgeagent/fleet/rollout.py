@@ -22,12 +22,12 @@ converged, since what runs is not what is desired.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from edgeagent.mqtt.payload import from_json
 from edgeagent.mqtt.protocol import (
     DesiredState,
     DesiredStateError,
@@ -142,7 +142,7 @@ class Rollout:
         if kind == "desired":
             view.desired = _desired(payload)
             return name, None
-        data = _loads(payload)
+        data = from_json(payload)
         event = None
         if kind == "status":
             view.online = status_online(data)
@@ -308,15 +308,6 @@ def _desired(payload: bytes) -> DesiredState | None:
     try:
         return DesiredState.parse(payload)
     except DesiredStateError:
-        return None
-
-
-def _loads(payload: bytes) -> Any:
-    if not payload:
-        return None
-    try:
-        return json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
         return None
 
 

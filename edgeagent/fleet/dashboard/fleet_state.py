@@ -23,7 +23,6 @@ rows, coalesced, at most every `PUSH_INTERVAL_S`.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from edgeagent.fleet.rollout import DeviceView, Rollout, download_progress
+from edgeagent.mqtt.payload import from_json
 from edgeagent.mqtt.protocol import json_number
 from edgeagent.mqtt.topics import FleetTopics
 
@@ -124,7 +124,7 @@ class FleetState:
             return  # written by the fleet, not a sign of life from the device
         record.last_seen = self._clock()
         self._dirty.add(record.name)
-        data = _loads(payload)
+        data = from_json(payload)
         if not isinstance(data, dict):
             return
         if kind == "status" and not rest:
@@ -167,7 +167,7 @@ class FleetState:
         if not payload.strip():
             self.models.pop((name, version), None)  # unpublished
         elif (name, version) in self.models or len(self.models) < MODELS_KEPT:
-            data = _loads(payload)
+            data = from_json(payload)
             self.models[(name, version)] = data if isinstance(data, dict) else {}
         self._dirty_fleet = True
 
@@ -361,15 +361,6 @@ def _dict(value: Any) -> dict[str, Any]:
 
 def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
-
-
-def _loads(payload: bytes) -> Any:
-    if not payload:
-        return None
-    try:
-        return json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None
 
 
 __all__ = ["FleetState"]
