@@ -146,3 +146,10 @@ def test_link_fleet_and_doctor_log_in_the_same_way(
     assert doctor_id.startswith(f"{link.client_id}-doctor-")
     assert connected == [True]
     assert reconnects == 0
+
+
+def test_a_free_port_for_a_broker_started_later_is_below_the_ephemeral_range() -> None:
+    # A client retrying an ephemeral-range port with nothing listening can be handed that
+    # port as its own source port (a TCP self-connect): the broker then cannot bind it.
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert all(1024 <= free_port() < low for _ in range(20))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -31,6 +32,23 @@ def find_mosquitto() -> str | None:
 
 
 def free_port() -> int:
+    """A loopback port nothing listens on, below the kernel's ephemeral range when it can:
+    a client that keeps connecting to an ephemeral-range port while nothing listens there
+    can be given that very port as its own source port (a TCP self-connect), and then the
+    broker started on it later cannot bind it."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.SystemRandom()
+    for _ in range(50):
+        port = rng.randrange(min(20000, low // 2), low) if low > 2048 else 0
+        with socket.socket() as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])
