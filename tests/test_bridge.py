@@ -466,32 +466,50 @@ def _produced(status: dict[str, Any]) -> int:
     return sum(int(p["results_out"]) for p in status["pipelines"])
 
 
+def _agent_seen_on_central(
+    bridged: Fleet,
+    readers: list[MqttReader],
+    agent_process: Callable[[Path], subprocess.Popen[str]],
+    results: int,
+) -> tuple[subprocess.Popen[str], MqttReader]:
+    """The agent at 20 fps on the site broker, once `results` of its results reached a
+    reader on central (a dashboard whose session central keeps while either side is away)."""
+    notifications = bridged.central_reader(f"bridges/edgeagent-site-{SITE}/state")
+    readers.append(notifications)
+    bridge_up(notifications)
+    central = bridged.central_reader(f"{ROOT}/results/#", session="central-dashboard")
+    readers.append(central)
+    agent = agent_process(bridged.agent_config(fps=20))
+    central.wait_for_count(results, timeout=60)
+    return agent, central
+
+
+def _central_away_for_100_results(bridged: Fleet) -> dict[str, Any]:
+    """Stops central and returns the agent's status once it produced 100 more results,
+    still connected to its own (site) broker."""
+    bridged.central.stop()
+    before = _status_when(bridged.tmp_path, lambda _s: True, 30, "the agent's status")
+    during = _status_when(
+        bridged.tmp_path,
+        lambda s: _produced(s) >= _produced(before) + 100,
+        90,
+        "100 results during central's outage",
+    )
+    assert during["mqtt"]["connected"], "the device never lost its own broker"
+    return during
+
+
 def test_outages_of_central_and_of_the_site_broker_lose_no_result(
     bridged: Fleet,
     readers: list[MqttReader],
     agent_process: Callable[[Path], subprocess.Popen[str]],
 ) -> None:
     tmp_path = bridged.tmp_path
-    notifications = bridged.central_reader(f"bridges/edgeagent-site-{SITE}/state")
-    readers.append(notifications)
-    bridge_up(notifications)
-    # A dashboard on central whose session central keeps while either side is away.
-    central = bridged.central_reader(f"{ROOT}/results/#", session="central-dashboard")
-    readers.append(central)
-    agent = agent_process(bridged.agent_config(fps=20))
-    central.wait_for_count(20, timeout=60)
+    agent, central = _agent_seen_on_central(bridged, readers, agent_process, 20)
 
     # 1. Central goes away. The device stays connected to the site broker, which
     # acknowledges every result: they wait in the bridge's session on the site broker.
-    bridged.central.stop()
-    before = _status_when(tmp_path, lambda _s: True, 30, "the agent's status")
-    during = _status_when(
-        tmp_path,
-        lambda s: _produced(s) >= _produced(before) + 100,
-        90,
-        "100 results during central's outage",
-    )
-    assert during["mqtt"]["connected"], "the device never lost its own broker"
+    during = _central_away_for_100_results(bridged)
     assert during["outbox"]["depth"] < 50, "the site broker took the results, not the outbox"
     bridged.central.start()
     wait_until(
@@ -598,27 +616,12 @@ def test_a_bridge_queue_too_small_for_the_outage_loses_results_no_outbox_can_see
 ) -> None:
     """Why docs/deploy.md says to size max_queued_messages for the outage: the site broker
     acknowledged every result, so the devices' outboxes hold none of what it drops."""
-    tmp_path = bridged.tmp_path
     bridged.site.queue_limit = 30
     bridged.site.stop()
     bridged.site.start()
-    notifications = bridged.central_reader(f"bridges/edgeagent-site-{SITE}/state")
-    readers.append(notifications)
-    bridge_up(notifications)
-    central = bridged.central_reader(f"{ROOT}/results/#", session="central-dashboard")
-    readers.append(central)
-    agent = agent_process(bridged.agent_config(fps=20))
-    central.wait_for_count(10, timeout=60)
+    agent, central = _agent_seen_on_central(bridged, readers, agent_process, 10)
 
-    bridged.central.stop()
-    before = _status_when(tmp_path, lambda _s: True, 30, "the agent's status")
-    during = _status_when(
-        tmp_path,
-        lambda s: _produced(s) >= _produced(before) + 100,
-        90,
-        "100 results during central's outage",
-    )
-    assert during["mqtt"]["connected"]
+    during = _central_away_for_100_results(bridged)
     assert during["outbox"]["depth"] < 30, "the site broker acknowledged the results"
     bridged.central.start()
     # Results produced after the outage arrive again...
