@@ -254,3 +254,16 @@ def test_two_step_resize_stays_close_to_the_one_step_resize(
     difference = np.abs(fast.tensor.astype(np.int32) - exact.tensor.astype(np.int32))
     assert np.mean(difference) < 1.5
     assert np.percentile(difference, 99) <= 8  # only along the shape's hard edges
+
+
+@pytest.mark.parametrize("resize", ["stretch", "crop", "letterbox"])
+def test_a_frame_already_at_the_model_size_is_used_as_it_is(resize: str) -> None:
+    # What a Pi camera's lores stream delivers: every resize mode is the identity.
+    rng = np.random.default_rng(3)
+    frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    spec = ImagePreprocess(resize=resize)  # type: ignore[arg-type]
+    prepared = make_preprocessor(spec, image_input(48, 64), "image")(frame)
+    np.testing.assert_array_equal(prepared.normalised[0], frame.astype(np.float32) / 255)
+    assert prepared.transform is not None
+    boxes = np.array([[0.1, 0.2, 0.5, 0.9]], np.float32)
+    np.testing.assert_array_equal(prepared.transform.boxes_to_source(boxes), boxes)

@@ -170,6 +170,10 @@ class _ImagePreprocessor:
         image sits on the model's canvas (None when it fills it)."""
         src_h, src_w = image.shape[:2]
         width, height = self._width, self._height
+        if (src_h, src_w) == (height, width):
+            # Already the model's size (a Pi camera's lores stream): every resize mode is
+            # the identity, so no copy through Pillow.
+            return image, ImageTransform(), None
         picture = Image.fromarray(image)
         if self._resize == "letterbox":
             ratio = min(width / src_w, height / src_h)
