@@ -325,13 +325,9 @@ def test_the_compiled_model_path_gives_the_interpreters_outputs(name: str) -> No
     got = compiled.invoke([sample])
     want = interpreted.invoke([sample])
     assert len(got) == len(want)
-    # SSD post-processing writes num_detections rows; the rest is undefined in both.
-    names = [info.name for info in compiled.outputs]
-    rows = int(want[names.index("num_detections")][0]) if "num_detections" in names else None
     for a, b in zip(got, want, strict=True):
         assert (a.shape, a.dtype) == (b.shape, b.dtype)
-        written = (slice(None), slice(0, rows)) if rows is not None and a.ndim > 1 else ...
-        np.testing.assert_array_equal(a[written], b[written])  # same kernels: exact
+        np.testing.assert_array_equal(a, b)  # same kernels: exact
     compiled.close()
     interpreted.close()
     with pytest.raises(ModelError, match="closed"):
@@ -413,3 +409,26 @@ def test_a_compiled_model_whose_signature_is_not_the_models_is_left_to_the_cpu(
     assert engine.accelerator == "cpu"
     (reason,) = engine.fallbacks
     assert "compiled model cannot be run (its first signature's tensors" in reason
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", "litert-gpu"])
+def test_ssd_rows_past_the_count_are_zeros_not_what_the_memory_held(accelerator: str) -> None:
+    """TFLite_Detection_PostProcess writes only the rows it counts; the rest used to keep
+    whatever the memory held (the previous frame's boxes, or NaN that the gate took for a
+    broken model)."""
+    path = BUNDLED / "shapes-detector-ssd.tflite"
+    engine = Engine.load(path, accelerator=accelerator, accelerators=gpu_and_cpu(FakeGpu()))
+    names = [info.name for info in engine.outputs]
+    count = names.index("num_detections")
+    shapes = engine.invoke([np.load(BUNDLED / "shapes-detector-ssd.ref-input.npy")])
+    found = int(shapes[count][0])
+    assert found > 0
+    for output in shapes:
+        if output.ndim > 1:
+            assert np.all(output[:, found:] == 0)
+            assert np.any(output[:, :found] != 0)
+    blank = engine.invoke([np.zeros(engine.inputs[0].shape, engine.inputs[0].dtype)])
+    assert int(blank[count][0]) == 0
+    for output in blank:
+        assert np.all(output == 0), names  # nothing detected: nothing left over
+    engine.close()

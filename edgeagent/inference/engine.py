@@ -32,7 +32,7 @@ from ai_edge_litert.interpreter import Interpreter
 from edgeagent.errors import AcceleratorError, EdgeAgentError, ModelError
 from edgeagent.hal import accel as registry
 from edgeagent.hal.accel.base import Accelerator, CompiledModelAccelerator, ProbeState
-from edgeagent.modelfile.tflite import ModelFile, TensorDescription, read_model
+from edgeagent.modelfile.tflite import POSTPROCESS_OP, ModelFile, TensorDescription, read_model
 
 _log = logging.getLogger(__name__)
 
@@ -193,6 +193,26 @@ class _CompiledRuntime:
         self._compiled.close()
 
 
+def _detection_count_output(operators: frozenset[str], outputs: Sequence[TensorInfo]) -> int | None:
+    """Which output is the count of a TFLite_Detection_PostProcess model (four outputs, one
+    of them a single value), else None."""
+    if POSTPROCESS_OP not in operators or len(outputs) != 4:
+        return None
+    counts = [i for i, info in enumerate(outputs) if int(np.prod(info.shape)) == 1]
+    return counts[0] if len(counts) == 1 else None
+
+
+def _clear_past_count(outputs: list[npt.NDArray[Any]], count_output: int) -> None:
+    """Zeros the rows past the count in the other outputs. The operator writes only the
+    rows it counts and leaves the rest as the memory was: stale values, NaN or 1e18 that
+    would read as broken output (the gate's finiteness check, `non_finite` results)."""
+    value = float(outputs[count_output].reshape(-1)[0])
+    count = int(value) if np.isfinite(value) and value > 0 else 0
+    for index, output in enumerate(outputs):
+        if index != count_output and output.ndim >= 2:
+            output[:, count:] = 0
+
+
 def _signature_tensors(
     names: Sequence[str],
     details: Mapping[str, Mapping[str, Any]],
@@ -266,6 +286,7 @@ class Engine:
         self.runtime = "compiled-model" if isinstance(runtime, _CompiledRuntime) else "interpreter"
         self._runtime: _Runtime | None = runtime
         self._lock = threading.Lock()
+        self._count_output = _detection_count_output(self.operators, self.outputs)
 
     @classmethod
     def load(
@@ -339,7 +360,7 @@ class Engine:
         with self._lock:
             runtime = self._require_open()
             try:
-                return runtime.run(inputs)
+                outputs = runtime.run(inputs)
             except _MisfitError as exc:
                 info = exc.info
                 raise ValueError(
@@ -350,6 +371,9 @@ class Engine:
                 raise ModelError(
                     f"inference with {self.path.name} on {self.accelerator} failed: {exc}"
                 ) from exc
+        if self._count_output is not None:
+            _clear_past_count(outputs, self._count_output)
+        return outputs
 
     def warm_up(self, runs: int = 2) -> None:
         """Invokes on zero inputs so that first-inference costs (allocation, delegate

@@ -49,9 +49,8 @@ from edgeagent.modelfile.metadata import (
     COORDINATES_PIXEL,
     TensorMetadata,
 )
-from edgeagent.modelfile.tflite import ModelFile, TensorDescription
+from edgeagent.modelfile.tflite import POSTPROCESS_OP, ModelFile, TensorDescription
 
-POSTPROCESS_OP = "TFLite_Detection_PostProcess"
 _MAX_MULTIPOSE = 10
 
 

@@ -73,6 +73,9 @@ _TENSOR_TYPE_NAMES: dict[int, str] = {
 # Errors the flatbuffers reader raises on a truncated or corrupt buffer.
 _PARSE_ERRORS = (struct.error, IndexError, ValueError, TypeError, UnicodeDecodeError)
 
+POSTPROCESS_OP = "TFLite_Detection_PostProcess"
+"""SSD post-processing: boxes, classes, scores and a count; it writes only the rows it counts."""
+
 
 @dataclass(frozen=True, slots=True)
 class TensorDescription:
