@@ -1,13 +1,13 @@
-"""Does the two-step resize (Pillow's reducing_gap, edgeagent/inference/preprocess.py) cost
-accuracy? The agent's own preprocessor with the one-step bilinear resize (`reducing_gap`
-None) and with the two-step one (REDUCING_GAP), scored with models/quality.py:
+"""Do the fast resizes (edgeagent/inference/preprocess.py, RESIZERS) cost accuracy? The
+agent's own preprocessor with the one-step bilinear resize (the reference), Pillow's two-step
+one and OpenCV's (halvings, then bilinear), scored with models/quality.py:
 
 - shapes-detector and shapes-detector-ssd: mAP@0.5 on 300 fresh 640x480 scenes (seeds the
   build used for neither training nor testing);
 - digits-classifier: top-1 on the held-out digits, drawn 64x64 and 240x240 (gray pictures
   given to the agent as RGB frames);
-- mobilenet-224-int8 (seeded random weights: no labels mean anything): how often the top-1
-  class agrees between the two resizes on 300 synthetic frames.
+- mobilenet-224-int8 (seeded random weights: no labels mean anything): how far its input
+  tensors and outputs move from the one-step resize's on 300 synthetic frames.
 
     python bench/resize_accuracy.py [--frames 300]
 """
@@ -25,11 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from edgeagent.inference import Engine, make_preprocessor  # noqa: E402
-from edgeagent.inference.preprocess import REDUCING_GAP  # noqa: E402
+from edgeagent.inference.preprocess import RESIZERS  # noqa: E402
 from edgeagent.modelfile.catalog import describe_model  # noqa: E402
 from models import quality  # noqa: E402
 
-GAPS: dict[str, float | None] = {"one-step": None, "two-step": REDUCING_GAP}
+REFERENCE = "one-step"
 
 
 def _runner_and_preps(model: str) -> tuple[quality.TFLiteRunner, dict[str, Any]]:
@@ -37,9 +37,9 @@ def _runner_and_preps(model: str) -> tuple[quality.TFLiteRunner, dict[str, Any]]
     engine = Engine.load(description.path, accelerator="cpu", threads=1)
     tensor = engine.inputs[0]
     engine.close()
-    preps = {
-        name: make_preprocessor(description.preprocess, tensor, "image", reducing_gap=gap)
-        for name, gap in GAPS.items()
+    preps: dict[str, Any] = {
+        name: make_preprocessor(description.preprocess, tensor, "image", resizer=name)
+        for name in RESIZERS
     }
     return quality.TFLiteRunner(Path(description.path), threads=1), preps
 
@@ -73,41 +73,51 @@ def digits_top1(size: int) -> dict[str, float]:
     return {name: quality.accuracy(np.stack(s), split.test_labels) for name, s in scores.items()}
 
 
-def classifier_difference(model: str, frames: int) -> tuple[float, float, int]:
-    """Mean |difference| of the input tensors (quantised units) and of the de-quantised
-    outputs between the two resizes, and how many classes were ever top-1 (a model with
-    random weights may always answer the same class, so top-1 agreement would prove
-    nothing)."""
+def classifier_difference(model: str, frames: int) -> dict[str, tuple[float, float, int]]:
+    """Per fast resize: the mean |difference| of the input tensors (quantised units) and of
+    the de-quantised outputs from the one-step resize's, and how many classes were ever
+    top-1 (a model with random weights may always answer the same class, so top-1
+    agreement would prove nothing)."""
     runner, preps = _runner_and_preps(model)
-    inputs, outputs, classes = [], [], set()
+    found: dict[str, tuple[list[float], list[float], set[int]]] = {
+        name: ([], [], set()) for name in preps if name != REFERENCE
+    }
     scenes = quality.shape_frames(range(900_000, 900_000 + frames), 1, shapes=3)
     for frame, _ in scenes:
-        one, two = (p(frame).tensor for p in preps.values())
-        inputs.append(float(np.abs(one.astype(np.float32) - two).mean()))
-        out_one, out_two = (runner.invoke_raw(t)[0][0] for t in (one, two))
-        outputs.append(float(np.abs(out_one - out_two).mean()))
-        classes.update((int(np.argmax(out_one)), int(np.argmax(out_two))))
-    return float(np.mean(inputs)), float(np.mean(outputs)), len(classes)
+        reference = preps[REFERENCE](frame).tensor
+        expected = runner.invoke_raw(reference)[0][0]
+        for name, (inputs, outputs, classes) in found.items():
+            tensor = preps[name](frame).tensor
+            got = runner.invoke_raw(tensor)[0][0]
+            inputs.append(float(np.abs(reference.astype(np.float32) - tensor).mean()))
+            outputs.append(float(np.abs(expected - got).mean()))
+            classes.update((int(np.argmax(expected)), int(np.argmax(got))))
+    return {
+        name: (float(np.mean(inputs)), float(np.mean(outputs)), len(classes))
+        for name, (inputs, outputs, classes) in found.items()
+    }
+
+
+def _row(label: str, scores: dict[str, float]) -> str:
+    return f"{label:<36}" + "".join(f"{scores[name]:>10.4f}" for name in RESIZERS)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=300)
     args = parser.parse_args()
-    print(f"{'model':<36}{'one-step':>10}{'two-step':>10}")
+    print(f"{'model':<36}" + "".join(f"{name:>10}" for name in RESIZERS))
     for model in ("shapes-detector", "shapes-detector-ssd"):
-        scores = detector_map(model, args.frames)
-        print(f"{model + ' mAP@0.5':<36}{scores['one-step']:>10.4f}{scores['two-step']:>10.4f}")
+        print(_row(f"{model} mAP@0.5", detector_map(model, args.frames)))
     for size in (64, 240):
-        scores = digits_top1(size)
-        label = f"digits-classifier top-1 ({size}x{size})"
-        print(f"{label:<36}{scores['one-step']:>10.4f}{scores['two-step']:>10.4f}")
+        print(_row(f"digits-classifier top-1 ({size}x{size})", digits_top1(size)))
     bench_model = str(REPO / "models" / "bench" / "mobilenet-224-int8.tflite")
-    inputs, outputs, classes = classifier_difference(bench_model, args.frames)
-    print(
-        f"mobilenet-224-int8 (random weights, {classes} distinct top-1 class(es)): mean "
-        f"|input difference| {inputs:.3f} quantised units, mean |output difference| {outputs:.5f}"
-    )
+    for name, (inputs, outputs, classes) in classifier_difference(bench_model, args.frames).items():
+        print(
+            f"mobilenet-224-int8, {name} against {REFERENCE} (random weights, {classes} "
+            f"distinct top-1 class(es)): mean |input difference| {inputs:.3f} quantised "
+            f"units, mean |output difference| {outputs:.5f}"
+        )
     return 0
 
 

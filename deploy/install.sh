@@ -230,8 +230,10 @@ install_venv() {
     run "$PYTHON" -m venv --system-site-packages "$VENV"
   fi
   local spec="$SOURCE"
-  # Extras of a wheel or a source tree: picamera2 (its marker limits it to aarch64), i2c.
-  if [[ $ARCH == aarch64 ]]; then spec="${SOURCE}[picamera2,i2c]"; fi
+  # Extras of a wheel or a source tree: opencv (frames resized at a quarter of Pillow's
+  # CPU), picamera2 (its marker limits it to aarch64), i2c.
+  spec="${SOURCE}[opencv]"
+  if [[ $ARCH == aarch64 ]]; then spec="${SOURCE}[opencv,picamera2,i2c]"; fi
   local extra=()
   if [[ -n $PIP_ARGS ]]; then read -r -a extra <<<"$PIP_ARGS"; fi
   say "pip install $spec"

@@ -32,6 +32,7 @@ from edgeagent.doctor import (
     model_store_result,
     run_checks,
 )
+from edgeagent.doctor import runtime as doctor_runtime
 from edgeagent.hal.accel import Probe, ProbeState, probe_accelerators
 from edgeagent.modelfile.catalog import bundled_dir
 from tests.broker import MosquittoFactory, free_port, make_tls_files
@@ -479,3 +480,24 @@ def test_a_missing_model_fails_its_pipeline(tmp_path: Path) -> None:
     assert "bundled model" in model.finding
     assert checks["pipeline.parked.source"].verdict is Verdict.SKIP
     assert not healthy(results)
+
+
+def test_resize_names_the_library_and_warns_without_opencv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("cv2", reason="the dev extra installs OpenCV; this needs it")
+    config = write_config(tmp_path, PIPELINES)
+    resize = by_name(run_checks(config, env=FAST))["resize"]
+    assert resize.verdict is Verdict.OK
+    assert "OpenCV" in resize.finding
+    monkeypatch.setattr(doctor_runtime, "importable", lambda _module: "not installed")
+    resize = by_name(run_checks(config, env=FAST))["resize"]
+    assert resize.verdict is Verdict.WARN
+    assert not resize.blocking
+    assert "shapes" in resize.finding
+    assert "Pillow" in resize.finding
+    assert resize.fix is not None
+    assert "edgeagent[opencv]" in resize.fix
+    # Nothing reads a camera: nothing to resize.
+    no_camera = by_name(run_checks(write_config(tmp_path, ""), env=FAST))["resize"]
+    assert no_camera.verdict is Verdict.SKIP

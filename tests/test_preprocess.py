@@ -8,6 +8,8 @@ import pytest
 from edgeagent.config import ImagePreprocess, WindowPreprocess
 from edgeagent.errors import ModelError
 from edgeagent.inference import TensorInfo, make_preprocessor
+from edgeagent.inference import preprocess as preprocess_module
+from edgeagent.inference.preprocess import RESIZERS, Resizer, default_resizer
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -221,22 +223,107 @@ def test_window_inputs_that_do_not_fit() -> None:
         make_preprocessor(ImagePreprocess(), window_input(1, 8, 3), "window")
 
 
-def test_shrinking_by_whole_factors_averages_whole_blocks() -> None:
-    """640x480 -> 160x160 is 4x3 blocks: the two-step resize gives each block's mean
-    (what INTER_AREA gives), where a one-step bilinear filter also weighs in neighbours."""
+def test_pillow_shrinks_by_whole_factors_to_whole_block_means() -> None:
+    """640x480 -> 160x160 is 4x3 blocks: Pillow's two-step resize gives each block's mean,
+    where a one-step bilinear filter also weighs in neighbours."""
     frame = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
-    prepare = make_preprocessor(ImagePreprocess(std=(1.0,)), image_input(160, 160), "image")
+    prepare = make_preprocessor(
+        ImagePreprocess(std=(1.0,)), image_input(160, 160), "image", resizer="pillow"
+    )
     got = prepare(frame).tensor[0]
     blocks = frame.astype(np.float64).reshape(160, 3, 160, 4, 3).mean(axis=(1, 3))
     assert np.abs(got - blocks).max() <= 0.5 + 1e-6  # Pillow rounds the mean to uint8
 
 
+@pytest.mark.parametrize("resizer", RESIZERS)
+@pytest.mark.parametrize("size", [(160, 160), (224, 224), (96, 128), (300, 300)])
+def test_every_resizer_filters_out_detail_finer_than_the_model_sees(
+    resizer: Resizer, size: tuple[int, int]
+) -> None:
+    """One-pixel black and white lines (the finest detail a frame can hold) average to mid
+    grey when shrunk: a resize that only picked or interpolated between nearby pixels would
+    give stripes or a flat black or white (aliasing)."""
+    frame = np.zeros((480, 640, 3), np.uint8)
+    frame[:, ::2] = 255
+    frame[::2] = 255 - frame[::2]  # a checkerboard: fine in both directions
+    height, width = size
+    prepare = make_preprocessor(
+        ImagePreprocess(std=(1.0,)), image_input(height, width), "image", resizer=resizer
+    )
+    got = prepare(frame).tensor[0]
+    assert np.abs(got - 127.5).max() <= 40, (got.min(), got.max())
+
+
+def test_opencv_is_the_default_resizer_when_it_imports(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("cv2", reason="the dev extra installs OpenCV; this needs it")
+    assert default_resizer() == "opencv"
+    monkeypatch.setattr(preprocess_module, "_cv2", lambda: None)
+    assert default_resizer() == "pillow"
+    with pytest.raises(ModelError, match=r"edgeagent\[opencv\]"):
+        make_preprocessor(None, image_input(4, 4), "image", resizer="opencv")
+    # Without OpenCV the default still works, through Pillow.
+    prepared = make_preprocessor(None, image_input(4, 4), "image")(uniform(8, 8, (0, 255, 0)))
+    np.testing.assert_allclose(prepared.tensor[0, 1, 1], [0.0, 1.0, 0.0])
+
+
+@pytest.mark.parametrize("color", ["rgb", "bgr"])
+@pytest.mark.parametrize("resize", ["stretch", "letterbox"])
+@pytest.mark.parametrize(
+    ("dtype", "scale", "zero_point"), [("int8", 1 / 255, -128), ("uint8", 1 / 255, 0)]
+)
+def test_the_integer_path_gives_the_bytes_the_float_arithmetic_gives(
+    color: str, resize: str, dtype: str, scale: float, zero_point: int
+) -> None:
+    """When quantising a pixel is adding a whole number, no float arithmetic runs: the
+    tensor equals quantising the float values, and `normalised` is derived from it."""
+    frame = np.random.default_rng(5).integers(0, 256, (48, 96, 3), dtype=np.uint8)
+    tensor = image_input(24, 24, dtype=dtype, scale=scale, zero_point=zero_point)
+    spec = ImagePreprocess(color=color, resize=resize)  # type: ignore[arg-type]
+    prepared = make_preprocessor(spec, tensor, "image", resizer="pillow")(frame)
+    assert prepared.exact is None  # the integer path ran
+    # The float arithmetic on the same resized pixels, done here by hand.
+    if resize == "stretch":
+        pixels = make_preprocessor(
+            ImagePreprocess(std=(1.0,)), image_input(24, 24), "image", resizer="pillow"
+        )(frame).tensor[0]
+    else:
+        pixels = make_preprocessor(
+            ImagePreprocess(resize="letterbox", std=(1.0,)),
+            image_input(24, 24),
+            "image",
+            resizer="pillow",
+        )(frame).tensor[0]
+    if color == "bgr":
+        pixels = pixels[..., ::-1]
+    expected = tensor.quantize((pixels / np.float32(255))[np.newaxis])
+    if resize == "letterbox":  # 96x48 into 24x24: 6 rows of bars above and below
+        expected[0, :6] = expected[0, 18:] = zero_point
+    np.testing.assert_array_equal(prepared.tensor, expected)
+    assert prepared.tensor.dtype == np.dtype(dtype)
+    assert prepared.tensor.flags.c_contiguous
+    np.testing.assert_allclose(prepared.normalised, tensor.dequantize(expected))
+
+
+def test_a_quantisation_that_rounds_keeps_the_float_path() -> None:
+    # mean 127.5: every pixel lands on a half, which rounds to even: no single offset.
+    spec = ImagePreprocess(mean=(127.5,), std=(127.5,))
+    tensor = image_input(4, 4, dtype="int8", scale=1 / 127.5, zero_point=-1)
+    prepared = make_preprocessor(spec, tensor, "image")(uniform(8, 8, (2, 128, 255)))
+    assert prepared.exact is not None
+    values = np.array([2, 128, 255], np.float32)
+    expected = tensor.quantize((values - np.float32(127.5)) / np.float32(127.5))
+    np.testing.assert_array_equal(prepared.tensor[0, 0, 0], expected)
+    offsets = expected.astype(int) - values.astype(int)
+    assert len(set(offsets)) > 1  # what rules the integer path out
+
+
+@pytest.mark.parametrize("resizer", ["opencv", "pillow"])
 @pytest.mark.parametrize("resize", ["stretch", "crop", "letterbox"])
 @pytest.mark.parametrize(
     ("dtype", "scale", "zero_point"), [("int8", 1 / 255, -128), ("uint8", 1 / 128, 0)]
 )
-def test_two_step_resize_stays_close_to_the_one_step_resize(
-    resize: str, dtype: str, scale: float, zero_point: int
+def test_the_fast_resizes_stay_close_to_the_one_step_resize(
+    resizer: Resizer, resize: str, dtype: str, scale: float, zero_point: int
 ) -> None:
     """Same shape, dtype and transform as the one-step bilinear resize, and values within a
     few quantisation steps on a natural-looking frame (a smooth gradient plus shapes)."""
@@ -246,8 +333,8 @@ def test_two_step_resize_stays_close_to_the_one_step_resize(
     frame[100:200, 300:420] = (220, 60, 50)
     tensor = image_input(224, 224, dtype=dtype, scale=scale, zero_point=zero_point)
     spec = ImagePreprocess(resize=resize)  # type: ignore[arg-type]
-    fast = make_preprocessor(spec, tensor, "image")(frame)
-    exact = make_preprocessor(spec, tensor, "image", reducing_gap=None)(frame)
+    fast = make_preprocessor(spec, tensor, "image", resizer=resizer)(frame)
+    exact = make_preprocessor(spec, tensor, "image", resizer="one-step")(frame)
     assert fast.tensor.shape == exact.tensor.shape == (1, 224, 224, 3)
     assert fast.tensor.dtype == exact.tensor.dtype == np.dtype(dtype)
     assert fast.transform == exact.transform

@@ -12,7 +12,7 @@ from edgeagent.doctor.base import CheckContext, CheckResult, Environment, Verdic
 from edgeagent.doctor.broker import check_broker
 from edgeagent.doctor.config import check_config
 from edgeagent.doctor.pipelines import check_pipelines
-from edgeagent.doctor.runtime import check_litert, check_python
+from edgeagent.doctor.runtime import check_litert, check_python, check_resize
 from edgeagent.doctor.sources import check_camera, check_i2c
 from edgeagent.doctor.storage import check_disk, check_model_store
 from edgeagent.doctor.tls import check_certificates, check_clock
@@ -32,6 +32,7 @@ def run_checks(
     checks: list[Callable[[CheckContext], list[CheckResult]]] = [
         lambda _c: [check_python()],
         lambda _c: [check_litert()],
+        check_resize,
         check_accelerators,
         check_edgetpu_runtime,
         check_camera,

@@ -19,17 +19,26 @@ about 1/255 (the usual output of post-training quantisation of [0, 1] inputs) an
 models trained on [0, 1] pixels; models trained on [-1, 1] need mean 127.5 and std 127.5.
 Windows without a spec are used as they are (mean 0, std 1).
 
-Images are shrunk in two steps (Pillow's `reducing_gap`): first by whole factors with a
-box filter (`Image.reduce`, each output pixel the mean of a block), then the rest of the
-way with bilinear filtering. A 640x480 frame to 160x160 costs a quarter of a one-step
-bilinear resize and the bundled models score the same on it
-(docs/benchmarks.md, "CPU per result"); `reducing_gap=None` gives the one-step resize.
+Images are shrunk in two steps: first by whole factors with a box filter (each output pixel
+the mean of a block), then the rest of the way (less than 2x) bilinearly. With OpenCV (the
+`opencv` extra) the first step halves with INTER_AREA's 2x2 fast path as often as both
+sides allow and the second is INTER_LINEAR; without it, Pillow's `reducing_gap` does both
+(`Image.reduce`, then its bilinear filter), about 4x the CPU. See RESIZERS; the bundled
+models score the same on each as on a one-step bilinear resize (docs/benchmarks.md, "CPU
+per result").
+
+When quantising a pixel is only adding a whole number (an int8 or uint8 input whose scale
+undoes `std` exactly, the common 1/255 case), the tensor is made from the pixels with one
+integer addition, bit for bit what the float arithmetic gives, and the float input
+(`Prepared.normalised`) is derived from the tensor only if a decoder asks for it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Literal
 
 import numpy as np
@@ -43,9 +52,25 @@ from edgeagent.inference.engine import TensorInfo
 _DTYPES = ("float32", "int8", "uint8", "int32")
 # ITU-R BT.601 luma weights, what Pillow's convert("L") uses.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-REDUCING_GAP = 1.0
-"""Pillow's `reducing_gap` for shrinking frames: reduce by whole factors first (box filter),
-then resample the rest (< 2x) bilinearly. None: one bilinear resample of the whole way."""
+Resizer = Literal["opencv", "pillow", "one-step"]
+RESIZERS: tuple[Resizer, ...] = ("opencv", "pillow", "one-step")
+"""How frames are shrunk: `opencv` (2x2 box halvings, then INTER_LINEAR), `pillow` (its
+`reducing_gap` 1.0: `Image.reduce` by whole factors, then bilinear) and `one-step` (one
+Pillow bilinear resample of the whole way, what tutorials do; the accuracy reference)."""
+
+
+@functools.cache
+def _cv2() -> ModuleType | None:
+    try:
+        import cv2
+    except ImportError:  # the `opencv` extra is not installed (or its libraries are not)
+        return None
+    return cv2
+
+
+def default_resizer() -> Resizer:
+    """`opencv` when OpenCV imports, else `pillow`."""
+    return "opencv" if _cv2() is not None else "pillow"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +101,19 @@ class Prepared:
     """One sample, ready for the model."""
 
     tensor: npt.NDArray[Any]  # the input tensor: batch dimension included, the input's dtype
-    normalised: npt.NDArray[np.float32]  # same shape, float, before quantisation
+    # Same shape, float, before quantisation; None when the tensor was made from the pixels
+    # with integer arithmetic alone (then `normalised` derives it from the tensor).
+    exact: npt.NDArray[np.float32] | None
     transform: ImageTransform | None  # images only: model coordinates -> source coordinates
+    input: TensorInfo | None = None  # the tensor's quantisation, when `exact` is None
+
+    @property
+    def normalised(self) -> npt.NDArray[np.float32]:
+        """The float input before quantisation (for a decoder that compares with it)."""
+        if self.exact is not None:
+            return self.exact
+        assert self.input is not None, "a Prepared without `exact` needs its input tensor"
+        return self.input.dequantize(self.tensor)
 
 
 Preprocessor = Callable[[npt.NDArray[Any]], Prepared]
@@ -88,11 +124,11 @@ def make_preprocessor(
     tensor: TensorInfo,
     kind: Literal["image", "window"],
     *,
-    reducing_gap: float | None = REDUCING_GAP,
+    resizer: Resizer | None = None,
 ) -> Preprocessor:
     """A function from one source sample to a Prepared input for `tensor`. Raises ModelError
     when the model's input cannot take this kind of sample (see the module docstring).
-    `reducing_gap` is how images are shrunk (REDUCING_GAP)."""
+    `resizer` is how images are shrunk (RESIZERS; default: `default_resizer()`)."""
     if tensor.dtype not in _DTYPES:
         raise ModelError(
             f"model input {tensor.name!r} is {tensor.dtype}; the agent prepares float32, int8, "
@@ -103,7 +139,7 @@ def make_preprocessor(
             raise ModelError(
                 "a window preprocess spec was given for an image source: use type: image"
             )
-        return _ImagePreprocessor(spec or ImagePreprocess(), tensor, reducing_gap)
+        return _ImagePreprocessor(spec or ImagePreprocess(), tensor, resizer or default_resizer())
     if isinstance(spec, ImagePreprocess):
         raise ModelError("an image preprocess spec was given for a sensor source: use type: window")
     return _WindowPreprocessor(spec or WindowPreprocess(), tensor)
@@ -122,9 +158,7 @@ def _per_channel(values: tuple[float, ...], channels: int, what: str) -> npt.NDA
 
 
 class _ImagePreprocessor:
-    def __init__(
-        self, spec: ImagePreprocess, tensor: TensorInfo, reducing_gap: float | None
-    ) -> None:
+    def __init__(self, spec: ImagePreprocess, tensor: TensorInfo, resizer: Resizer) -> None:
         shape = tensor.shape
         if len(shape) != 4 or shape[0] != 1 or shape[3] not in (1, 3):
             raise ModelError(
@@ -142,18 +176,23 @@ class _ImagePreprocessor:
                 )
             color = "gray"
         self._color = color
-        self._mean = _per_channel(spec.mean, self._channels, "mean")
-        self._std = _per_channel(spec.std, self._channels, "std")
+        # One value per channel (a single value repeated).
+        self._mean = np.resize(_per_channel(spec.mean, self._channels, "mean"), self._channels)
+        self._std = np.resize(_per_channel(spec.std, self._channels, "std"), self._channels)
         self._resize = spec.resize
-        self._gap = reducing_gap
+        self._resizer = resizer
+        if resizer == "opencv" and _cv2() is None:
+            raise ModelError("the opencv resizer needs OpenCV: pip install 'edgeagent[opencv]'")
         self._tensor = tensor
+        self._offset = None if color == "gray" else _integer_offset(tensor, self._mean, self._std)
 
     def __call__(self, image: npt.NDArray[Any]) -> Prepared:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape}")
         resized, transform, placed = self._geometry(image)
-        pixels = self._colour(resized)
-        values = (pixels - self._mean) / self._std
+        if self._offset is not None:
+            return Prepared(self._quantised(resized, placed), None, transform, self._tensor)
+        values = self._normalised(self._colour(resized))
         if placed is not None:
             # Letterbox bars are the mean colour, which normalises to exactly 0.
             canvas = np.zeros((self._height, self._width, self._channels), np.float32)
@@ -162,6 +201,22 @@ class _ImagePreprocessor:
             values = canvas
         normalised = values[np.newaxis].astype(np.float32, copy=False)
         return Prepared(self._tensor.quantize(normalised), normalised, transform)
+
+    def _quantised(
+        self, rgb: npt.NDArray[np.uint8], placed: tuple[int, int] | None
+    ) -> npt.NDArray[Any]:
+        """The integer path: each pixel plus `_offset`, in the input's dtype."""
+        assert self._offset is not None
+        dtype = np.dtype(self._tensor.dtype)
+        pixels = rgb[..., ::-1] if self._color == "bgr" else rgb
+        values = np.add(pixels, self._offset, dtype=np.int16).astype(dtype)
+        if placed is not None:
+            # The bars are the mean colour, quantised: the zero point.
+            canvas = np.full((self._height, self._width, 3), self._tensor.zero_point, dtype)
+            x, y = placed
+            canvas[y : y + values.shape[0], x : x + values.shape[1]] = values
+            values = canvas
+        return values[np.newaxis]
 
     def _geometry(
         self, image: npt.NDArray[np.uint8]
@@ -172,31 +227,58 @@ class _ImagePreprocessor:
         width, height = self._width, self._height
         if (src_h, src_w) == (height, width):
             # Already the model's size (a Pi camera's lores stream): every resize mode is
-            # the identity, so no copy through Pillow.
+            # the identity, so no copy.
             return image, ImageTransform(), None
-        picture = Image.fromarray(image)
         if self._resize == "letterbox":
             ratio = min(width / src_w, height / src_h)
             new_w = max(1, min(width, round(src_w * ratio)))
             new_h = max(1, min(height, round(src_h * ratio)))
             x, y = (width - new_w) // 2, (height - new_h) // 2
-            resized = picture.resize(
-                (new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=self._gap
-            )
             transform = ImageTransform(width / new_w, height / new_h, -x / new_w, -y / new_h)
-            return np.asarray(resized), transform, (x, y)
+            return self._shrink(image, new_w, new_h), transform, (x, y)
         if self._resize == "crop":
+            # The centre at the model's aspect, in whole source pixels.
             ratio = min(src_w / width, src_h / height)
-            crop_w, crop_h = width * ratio, height * ratio
-            left, top = (src_w - crop_w) / 2, (src_h - crop_h) / 2
-            box = (left, top, left + crop_w, top + crop_h)
-            resized = picture.resize(
-                (width, height), Image.Resampling.BILINEAR, box=box, reducing_gap=self._gap
-            )
+            crop_w = max(1, min(src_w, round(width * ratio)))
+            crop_h = max(1, min(src_h, round(height * ratio)))
+            left, top = (src_w - crop_w) // 2, (src_h - crop_h) // 2
             transform = ImageTransform(crop_w / src_w, crop_h / src_h, left / src_w, top / src_h)
-            return np.asarray(resized), transform, None
-        resized = picture.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=self._gap)
-        return np.asarray(resized), ImageTransform(), None
+            centre = image[top : top + crop_h, left : left + crop_w]
+            return self._shrink(centre, width, height), transform, None
+        return self._shrink(image, width, height), ImageTransform(), None
+
+    def _shrink(self, image: npt.NDArray[np.uint8], width: int, height: int) -> npt.NDArray[Any]:
+        cv2 = _cv2() if self._resizer == "opencv" else None
+        if cv2 is None:
+            gap = None if self._resizer == "one-step" else 1.0
+            picture = Image.fromarray(np.ascontiguousarray(image))
+            return np.asarray(
+                picture.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=gap)
+            )
+        # Halve (a 2x2 box: INTER_AREA's fast path) while both sides stay at least twice
+        # the target's, then resample the rest bilinearly; INTER_AREA (exact but slower)
+        # when one side is still more than twice its target (a frame of another aspect).
+        src_h, src_w = image.shape[:2]
+        while src_w >= 2 * width and src_h >= 2 * height:
+            src_w, src_h = src_w // 2, src_h // 2
+            image = cv2.resize(image, (src_w, src_h), interpolation=cv2.INTER_AREA)
+        if (src_h, src_w) == (height, width):
+            return image
+        steep = src_w > 2 * width or src_h > 2 * height
+        interpolation = cv2.INTER_AREA if steep else cv2.INTER_LINEAR
+        resized: npt.NDArray[np.uint8] = cv2.resize(
+            image, (width, height), interpolation=interpolation
+        )
+        return resized
+
+    def _normalised(self, pixels: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """(pixels - mean) / std, row by row against mean and std repeated along a row: the
+        same arithmetic as broadcasting over the channel axis, at a tenth of its cost
+        (numpy's inner loop runs a whole row instead of 3 values)."""
+        height, width, channels = pixels.shape
+        values = pixels.reshape(height, width * channels) - np.tile(self._mean, width)
+        values /= np.tile(self._std, width)
+        return values.reshape(height, width, channels)
 
     def _colour(self, rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         pixels = rgb.astype(np.float32)
@@ -206,6 +288,21 @@ class _ImagePreprocessor:
             luma = pixels @ _LUMA
             return np.repeat(luma[..., np.newaxis], self._channels, axis=2)
         return pixels
+
+
+def _integer_offset(
+    tensor: TensorInfo, mean: npt.NDArray[np.float32], std: npt.NDArray[np.float32]
+) -> int | None:
+    """k when quantising (pixel - mean) / std into `tensor` gives pixel + k for every pixel
+    value 0..255 in every channel (no rounding, no clipping), else None. Checked with the
+    float arithmetic itself, so the integer path gives the same bytes."""
+    if tensor.dtype not in ("int8", "uint8"):
+        return None
+    pixels = np.arange(256, dtype=np.float32)[:, np.newaxis]
+    quantised = tensor.quantize((pixels - mean) / std).astype(np.int32)
+    offsets = quantised - np.arange(256, dtype=np.int32)[:, np.newaxis]
+    offset = int(offsets[0, 0])
+    return offset if np.all(offsets == offset) else None
 
 
 class _WindowPreprocessor:
