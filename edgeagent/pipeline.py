@@ -129,8 +129,8 @@ def build_runner(
 
 def _source_for(config: PipelineConfig, runner: Runner | None) -> Any:
     """The source's settings fitted to the running model's image input: a Pi camera then
-    has its ISP deliver frames at the size the pre-processing wants (a swapped-in model
-    of another size is resized on the CPU until the source is opened again)."""
+    has its ISP deliver frames at the size the pre-processing wants (the capture thread
+    opens the source again when a swapped-in model wants other settings)."""
     source = config.source
     if runner is None or source.kind != "image" or len(runner.engine.inputs) != 1:
         return source
@@ -265,6 +265,7 @@ class Pipeline:
         self._pending: tuple[Runner, threading.Event] | None = None
         self._pending_lock = threading.Lock()
         self._source: Source | None = None
+        self._source_fitted_to: Runner | None = None  # the runner `_source` was opened for
         self._slot = NewestSlot()
         self._results: queue.Queue[_Inferred | None] = queue.Queue(_RESULT_QUEUE_SIZE)
         self._stopping = threading.Event()
@@ -299,6 +300,7 @@ class Pipeline:
             if self._policy_factory is not None:
                 self._policy = self._policy_factory(model.task.type)
             self._source = self._source_factory(_source_for(cfg, self.runner))
+            self._source_fitted_to = self.runner
         except BaseException:
             self.runner.engine.close()
             raise
@@ -369,6 +371,8 @@ class Pipeline:
         unpaced = not self.config.source.paced()
         backoff = 1.0
         while not self._stopping.is_set():
+            if self.runner is not self._source_fitted_to:
+                self._refit_source()
             try:
                 sample = self._source.read()
             except SourceError as exc:
@@ -401,11 +405,22 @@ class Pipeline:
                 # to drop them, taking the GIL from the invoke thread: keep one ready.
                 self._slot.wait_taken(timeout=0.2)
 
+    def _refit_source(self) -> None:
+        """The runner changed (a swap or a failover): opens the source again when the new
+        model wants other settings (a Pi camera's lores stream of another size)."""
+        runner = self.runner
+        before = _source_for(self.config, self._source_fitted_to)
+        self._source_fitted_to = runner
+        if _source_for(self.config, runner) != before:
+            log.info("pipeline %s: opening the source again for the new model", self.name)
+            self._reopen_source()
+
     def _reopen_source(self) -> None:
         try:
             if self._source is not None:
                 self._source.close()
             self._source = self._source_factory(_source_for(self.config, self.runner))
+            self._source_fitted_to = self.runner
         except EdgeAgentError as exc:
             self.stats.source_errors += 1
             self.stats.last_error = str(exc)

@@ -24,6 +24,7 @@ USERS = {
     "pi-b": "secret-b",
     "fleet": "secret-fleet",
     "dashboard": "secret-dashboard",
+    "homeassistant": "secret-homeassistant",
 }
 
 pytestmark = pytest.mark.broker
@@ -284,6 +285,40 @@ def test_the_read_only_dashboard_reads_everything_and_writes_nothing(
     fleet.publish("edgeagent/pi-a/cmd/ping", b"marker")
     # The viewer's commands, published before the marker, never reached the device.
     assert device.wait_for("edgeagent/pi-a/cmd/ping") == [("edgeagent/pi-a/cmd/ping", b"marker")]
+
+
+def test_home_assistant_discovers_a_devices_own_entities_only(login: type[Client]) -> None:
+    """What the agent publishes with `homeassistant.enabled` gets through, under its own
+    node id only; Home Assistant's birth message reaches the devices."""
+    assistant = login("homeassistant")
+    assert assistant.wait_connected()
+    assert not assistant.subscribe("homeassistant/#").is_failure
+    device = login("pi-a")
+    assert device.wait_connected()
+    assert not device.subscribe("homeassistant/status").is_failure
+    for topic in [
+        "homeassistant/sensor/pi-b/cpu/config",  # another device's node id
+        "homeassistant/status",  # speaking for Home Assistant
+        "homeassistant/sensor/pi-a/cpu/state",  # not a config
+    ]:
+        device.publish(topic, b"forged")
+    own = "homeassistant/sensor/pi-a/cpu_percent/config"
+    device.publish(own, b"{}")
+    assert assistant.wait_for(own) == [(own, b"{}")]
+    # The birth message, to which the agent answers by publishing its configs again.
+    assistant.publish("homeassistant/status", b"online")
+    assert device.wait_for("homeassistant/status") == [("homeassistant/status", b"online")]
+    # Home Assistant commands nothing: its command, sent before the operator's marker,
+    # never reaches the device.
+    assert not device.subscribe("edgeagent/pi-a/cmd/#").is_failure
+    assistant.publish("edgeagent/pi-a/cmd/restart", b"forged")
+    fleet = login("fleet")
+    assert fleet.wait_connected()
+    fleet.publish("edgeagent/pi-a/cmd/ping", b"marker")
+    received = device.wait_for("edgeagent/pi-a/cmd/ping")
+    assert [m for m in received if m[0].startswith("edgeagent/")] == [
+        ("edgeagent/pi-a/cmd/ping", b"marker")
+    ]
 
 
 def test_logins_need_the_right_password(login: type[Client]) -> None:

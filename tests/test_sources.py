@@ -711,6 +711,48 @@ pipelines:
     assert pipeline.last[0].data.shape == (160, 160, 3)
 
 
+def test_a_model_of_another_size_swapped_in_gets_a_lores_stream_of_its_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A swap to a model with another input size opens the camera again with the lores
+    stream at the new size; a swap to a model of the same size leaves the camera open."""
+    from edgeagent.config import parse_config
+    from edgeagent.modelfile.catalog import describe_model
+    from edgeagent.pipeline import Pipeline
+
+    cameras = picamera2_fake.install(monkeypatch)
+    config = parse_config(
+        """
+pipelines:
+  - name: cam
+    source: {type: picamera2, width: 640, height: 480, fps: 100}
+    model: shapes-detector
+    accelerator: cpu
+    threads: 1
+"""
+    ).pipelines[0]
+    results: list[dict[str, typing.Any]] = []
+    pipeline = Pipeline(config, lambda _name, result: results.append(result))
+    pipeline.start()
+    try:
+        wait_until(lambda: len(results) >= 2, timeout=20)
+        pipeline.swap(describe_model("shapes-detector-ssd"))  # 160x160 as well
+        wait_until(lambda: pipeline.last is not None and "ssd" in str(results[-1]), timeout=20)
+        assert len(cameras.opened) == 1
+        pipeline.swap(describe_model("digits-classifier"))  # 32x32
+        wait_until(
+            lambda: pipeline.last is not None and pipeline.last[0].data.shape == (32, 32, 3),
+            timeout=20,
+        )
+    finally:
+        pipeline.stop()
+    first, second = cameras.opened
+    assert first.config["lores"]["size"] == (160, 160)
+    assert first.closed
+    assert second.config["lores"]["size"] == (32, 32)
+    assert set(second.captures) == {"lores"}
+
+
 def test_a_snapshot_of_a_lores_pipeline_shows_the_main_stream(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
