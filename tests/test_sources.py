@@ -677,15 +677,12 @@ def test_picamera2_yuv420_conversion_handles_stride_and_yvu() -> None:
         yuv420_to_rgb(np.zeros((64, 96), np.uint8), 96, 64)
 
 
-def test_a_pipeline_on_a_pi_camera_has_the_isp_scale_frames_to_the_model(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The pipeline fits the camera to its model (shapes-detector takes 160x160), so the
-    frames it prepares already have the model's size; the main stream stays unread."""
+def _pi_camera_pipeline(results: list[dict[str, typing.Any]]) -> typing.Any:
+    """A started pipeline of shapes-detector on a 640x480 Pi camera (install the fake
+    first), publishing into `results`."""
     from edgeagent.config import parse_config
     from edgeagent.pipeline import Pipeline
 
-    cameras = picamera2_fake.install(monkeypatch)
     config = parse_config(
         """
 pipelines:
@@ -696,9 +693,19 @@ pipelines:
     threads: 1
 """
     ).pipelines[0]
-    results: list[dict[str, typing.Any]] = []
     pipeline = Pipeline(config, lambda _name, result: results.append(result))
     pipeline.start()
+    return pipeline
+
+
+def test_a_pipeline_on_a_pi_camera_has_the_isp_scale_frames_to_the_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pipeline fits the camera to its model (shapes-detector takes 160x160), so the
+    frames it prepares already have the model's size; the main stream stays unread."""
+    cameras = picamera2_fake.install(monkeypatch)
+    results: list[dict[str, typing.Any]] = []
+    pipeline = _pi_camera_pipeline(results)
     try:
         wait_until(lambda: len(results) >= 3, timeout=20)
     finally:
@@ -716,24 +723,11 @@ def test_a_model_of_another_size_swapped_in_gets_a_lores_stream_of_its_size(
 ) -> None:
     """A swap to a model with another input size opens the camera again with the lores
     stream at the new size; a swap to a model of the same size leaves the camera open."""
-    from edgeagent.config import parse_config
     from edgeagent.modelfile.catalog import describe_model
-    from edgeagent.pipeline import Pipeline
 
     cameras = picamera2_fake.install(monkeypatch)
-    config = parse_config(
-        """
-pipelines:
-  - name: cam
-    source: {type: picamera2, width: 640, height: 480, fps: 100}
-    model: shapes-detector
-    accelerator: cpu
-    threads: 1
-"""
-    ).pipelines[0]
     results: list[dict[str, typing.Any]] = []
-    pipeline = Pipeline(config, lambda _name, result: results.append(result))
-    pipeline.start()
+    pipeline = _pi_camera_pipeline(results)
     try:
         wait_until(lambda: len(results) >= 2, timeout=20)
         pipeline.swap(describe_model("shapes-detector-ssd"))  # 160x160 as well
