@@ -352,7 +352,8 @@ class Engine:
 
     def invoke(self, inputs: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
         """Runs the model on `inputs` (one array per input tensor, in its dtype and shape) and
-        returns copies of the outputs in their raw dtype."""
+        returns copies of the outputs in their raw dtype (the rows SSD post-processing
+        leaves unwritten are zeros)."""
         if len(inputs) != len(self.inputs):
             raise ValueError(
                 f"{self.path.name} takes {len(self.inputs)} input(s), got {len(inputs)}"
