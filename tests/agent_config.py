@@ -3,6 +3,7 @@ socket that file names. Used by the end-to-end tests that start the real daemon.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +66,9 @@ def status_or_none(tmp_path: Path) -> dict[str, Any] | None:
     except EdgeAgentError:  # the socket appears once the agent started
         return None
     return status
+
+
+def status_where(tmp_path: Path, check: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+    """The agent's status when `check` holds for it, else None."""
+    status = status_or_none(tmp_path)
+    return status if status is not None and check(status) else None

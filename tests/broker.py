@@ -329,6 +329,16 @@ def body(message: Received) -> dict[str, Any]:
     return data
 
 
+def result_seqs(messages: list[Received], topic: str) -> dict[str, set[int]]:
+    """The `seq` numbers of the results on `topic`, per agent run (duplicates counted once)."""
+    runs: dict[str, set[int]] = {}
+    for message in messages:
+        if message.topic == topic:
+            result = body(message)
+            runs.setdefault(result["run"], set()).add(result["seq"])
+    return runs
+
+
 def all_running(root: str) -> Callable[[Received], bool]:
     """Matches the `online` status of the device at `root` once every pipeline runs."""
 

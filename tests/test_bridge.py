@@ -26,8 +26,13 @@ from paho.mqtt.properties import Properties
 from edgeagent.mqtt import topics as topics_module
 from edgeagent.mqtt.client import make_client
 from edgeagent.mqtt.topics import DEVICE_KINDS, FleetTopics, Topics
-from tests.agent_config import shapes_pipeline, status_or_none, write_agent_config
-from tests.broker import Mosquitto, MqttReader, Received, body
+from tests.agent_config import (
+    shapes_pipeline,
+    status_or_none,
+    status_where,
+    write_agent_config,
+)
+from tests.broker import Mosquitto, MqttReader, Received, body, result_seqs
 from tests.delivery_e2e import BUNDLED, DELIVERY_STEPS, MODEL, SSD, keygen, tool
 from tests.test_mosquitto_acl import DEPLOY, DeployedMosquitto
 from tests.waiting import wait_until
@@ -39,6 +44,7 @@ CENTRAL_ACL_EXAMPLE = DEPLOY / "central-site.acl.example"
 SITE = "a"  # replaces CHANGE in the examples: connection edgeagent-site-a, user site-a
 DEVICE = "pi-site"
 ROOT = f"edgeagent/{DEVICE}"
+RESULTS = f"{ROOT}/results/shapes"
 CENTRAL_USERS = {f"site-{SITE}": "secret-site", "fleet": "secret-fleet"}
 SITE_USERS = {DEVICE: "secret-device"}
 
@@ -373,7 +379,7 @@ def test_results_commands_a_signed_model_and_the_last_will_cross_the_bridge(
 
     # 1. Results published on the site arrive on central, in order.
     central.wait_for_count(10, lambda m: m.topic == f"{ROOT}/results/shapes", timeout=60)
-    seqs = [body(m)["seq"] for m in central.messages if m.topic == f"{ROOT}/results/shapes"]
+    seqs = [body(m)["seq"] for m in central.messages if m.topic == RESULTS]
     assert seqs[:10] == list(range(10))
 
     # 2. A command from central, MQTT 5 response topic and correlation data: the reply
@@ -439,25 +445,15 @@ def test_results_commands_a_signed_model_and_the_last_will_cross_the_bridge(
     assert body(late.wait_for(lambda m: m.retain, timeout=30))["state"] == "offline"
 
 
-def _seqs(messages: list[Received]) -> dict[str, set[int]]:
-    runs: dict[str, set[int]] = {}
-    for message in messages:
-        if message.topic == f"{ROOT}/results/shapes":
-            result = body(message)
-            runs.setdefault(result["run"], set()).add(result["seq"])
-    return runs
-
-
 def _status_when(
     tmp_path: Path, check: Callable[[dict[str, Any]], bool], timeout: float, what: str
 ) -> dict[str, Any]:
     """The agent's status (over its control socket) once `check` holds for it."""
-
-    def matching() -> dict[str, Any] | None:
-        status = status_or_none(tmp_path)
-        return status if status is not None and check(status) else None
-
-    found = wait_until(matching, timeout, lambda: f"{what}: {status_or_none(tmp_path)}")
+    found = wait_until(
+        lambda: status_where(tmp_path, check),
+        timeout,
+        lambda: f"{what}: {status_or_none(tmp_path)}",
+    )
     assert found is not None
     return found
 
@@ -513,7 +509,10 @@ def test_outages_of_central_and_of_the_site_broker_lose_no_result(
     assert during["outbox"]["depth"] < 50, "the site broker took the results, not the outbox"
     bridged.central.start()
     wait_until(
-        lambda: max(map(len, _seqs(central.messages).values()), default=0) >= _produced(during),
+        lambda: (
+            max(map(len, result_seqs(central.messages, RESULTS).values()), default=0)
+            >= _produced(during)
+        ),
         120,
         lambda: f"the site's queue to reach central: {len(central.messages)} results",
     )
@@ -529,7 +528,10 @@ def test_outages_of_central_and_of_the_site_broker_lose_no_result(
     )
     bridged.site.start()
     wait_until(
-        lambda: max(map(len, _seqs(central.messages).values()), default=0) >= _produced(stored),
+        lambda: (
+            max(map(len, result_seqs(central.messages, RESULTS).values()), default=0)
+            >= _produced(stored)
+        ),
         120,
         lambda: f"the outbox's backlog to reach central: {len(central.messages)} results",
     )
@@ -537,7 +539,7 @@ def test_outages_of_central_and_of_the_site_broker_lose_no_result(
     _, stderr = agent.communicate(timeout=60)
     assert agent.returncode == 0, stderr
 
-    runs = _seqs(central.messages)
+    runs = result_seqs(central.messages, RESULTS)
     assert len(runs) == 1, f"one run of the agent: {list(runs)}"
     seqs = sorted(next(iter(runs.values())))
     assert len(seqs) >= _produced(stored) > _produced(during) + 100
@@ -626,7 +628,10 @@ def test_a_bridge_queue_too_small_for_the_outage_loses_results_no_outbox_can_see
     bridged.central.start()
     # Results produced after the outage arrive again...
     wait_until(
-        lambda: max(max(seqs) for seqs in _seqs(central.messages).values()) >= _produced(during),
+        lambda: (
+            max(max(seqs) for seqs in result_seqs(central.messages, RESULTS).values())
+            >= _produced(during)
+        ),
         120,
         "results from after the outage",
     )
@@ -634,6 +639,6 @@ def test_a_bridge_queue_too_small_for_the_outage_loses_results_no_outbox_can_see
     _, stderr = agent.communicate(timeout=60)
     assert agent.returncode == 0, stderr
     # ...but most of those produced during it are gone for good.
-    (seqs,) = _seqs(central.messages).values()
+    (seqs,) = result_seqs(central.messages, RESULTS).values()
     missing = set(range(max(seqs))) - seqs
     assert len(missing) >= 50, f"{len(missing)} results lost"

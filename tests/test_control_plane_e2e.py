@@ -9,14 +9,18 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
 from edgeagent.control import ask
-from tests.agent_config import shapes_pipeline, status_or_none, write_agent_config
-from tests.broker import Dashboard, Mosquitto, MqttReader, Received, all_running, body
+from tests.agent_config import (
+    shapes_pipeline,
+    status_or_none,
+    status_where,
+    write_agent_config,
+)
+from tests.broker import Dashboard, Mosquitto, MqttReader, all_running, body, result_seqs
 from tests.waiting import wait_until
 
 AGENT = [sys.executable, "-m", "edgeagent.cli.main"]
@@ -221,21 +225,6 @@ def test_status_answers_over_the_control_socket_while_the_broker_is_down(
     mosquitto.start()
 
 
-def status_where(tmp_path: Path, check: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
-    """The agent's status when `check` holds for it, else None."""
-    status = status_or_none(tmp_path)
-    return status if status is not None and check(status) else None
-
-
-def _result_seqs(messages: list[Received]) -> dict[str, list[int]]:
-    runs: dict[str, list[int]] = {}
-    for message in messages:
-        if message.topic == f"{ROOT}/results/shapes":
-            result = body(message)
-            runs.setdefault(result["run"], []).append(result["seq"])
-    return runs
-
-
 def test_a_broker_outage_loses_no_result(
     tmp_path: Path,
     mosquitto_factory: Callable[..., Mosquitto],
@@ -267,9 +256,9 @@ def test_a_broker_outage_loses_no_result(
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
-    runs = _result_seqs(reader.messages)
+    runs = result_seqs(reader.messages, f"{ROOT}/results/shapes")
     assert len(runs) == 1
-    seqs = sorted(set(next(iter(runs.values()))))
+    seqs = sorted(next(iter(runs.values())))
     assert len(seqs) > 150
     assert seqs == list(range(len(seqs))), "every result arrived after de-duplication by seq"
 
@@ -301,20 +290,20 @@ def test_a_kill_9_with_a_backlog_on_disk_loses_no_result(
         "run"
     ]
 
-    def killed_runs() -> list[list[int]]:
-        runs = _result_seqs(reader.messages)
+    def killed_runs() -> list[set[int]]:
+        runs = result_seqs(reader.messages, f"{ROOT}/results/shapes")
         return [seqs for run, seqs in runs.items() if run != second_run]
 
     wait_until(
-        lambda: sum(len(set(seqs)) for seqs in killed_runs()) >= stored,
+        lambda: sum(len(seqs) for seqs in killed_runs()) >= stored,
         60,
         lambda: f"the killed run's {stored} stored results; got runs {list(killed_runs())[:1]}",
     )
     second.send_signal(signal.SIGTERM)
     second.communicate(timeout=60)
-    runs = _result_seqs(reader.messages)
+    runs = result_seqs(reader.messages, f"{ROOT}/results/shapes")
     killed = [seqs for run, seqs in runs.items() if run != second_run]
     assert len(killed) == 1, f"the killed run's backlog arrived: {list(runs)}"
-    seqs = sorted(set(killed[0]))
+    seqs = sorted(killed[0])
     assert len(seqs) >= stored, "every result stored before the kill arrived"
     assert seqs == list(range(len(seqs))), "no gap: nothing stored before the kill was lost"

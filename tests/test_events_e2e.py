@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from edgeagent.modelfile.catalog import samples_dir
-from tests.broker import Mosquitto, MqttReader, Received
-
-
-def body(message: Received) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(message.payload)
-    return data
+from tests.broker import Mosquitto, MqttReader, body
 
 
 def test_each_publish_mode_on_the_wire(

@@ -140,11 +140,9 @@ def box_sets(draw: st.DrawFn) -> tuple[list[list[float]], list[float], list[int]
     return boxes, scores, classes
 
 
-@settings(max_examples=200, deadline=None)
-@given(data=box_sets(), iou_threshold=st.floats(0.05, 1.0), limit=st.integers(1, 40))
-def test_nms_matches_a_simple_reference_loop(
+def kept_by_nms(
     data: tuple[list[list[float]], list[float], list[int]], iou_threshold: float, limit: int
-) -> None:
+) -> list[int]:
     boxes, scores, classes = data
     kept = non_max_suppression(
         np.array(boxes, np.float64).reshape(-1, 4),
@@ -153,7 +151,17 @@ def test_nms_matches_a_simple_reference_loop(
         iou_threshold,
         limit,
     )
-    assert kept.tolist() == reference_nms(boxes, scores, classes, iou_threshold, limit)
+    result: list[int] = kept.tolist()
+    return result
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=box_sets(), iou_threshold=st.floats(0.05, 1.0), limit=st.integers(1, 40))
+def test_nms_matches_a_simple_reference_loop(
+    data: tuple[list[list[float]], list[float], list[int]], iou_threshold: float, limit: int
+) -> None:
+    kept = kept_by_nms(data, iou_threshold, limit)
+    assert kept == reference_nms(*data, iou_threshold, limit)
 
 
 @settings(max_examples=100, deadline=None)
@@ -167,16 +175,9 @@ def test_nms_on_many_candidates_matches_the_reference_too(
 
     from edgeagent.inference import tasks
 
-    boxes, scores, classes = data
     with mock.patch.object(tasks, "_NMS_MATRIX_MAX", 0):
-        kept = non_max_suppression(
-            np.array(boxes, np.float64).reshape(-1, 4),
-            np.array(scores),
-            np.array(classes),
-            iou_threshold,
-            limit,
-        )
-    assert kept.tolist() == reference_nms(boxes, scores, classes, iou_threshold, limit)
+        kept = kept_by_nms(data, iou_threshold, limit)
+    assert kept == reference_nms(*data, iou_threshold, limit)
 
 
 # Raw detection heads
