@@ -209,7 +209,9 @@ class _ImagePreprocessor:
         assert self._offset is not None
         dtype = np.dtype(self._tensor.dtype)
         pixels = rgb[..., ::-1] if self._color == "bgr" else rgb
-        values = np.add(pixels, self._offset, dtype=np.int16).astype(dtype)
+        # In the input's dtype, wrapping: every pixel + offset is in its range (checked),
+        # so arithmetic modulo 256 lands on it.
+        values = np.add(pixels, self._offset, dtype=dtype, casting="unsafe")
         if placed is not None:
             # The bars are the mean colour, quantised: the zero point.
             canvas = np.full((self._height, self._width, 3), self._tensor.zero_point, dtype)
