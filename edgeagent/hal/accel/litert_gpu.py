@@ -140,7 +140,7 @@ class LiteRtGpuAccelerator:
         """The last probe's word (probing once if none ran): a GPU is not unplugged, and a
         lost device shows as failing inferences, which the pipeline fails over on."""
         last = self._last or self.probe()
-        return last.state is ProbeState.PRESENT and self._library() is not None
+        return last.state is ProbeState.PRESENT
 
     def delegates(self) -> list[Any]:
         raise AcceleratorError(
@@ -161,17 +161,10 @@ class LiteRtGpuAccelerator:
                 "`edgeagent doctor` shows what the GPU check found"
             ) from exc
 
-    def _library(self) -> Path | None:
-        directory = self._package_dir or litert_package_dir()
-        if directory is None:
-            return None
-        library = directory / LIBRARY
-        return library if library.is_file() else None
-
     def _inspect(self) -> Probe:
         directory = self._package_dir or litert_package_dir()
-        library = self._library()
-        if library is None:
+        library = directory / LIBRARY if directory else None
+        if library is None or not library.is_file():
             where = str(directory) if directory else "no ai_edge_litert package"
             return Probe(
                 self.name,
