@@ -308,6 +308,7 @@ def _detection_count(engine: Any, manifest: DeliveryManifest, outputs: list[Any]
     postprocess layout, or auto with four outputs) whose first output holds one row per
     detection, else None."""
     from edgeagent.config import DetectionTask
+    from edgeagent.modelfile.tflite import count_output
 
     task = manifest.task
     infos = engine.outputs
@@ -315,10 +316,10 @@ def _detection_count(engine: Any, manifest: DeliveryManifest, outputs: list[Any]
         return None
     if task.layout not in ("auto", "postprocess") or len(infos[0].shape) < 2:
         return None
-    counts = [i for i, info in enumerate(infos) if int(np.prod(info.shape)) == 1]
-    if len(counts) != 1:
+    count = count_output([info.shape for info in infos])
+    if count is None:
         return None
-    value = infos[counts[0]].dequantize(outputs[counts[0]]).reshape(-1)[0]
+    value = infos[count].dequantize(outputs[count]).reshape(-1)[0]
     if not np.isfinite(value):
         return None
     return max(0, min(round(float(value)), int(infos[0].shape[1])))

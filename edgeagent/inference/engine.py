@@ -32,7 +32,13 @@ from ai_edge_litert.interpreter import Interpreter
 from edgeagent.errors import AcceleratorError, EdgeAgentError, ModelError
 from edgeagent.hal import accel as registry
 from edgeagent.hal.accel.base import Accelerator, CompiledModelAccelerator, ProbeState
-from edgeagent.modelfile.tflite import POSTPROCESS_OP, ModelFile, TensorDescription, read_model
+from edgeagent.modelfile.tflite import (
+    POSTPROCESS_OP,
+    ModelFile,
+    TensorDescription,
+    count_output,
+    read_model,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -137,7 +143,7 @@ class _InterpreterRuntime:
             try:
                 self._interpreter.set_tensor(info.index, value)
             except ValueError as exc:
-                raise _misfit(info, value, str(exc)) from exc
+                raise _MisfitError(info, value, str(exc)) from exc
         self._interpreter.invoke()
         # get_tensor copies, so the results survive the next invoke().
         return [self._interpreter.get_tensor(info.index) for info in self.outputs]
@@ -165,18 +171,13 @@ class _CompiledRuntime:
         self._compiled = compiled
         self._input_buffers = compiled.create_input_buffers(0)
         self._output_buffers = compiled.create_output_buffers(0)
-        # Fresh buffers hold whatever memory held. An operator that fills only part of its
-        # output (SSD post-processing writes num_detections rows) leaves the rest as it
-        # was, as in the Interpreter; zeros at first read better than -1.7e18.
-        for info, slot in zip(self.outputs, self._output_slots, strict=True):
-            self._output_buffers[slot].write(np.zeros(info.shape, np.dtype(info.dtype)))
 
     def run(self, inputs: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
         for info, slot, value in zip(self.inputs, self._input_slots, inputs, strict=True):
             # A TensorBuffer takes any bytes of the right kind; check what set_tensor would.
             shape, dtype = tuple(np.shape(value)), getattr(value, "dtype", None)
             if shape != info.shape or dtype != np.dtype(info.dtype):
-                raise _misfit(info, value, "shape or dtype differs")
+                raise _MisfitError(info, value, "shape or dtype differs")
             self._input_buffers[slot].write(np.asarray(value))
         self._compiled.run_by_index(0, self._input_buffers, self._output_buffers)
         outputs = []
@@ -193,23 +194,14 @@ class _CompiledRuntime:
         self._compiled.close()
 
 
-def _detection_count_output(operators: frozenset[str], outputs: Sequence[TensorInfo]) -> int | None:
-    """Which output is the count of a TFLite_Detection_PostProcess model (four outputs, one
-    of them a single value), else None."""
-    if POSTPROCESS_OP not in operators or len(outputs) != 4:
-        return None
-    counts = [i for i, info in enumerate(outputs) if int(np.prod(info.shape)) == 1]
-    return counts[0] if len(counts) == 1 else None
-
-
-def _clear_past_count(outputs: list[npt.NDArray[Any]], count_output: int) -> None:
+def _clear_past_count(outputs: list[npt.NDArray[Any]], count_index: int) -> None:
     """Zeros the rows past the count in the other outputs. The operator writes only the
     rows it counts and leaves the rest as the memory was: stale values, NaN or 1e18 that
     would read as broken output (the gate's finiteness check, `non_finite` results)."""
-    value = float(outputs[count_output].reshape(-1)[0])
+    value = float(outputs[count_index].reshape(-1)[0])
     count = int(value) if np.isfinite(value) and value > 0 else 0
     for index, output in enumerate(outputs):
-        if index != count_output and output.ndim >= 2:
+        if index != count_index and output.ndim >= 2:
             output[:, count:] = 0
 
 
@@ -256,10 +248,6 @@ class _MisfitError(ValueError):
         self.why = why
 
 
-def _misfit(info: TensorInfo, value: Any, why: str) -> _MisfitError:
-    return _MisfitError(info, value, why)
-
-
 class Engine:
     """A loaded model, ready to invoke. Build it with `Engine.load`."""
 
@@ -286,7 +274,12 @@ class Engine:
         self.runtime = "compiled-model" if isinstance(runtime, _CompiledRuntime) else "interpreter"
         self._runtime: _Runtime | None = runtime
         self._lock = threading.Lock()
-        self._count_output = _detection_count_output(self.operators, self.outputs)
+        # SSD post-processing writes only the rows it counts (see _clear_past_count).
+        self._count_output = (
+            count_output([info.shape for info in self.outputs])
+            if POSTPROCESS_OP in self.operators
+            else None
+        )
 
     @classmethod
     def load(

@@ -64,6 +64,7 @@ from edgeagent.errors import ModelError
 from edgeagent.inference.engine import TensorInfo
 from edgeagent.inference.layouts import read_yolo_head
 from edgeagent.inference.preprocess import Prepared
+from edgeagent.modelfile.tflite import count_output
 
 _log = logging.getLogger(__name__)
 
@@ -242,18 +243,18 @@ class _PostprocessDetection(_Detection):
         if len(outputs) != 4:
             raise _postprocess_error(f"there are {len(outputs)}", outputs)
         positions = list(range(4))
-        count = [i for i in positions if math.prod(outputs[i].shape) == 1]
+        count = count_output([info.shape for info in outputs])
         boxes = [i for i in positions if len(outputs[i].shape) == 3 and outputs[i].shape[2] == 4]
-        if len(count) != 1 or len(boxes) != 1:
+        if count is None or len(boxes) != 1:
             why = "no single count and boxes output stands out by shape"
             raise _postprocess_error(why, outputs)
-        pair = [i for i in positions if i not in (count[0], boxes[0])]
+        pair = [i for i in positions if i not in (count, boxes[0])]
         detections = outputs[boxes[0]].shape[1]
         if any(math.prod(outputs[i].shape) != detections for i in pair):
             why = f"classes and scores do not both hold {detections} values"
             raise _postprocess_error(why, outputs)
         scores, classes, self._by_name = _scores_and_classes(outputs, pair)
-        self._count, self._boxes, self._scores, self._classes = count[0], boxes[0], scores, classes
+        self._count, self._boxes, self._scores, self._classes = count, boxes[0], scores, classes
         self._outputs = outputs
 
     def _size_unknown(self, outputs: Sequence[TensorInfo]) -> ModelError:

@@ -24,6 +24,7 @@ import struct
 import zipfile
 import zlib
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,15 @@ _PARSE_ERRORS = (struct.error, IndexError, ValueError, TypeError, UnicodeDecodeE
 
 POSTPROCESS_OP = "TFLite_Detection_PostProcess"
 """SSD post-processing: boxes, classes, scores and a count; it writes only the rows it counts."""
+
+
+def count_output(shapes: Sequence[Sequence[int]]) -> int | None:
+    """Which of SSD post-processing's four outputs is the count: the only one holding a
+    single value. None when there are not four outputs or no single one stands out."""
+    if len(shapes) != 4:
+        return None
+    counts = [i for i, shape in enumerate(shapes) if int(np.prod(shape)) == 1]
+    return counts[0] if len(counts) == 1 else None
 
 
 @dataclass(frozen=True, slots=True)
