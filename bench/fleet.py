@@ -56,6 +56,7 @@ from paho.mqtt.properties import Properties
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.cpu import process_cpu_s
 from bench.delivery import AGENT, PREFIX, BenchError, broker_options, cli, padded_model
 from tests.broker import Mosquitto, find_mosquitto, subscriber
 
@@ -64,7 +65,6 @@ PIPELINE = "detect"
 MODEL = "shapes-detector"
 MIB = 1 << 20
 OUTAGE_S = 5.0
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class FleetBroker(Mosquitto):
@@ -84,11 +84,12 @@ class FleetBroker(Mosquitto):
 
 def cpu_seconds(pid: int | None) -> float:
     """utime + stime of a live process (0 when gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+    if pid is None:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    try:
+        return process_cpu_s(pid)
+    except ProcessLookupError:
+        return 0.0
 
 
 class Simulation:
