@@ -69,10 +69,11 @@ def _stat_fields(path: Path) -> tuple[str, list[str]] | None:
 
 
 def process_cpu_s(pid: int) -> float:
-    """utime + stime of `pid`, seconds (all its threads, live and ended)."""
+    """utime + stime of `pid`, seconds (all its threads, live and ended);
+    ProcessLookupError when it is gone."""
     parsed = _stat_fields(Path(f"/proc/{pid}/stat"))
     if parsed is None:
-        raise RuntimeError(f"process {pid} is gone")
+        raise ProcessLookupError(f"process {pid} is gone")
     fields = parsed[1]
     return (int(fields[11]) + int(fields[12])) * TICK_S  # stat fields 14 and 15
 

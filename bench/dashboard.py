@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import select
 import statistics
@@ -34,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cpu import process_cpu_s  # bench/cpu.py: this script's directory is on sys.path
 from playwright.sync_api import Browser, sync_playwright
 
 from edgeagent.config import MqttConfig
@@ -72,11 +72,6 @@ def telemetry(device: str, tick: int) -> bytes:
     body = {"device": device, "ts": time.time(), "version": "0.1.0", "system": system,
             "pipelines": pipelines, "mqtt": mqtt}  # fmt: skip
     return json.dumps(body).encode()
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_dashboard(port: int) -> tuple[subprocess.Popen[str], str]:
@@ -151,7 +146,7 @@ def measure(n: int, seconds: float, browser: Browser) -> dict[str, Any]:
                 one = page.evaluate(READ)
 
                 page.evaluate(SAMPLER)
-                cpu0, wall0 = cpu_seconds(dashboard.pid), time.monotonic()
+                cpu0, wall0 = process_cpu_s(dashboard.pid), time.monotonic()
                 end = time.monotonic() + seconds
                 while time.monotonic() < end:
                     tick += 1
@@ -161,7 +156,7 @@ def measure(n: int, seconds: float, browser: Browser) -> dict[str, Any]:
                         if i % 50 == 49:  # spread over the second, as real devices are
                             time.sleep(max(0.0, second + (i + 1) / n - time.monotonic()))
                     time.sleep(max(0.0, second + 1 - time.monotonic()))
-                cpu = (cpu_seconds(dashboard.pid) - cpu0) / (time.monotonic() - wall0)
+                cpu = (process_cpu_s(dashboard.pid) - cpu0) / (time.monotonic() - wall0)
                 time.sleep(1)
                 fleet = page.evaluate(READ)
                 rows = page.evaluate(

@@ -278,10 +278,11 @@ class Agent:
 
 
 def cli(*args: str) -> str:
-    """Runs an edgeagent command; its stdout, or BenchError with its stderr."""
+    """Runs an edgeagent command; its stdout, or BenchError with its stderr's last 2000
+    characters (the traceback's end)."""
     done = subprocess.run([*AGENT, *args], capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise BenchError(f"edgeagent {' '.join(args[:2])} failed: {done.stderr.strip()}")
+        raise BenchError(f"edgeagent {' '.join(args[:2])} failed: {done.stderr.strip()[-2000:]}")
     return done.stdout
 
 

@@ -10,12 +10,13 @@ brokers have). A consumer with a persistent session (QoS 1) collects the device'
 --after-s later the agent gets SIGTERM, which ends the tracks still open, and the consumer
 waits for what the agent stored.
 
-What the agent stored is recorded beside its outbox: the bench creates the outbox file with
-edgeagent's own `Outbox` before the agent starts and adds a trigger that copies each row the
-agent inserts to a `bench_stored` table, in the same transaction. The agent accepts the file
-(the schema version and the `outbox` table are its own) and deletes acknowledged rows as
-usual; `bench_stored` keeps them. Each stored track event and snapshot is matched with what
-the consumer received. Events carry no sequence number and two keep-alives of a stationary
+What the agent stored is recorded beside its outbox (tests/outbox_recording.py, as
+tests/test_events_outage.py does): the bench creates the outbox file with edgeagent's own
+`Outbox` before the agent starts and adds a trigger that copies each row the agent inserts
+to a `recorded` table, in the same transaction. The agent accepts the file (the schema
+version and the `outbox` table are its own) and deletes acknowledged rows as usual;
+`recorded` keeps them. Each stored track event and snapshot is matched with what the
+consumer received. Events carry no sequence number and two keep-alives of a stationary
 object can be byte-identical, so received messages are matched as a multiset: a stored one
 never received is lost, a received one left over is a duplicate. An object whose received
 events are not its stored `new` -> `update`* -> `end` has a gap.
@@ -38,15 +39,14 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edgeagent.outbox import Outbox
 from tests.agent_config import shapes_pipeline, write_agent_config
 from tests.broker import Mosquitto, durable_subscriber, find_mosquitto
+from tests.outbox_recording import Message, match, recording_outbox, stored_messages
 
 AGENT = [sys.executable, "-m", "edgeagent.cli.main"]
 PREFIX = "bench"
@@ -57,43 +57,12 @@ TRACKS = f"{ROOT}/tracks/{PIPELINE}"
 SNAPSHOTS = f"{ROOT}/snapshots/{PIPELINE}/"
 PHASES = ("before", "during", "after")
 
-# Copies every row the agent inserts into its outbox; the agent only ever deletes from
-# `outbox`, so `bench_stored` is everything it stored, in id order.
-_RECORDER = """
-CREATE TABLE bench_stored (
-    id      INTEGER PRIMARY KEY,
-    created REAL NOT NULL,
-    topic   TEXT NOT NULL,
-    payload BLOB NOT NULL
-);
-CREATE TRIGGER bench_stored AFTER INSERT ON outbox BEGIN
-    INSERT INTO bench_stored VALUES (NEW.id, NEW.created, NEW.topic, NEW.payload);
-END;
-"""
-
-
-@dataclass(frozen=True)
-class Message:
-    """A track event or snapshot; `at` is when the agent stored it or the consumer got it."""
-
-    topic: str
-    payload: bytes
-    at: float
-
-
-def prepare_outbox(path: Path) -> None:
-    """Creates the agent's outbox at `path` and the trigger that records what it stores."""
-    Outbox(path, max_bytes=1 << 20).close()
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.executescript(_RECORDER)
-
 
 def read_outbox(path: Path) -> tuple[list[Message], int]:
     """Every track event and snapshot the agent stored, in order, and the rows still
     waiting in its outbox."""
+    stored = [m for m in stored_messages(path) if _counted(m.topic)]
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        rows = conn.execute("SELECT created, topic, payload FROM bench_stored ORDER BY id")
-        stored = [Message(t, bytes(p), c) for c, t, p in rows if _counted(t)]
         (left,) = conn.execute("SELECT count(*) FROM outbox").fetchone()
     return stored, int(left)
 
@@ -133,19 +102,13 @@ class Consumer:
         self.client.loop_stop()
 
 
-def match(
+def arrivals(
     stored: list[Message], received: list[Message]
 ) -> tuple[list[float | None], list[Message]]:
     """For each stored message, when its first copy arrived (None: never); and the
     received messages left over (duplicates, or anything the agent did not store)."""
-    arrivals: dict[tuple[str, bytes], list[Message]] = defaultdict(list)
-    for message in sorted(received, key=lambda m: m.at, reverse=True):
-        arrivals[(message.topic, message.payload)].append(message)
-    got = [
-        arrivals[(m.topic, m.payload)].pop().at if arrivals[(m.topic, m.payload)] else None
-        for m in stored
-    ]
-    return got, [m for copies in arrivals.values() for m in copies]
+    firsts, extra = match(stored, received)
+    return [None if first is None else first.at for first in firsts], extra
 
 
 def analyse(
@@ -157,7 +120,7 @@ def analyse(
     def phase(at: float) -> str:
         return PHASES[0] if at < down_at else PHASES[1] if at < up_at else PHASES[2]
 
-    got, extra = match(stored, received)
+    got, extra = arrivals(stored, received)
     by_kind: dict[str, dict[str, dict[str, int]]] = {
         kind: {p: {"stored": 0, "received": 0, "after_reconnect": 0} for p in PHASES}
         for kind in ("new", "update", "end", "snapshot")
@@ -242,7 +205,7 @@ def complete(stored: list[Message]) -> Any:
     """A consumer predicate: every stored message has arrived."""
 
     def check(received: list[Message]) -> bool:
-        got, _extra = match(stored, received)
+        got, _extra = arrivals(stored, received)
         return None not in got
 
     return check
@@ -253,7 +216,7 @@ def run(workdir: Path, binary: str, args: argparse.Namespace) -> dict[str, Any]:
     broker.start()
     consumer = Consumer(broker)
     outbox = workdir / "outbox.db"
-    prepare_outbox(outbox)
+    recording_outbox(outbox)
     pipeline = {
         **shapes_pipeline(width=320, height=240, fps=args.fps, shapes=args.shapes, seed=args.seed),
         "publish": {"mode": "events", "tracking": {"min_hits": 3, "max_misses": 15}},

@@ -56,21 +56,15 @@ from paho.mqtt.properties import Properties
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.delivery import padded_model
+from bench.cpu import process_cpu_s
+from bench.delivery import AGENT, PREFIX, BenchError, broker_options, cli, padded_model
 from tests.broker import Mosquitto, find_mosquitto, subscriber
 
-CLI = [sys.executable, "-m", "edgeagent.cli.main"]
-PREFIX = "bench"
 GROUP = "fleet"
 PIPELINE = "detect"
 MODEL = "shapes-detector"
 MIB = 1 << 20
 OUTAGE_S = 5.0
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-class BenchError(RuntimeError):
-    """A step did not happen; the message says which and why."""
 
 
 class FleetBroker(Mosquitto):
@@ -90,22 +84,12 @@ class FleetBroker(Mosquitto):
 
 def cpu_seconds(pid: int | None) -> float:
     """utime + stime of a live process (0 when gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+    if pid is None:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def opts(broker: Mosquitto) -> list[str]:
-    return ["--host", broker.host, "--port", str(broker.port), "--prefix", PREFIX]
-
-
-def cli(*args: str) -> str:
-    done = subprocess.run([*CLI, *args], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise BenchError(f"edgeagent {' '.join(args[:2])} failed: {done.stderr.strip()[-2000:]}")
-    return done.stdout
+    try:
+        return process_cpu_s(pid)
+    except ProcessLookupError:
+        return 0.0
 
 
 class Simulation:
@@ -115,11 +99,11 @@ class Simulation:
         self.n = n
         self.proc = subprocess.Popen(
             [
-                *CLI, "fleet", "simulate", "--devices", str(n), "--group", GROUP,
+                *AGENT, "fleet", "simulate", "--devices", str(n), "--group", GROUP,
                 "--pipeline", PIPELINE, "--rate", str(args.rate), "--trusted-key",
                 str(args.public_key), "--probation-s", "5", "--reconnect-min-s", "1",
                 "--reconnect-max-s", "30", "--report-every", "1", "--json", "--log-level",
-                "error", *extra, *opts(broker),
+                "error", *extra, *broker_options(broker),
             ],
             stdout=subprocess.PIPE,
             text=True,
@@ -185,7 +169,7 @@ class Sys:
 def rollout(broker: FleetBroker, sim: Simulation, args: argparse.Namespace) -> dict[str, Any]:
     cli(
         "model", "publish", str(args.model_file), "--name", MODEL, "--version", "1.1.0",
-        "--key", str(args.private_key), *opts(broker),
+        "--key", str(args.private_key), *broker_options(broker),
     )  # fmt: skip
     size = args.model_file.stat().st_size
     counter = Sys(broker)
@@ -196,8 +180,8 @@ def rollout(broker: FleetBroker, sim: Simulation, args: argparse.Namespace) -> d
         before = counter.latest_after(before_t)
         cpu_broker, cpu_sim = broker.cpu_s(), sim.cpu_s()
         watch = subprocess.Popen(
-            [*CLI, "fleet", "watch", "--group", GROUP, "--until-converged", "--json",
-             "--timeout", str(args.timeout), *opts(broker)],
+            [*AGENT, "fleet", "watch", "--group", GROUP, "--until-converged", "--json",
+             "--timeout", str(args.timeout), *broker_options(broker)],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         watch_cpu = [0.0]
@@ -211,7 +195,7 @@ def rollout(broker: FleetBroker, sim: Simulation, args: argparse.Namespace) -> d
         time.sleep(1.0)  # watch subscribed and read the retained states
         cli(
             "fleet", "deploy", "--group", GROUP, "--pipeline", PIPELINE, "--model", MODEL,
-            "--version", "1.1.0", *opts(broker),
+            "--version", "1.1.0", *broker_options(broker),
         )  # fmt: skip
         deployed = time.monotonic()
         out, _ = watch.communicate()

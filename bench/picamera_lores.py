@@ -62,7 +62,7 @@ def main() -> None:
     lores_w, lores_h = lores
 
     main_bgr = np.ascontiguousarray(picamera2_fake.scene(main_w, main_h)[..., ::-1])
-    stride = -(-lores_w // 64) * 64
+    stride = picamera2_fake._stride("YUV420", lores_w)
     lores_yuv = picamera2_fake._yuv420(
         picamera2_fake.scene(lores_w, lores_h), stride, full_range=True, swap=False
     )

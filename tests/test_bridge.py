@@ -191,14 +191,6 @@ def test_the_central_acl_example_lets_the_bridge_carry_exactly_those_topics() ->
 # --- the two brokers ----------------------------------------------------------------------
 
 
-def _persistent(text: str, workdir: Path) -> str:
-    """DeployedMosquitto's config with persistence on (sessions and queues survive a stop)."""
-    assert "persistence false\n" in text
-    return text.replace(
-        "persistence false\n", f"persistence true\npersistence_location {workdir}/\n"
-    )
-
-
 class CentralBroker(DeployedMosquitto):
     """deploy/mosquitto/edgeagent.conf with edgeagent.acl plus the site's lines from
     central-site.acl.example."""
@@ -207,12 +199,11 @@ class CentralBroker(DeployedMosquitto):
         acl = self.workdir / "central.acl"
         site_lines = CENTRAL_ACL_EXAMPLE.read_text(encoding="utf-8").replace("CHANGE", SITE)
         acl.write_text((DEPLOY / "edgeagent.acl").read_text(encoding="utf-8") + site_lines)
-        text = (
+        return (
             super()
             ._config_text()
             .replace(f"acl_file {DEPLOY / 'edgeagent.acl'}", f"acl_file {acl}")
         )
-        return _persistent(text, self.workdir)
 
 
 class SiteBroker(DeployedMosquitto):
@@ -245,7 +236,7 @@ class SiteBroker(DeployedMosquitto):
         assert seen == set(rewrite), f"the bridge example lacks {set(rewrite) - seen}"
         bridge = "\n".join(lines) + "\n"
         assert "CHANGE" not in bridge
-        return _persistent(super()._config_text(), self.workdir) + bridge
+        return super()._config_text() + bridge
 
 
 @dataclass
@@ -290,11 +281,21 @@ class Fleet:
 
 @pytest.fixture
 def bridged(mosquitto_binary: str, tmp_path: Path) -> Iterator[Fleet]:
+    # Persistence on: sessions and queues survive a stop.
     central = CentralBroker(
-        tmp_path / "central", binary=mosquitto_binary, users=CENTRAL_USERS, tls=True
+        tmp_path / "central",
+        binary=mosquitto_binary,
+        users=CENTRAL_USERS,
+        tls=True,
+        persistence=True,
     )
     site = SiteBroker(
-        tmp_path / "site", central=central, binary=mosquitto_binary, users=SITE_USERS, tls=True
+        tmp_path / "site",
+        central=central,
+        binary=mosquitto_binary,
+        users=SITE_USERS,
+        tls=True,
+        persistence=True,
     )
     try:
         central.start()

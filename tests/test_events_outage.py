@@ -2,57 +2,36 @@
 mosquitto; every tracked object's events arrive, each `new` with its `end`.
 
 What the agent stored is recorded by a trigger on its outbox (created before it starts),
-which copies each inserted row to `test_stored`; bench/events_outage.py does the same for
-a 60 s outage.
+which copies each inserted row to a table (tests/outbox_recording.py); bench/events_outage.py
+does the same for a 60 s outage.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
-import sqlite3
 import subprocess
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from edgeagent.outbox import Outbox
 from tests.agent_config import shapes_pipeline, write_agent_config
 from tests.broker import Mosquitto, MqttReader
+from tests.outbox_recording import Message, match, recording_outbox, stored_messages
 from tests.waiting import wait_until
 
 TRACKS = "edgeagent/eo/tracks/shapes"
 
-_RECORDER = """
-CREATE TABLE test_stored (created REAL NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL);
-CREATE TRIGGER test_stored AFTER INSERT ON outbox BEGIN
-    INSERT INTO test_stored VALUES (NEW.created, NEW.topic, NEW.payload);
-END;
-"""
+
+def stored_events(path: Path) -> list[Message]:
+    """Every track event the agent put in its outbox."""
+    return [m for m in stored_messages(path) if m.topic == TRACKS]
 
 
-def recording_outbox(path: Path) -> Path:
-    Outbox(path, max_bytes=1 << 20).close()
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.executescript(_RECORDER)
-    return path
-
-
-def stored_events(path: Path) -> list[tuple[float, bytes]]:
-    """(time stored, payload) of every track event the agent put in its outbox."""
-    with contextlib.closing(sqlite3.connect(path, timeout=10)) as conn:
-        rows = conn.execute(
-            "SELECT created, payload FROM test_stored WHERE topic = ? ORDER BY rowid", (TRACKS,)
-        ).fetchall()
-    return [(created, bytes(payload)) for created, payload in rows]
-
-
-def missing(stored: list[tuple[float, bytes]], reader: MqttReader) -> Counter[bytes]:
-    """Stored events not received (a multiset: two keep-alives can be identical)."""
-    received = Counter(m.payload for m in reader.messages)
-    return Counter(payload for _at, payload in stored) - received
+def missing(stored: list[Message], reader: MqttReader) -> list[bytes]:
+    """Message events not received (a multiset: two keep-alives can be identical)."""
+    firsts, _left_over = match(stored, reader.messages)
+    return [m.payload for m, first in zip(stored, firsts, strict=True) if first is None]
 
 
 def test_no_track_event_lost_across_a_broker_outage(
@@ -80,7 +59,7 @@ def test_no_track_event_lost_across_a_broker_outage(
     wait_until(
         lambda: (
             {"new", "end"}
-            <= {json.loads(p)["type"] for at, p in stored_events(outbox) if at > down_at}
+            <= {json.loads(m.payload)["type"] for m in stored_events(outbox) if m.at > down_at}
         ),
         60,
         "a new and an end stored during the outage",
@@ -88,7 +67,7 @@ def test_no_track_event_lost_across_a_broker_outage(
     broker.start()
     up_at = time.time()
     wait_until(
-        lambda: any(at > up_at for at, _p in stored_events(outbox)),
+        lambda: any(m.at > up_at for m in stored_events(outbox)),
         60,
         "a track event stored after the reconnect",
     )
@@ -102,10 +81,10 @@ def test_no_track_event_lost_across_a_broker_outage(
         30,
         lambda: f"the stored events never received: {missing(stored, reader)}",
     )
-    assert any(down_at < at < up_at for at, _p in stored), "the outage left a backlog"
+    assert any(down_at < m.at < up_at for m in stored), "the outage left a backlog"
     sequences: dict[str, list[str]] = {}
-    for _at, payload in stored:
-        event = json.loads(payload)
+    for message in stored:
+        event = json.loads(message.payload)
         sequences.setdefault(event["id"], []).append(event["type"])
     received = [json.loads(m.payload) for m in reader.messages]
     received_news = {e["id"] for e in received if e["type"] == "new"}

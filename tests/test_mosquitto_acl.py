@@ -32,14 +32,17 @@ pytestmark = pytest.mark.broker
 
 class DeployedMosquitto(Mosquitto):
     """mosquitto with deploy/mosquitto/edgeagent.conf, rewritten only where it names a
-    file or the public listener; the ACL is deploy/mosquitto/edgeagent.acl itself."""
+    file or the public listener, and persistence as `persistence=` says (off by default,
+    under the workdir when on); the ACL is deploy/mosquitto/edgeagent.acl itself."""
 
     def _config_text(self) -> str:
         assert self.tls is not None
         rewrite = {
             "listener": f"listener {self.port} {LOOPBACK}",
-            "persistence": "persistence false",
-            "persistence_location": None,
+            "persistence": f"persistence {'true' if self.persistence else 'false'}",
+            "persistence_location": (
+                f"persistence_location {self.workdir}/" if self.persistence else None
+            ),
             "cafile": f"cafile {self.tls.ca_file}",
             "certfile": f"certfile {self.tls.server_cert}",
             "keyfile": f"keyfile {self.tls.server_key}",

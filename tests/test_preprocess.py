@@ -282,17 +282,13 @@ def test_the_integer_path_gives_the_bytes_the_float_arithmetic_gives(
     prepared = make_preprocessor(spec, tensor, "image", resizer="pillow")(frame)
     assert prepared.exact is None  # the integer path ran
     # The float arithmetic on the same resized pixels, done here by hand.
-    if resize == "stretch":
-        pixels = make_preprocessor(
-            ImagePreprocess(std=(1.0,)), image_input(24, 24), "image", resizer="pillow"
-        )(frame).tensor[0]
-    else:
-        pixels = make_preprocessor(
-            ImagePreprocess(resize="letterbox", std=(1.0,)),
-            image_input(24, 24),
-            "image",
-            resizer="pillow",
-        )(frame).tensor[0]
+    as_floats = make_preprocessor(
+        ImagePreprocess(resize=resize, std=(1.0,)),
+        image_input(24, 24),
+        "image",
+        resizer="pillow",
+    )
+    pixels = as_floats(frame).tensor[0]
     if color == "bgr":
         pixels = pixels[..., ::-1]
     expected = tensor.quantize((pixels / np.float32(255))[np.newaxis])
