@@ -58,7 +58,6 @@ from edgeagent.inference import Prepared
 from edgeagent.inference.engine import Engine
 from edgeagent.modelfile.catalog import ModelDescription, describe_model
 from edgeagent.modelfile.tflite import read_model
-from edgeagent.mqtt.protocol import ResultEnvelope
 from edgeagent.pipeline import Pipeline, Runner
 from edgeagent.service import Agent
 
@@ -256,26 +255,16 @@ class SimulatedPipeline(Pipeline):
                     "box": [round(x, 4), round(y, 4), round(x + 0.2, 4), round(y + 0.2, 4)],
                 }
             )
-        envelope = ResultEnvelope(
-            captured_at=now,
-            run=self._run_id,
-            seq=self._sequence.take(),
-            frame=next(self._frame),
-            pipeline=self.name,
-            model=runner.model.name,
-            version=runner.model.version,
-            accelerator=runner.engine.accelerator,
-            latency_ms=dict(_FAKE_LATENCY_MS),
-        )
-        payload = envelope.to_json({"detections": detections})
         self.stats.frames_in += 1
-        self.stats.window.add(_FAKE_LATENCY_MS)
-        self.stats.results_out += 1
-        self.stats.last_result_at = now
-        if self._policy is not None:
-            self._policy.feed(payload, None)
-        else:
-            self._publish(self.name, payload)
+        self._publish_decoded(
+            runner,
+            {"detections": detections},
+            captured_at=now,
+            frame=next(self._frame),
+            latency=dict(_FAKE_LATENCY_MS),
+            image=None,
+            extra={},
+        )
 
 
 @functools.cache
