@@ -17,8 +17,9 @@ points); fleet-wide the last `TRACKS_KEPT` tracked-object events and at most
 `MAX_DEVICES` devices (a device id seen beyond that is counted in `ignored_devices`, not
 stored). A payload that is not the JSON object the protocol names is ignored.
 
-`take_dirty()` returns the devices changed since the last call: the server pushes their
-rows, coalesced, at most every `PUSH_INTERVAL_S`.
+`take_dirty()` returns the devices changed since the last call, and whether the models or
+the group names changed: the server pushes their rows (and those lists), coalesced, at
+most every `PUSH_INTERVAL_S`. Tracks reach the tabs by `tracks_since`.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class FleetState:
         self.ignored_devices = 0
         self.messages = 0
         self._dirty: set[str] = set()
-        self._dirty_fleet = False  # models or a group's desired state changed
+        self._dirty_fleet = False  # models, a group's desired state or a device's groups
         self._clock = clock
         self._track_serial = 0
 
@@ -129,6 +130,8 @@ class FleetState:
             return
         if kind == "status" and not rest:
             if data.get("state") == "online":
+                if data.get("groups") != record.status.get("groups"):
+                    self._dirty_fleet = True  # the deploy form lists every group
                 record.status = data
         elif kind == "telemetry" and not rest:
             self._feed_telemetry(record, data)
@@ -142,7 +145,6 @@ class FleetState:
             self.tracks.append(
                 {**data, "device": record.name, "pipeline": rest, "serial": self._track_serial}
             )
-            self._dirty_fleet = True
         elif kind == "events" and not rest:
             record.serial += 1
             record.events.append({**data, "serial": record.serial})
