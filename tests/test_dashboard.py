@@ -376,6 +376,15 @@ def test_the_group_list_is_pushed_again_when_a_device_s_groups_change_not_on_tra
     assert state.group_names() == ["lab", "yard"]
 
 
+def test_the_device_page_gets_each_event_marked_failed_or_not() -> None:
+    state = FleetState("edgeagent")
+    for kind in ("downloaded", "rolled-back", "source-error", ["rejected"]):
+        state.feed("edgeagent/d/events", json.dumps({"type": kind}).encode())
+    detail = state.detail("d")
+    assert detail is not None
+    assert [e["failed"] for e in detail["events"]] == [False, True, True, False]
+
+
 def test_the_demo_starts_the_dashboard_and_shows_its_camera(tmp_path: Path) -> None:
     log = tmp_path / "demo.log"
     with log.open("w") as err:

@@ -15,7 +15,8 @@ results of each pipeline (and at most `PIPELINES_KEPT` pipelines), the last
 `EVENTS_KEPT` events and failures, an hour of telemetry (at most `TELEMETRY_KEPT`
 points); fleet-wide the last `TRACKS_KEPT` tracked-object events and at most
 `MAX_DEVICES` devices (a device id seen beyond that is counted in `ignored_devices`, not
-stored). A payload that is not the JSON object the protocol names is ignored.
+stored). A payload that is not the JSON object the protocol names is ignored. A stored
+event gets a `serial` and `failed` (its type is one of `FAILURE_TYPES`) for the page.
 
 `take_dirty()` returns the devices changed since the last call, and whether the models or
 the group names changed: the server pushes their rows (and those lists), coalesced, at
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from edgeagent.fleet.rollout import DeviceView, Rollout, download_progress
+from edgeagent.fleet.rollout import FAILURE_EVENTS, DeviceView, Rollout, download_progress
 from edgeagent.mqtt.payload import from_json
 from edgeagent.mqtt.protocol import json_number
 from edgeagent.mqtt.topics import FleetTopics
@@ -43,9 +44,9 @@ EVENTS_KEPT: Final = 100
 TRACKS_KEPT: Final = 500
 MAX_DEVICES: Final = 20_000
 MODELS_KEPT: Final = 1000
-FAILURE_TYPES: Final = frozenset(
-    {"rejected", "rolled-back", "source-error", "accelerator-fallback", "pipeline-failed"}
-)
+# Events the device page shows as failures: a refused or rolled-back delivery, a source or
+# accelerator that failed while running.
+FAILURE_TYPES: Final = FAILURE_EVENTS | {"source-error", "accelerator-fallback"}
 
 
 @dataclass
@@ -147,7 +148,9 @@ class FleetState:
             )
         elif kind == "events" and not rest:
             record.serial += 1
-            record.events.append({**data, "serial": record.serial})
+            event_type = data.get("type")
+            failed = isinstance(event_type, str) and event_type in FAILURE_TYPES
+            record.events.append({**data, "serial": record.serial, "failed": failed})
 
     def _record(self, name: str) -> DeviceRecord | None:
         record = self.devices.get(name)
