@@ -336,10 +336,9 @@ class FleetState:
         ]
 
     def group_names(self) -> list[str]:
+        """Every group a device's status names or a desired state was retained for."""
         found = {g for record in self.devices.values() for g in self.groups(record.name)}
-        prefix = f"{self.prefix}/group/"
-        found |= {t[len(prefix) :].split("/")[0] for t in self.desired_raw if t.startswith(prefix)}
-        return sorted(found)
+        return sorted(found | self._group_rollouts.keys())
 
     def tracks_since(self, serial: int) -> list[dict[str, Any]]:
         return [t for t in self.tracks if t["serial"] > serial]
