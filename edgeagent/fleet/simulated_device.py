@@ -30,7 +30,6 @@ by the worker's one `InferenceStandIn` thread.
 
 from __future__ import annotations
 
-import collections
 import functools
 import heapq
 import itertools
@@ -370,11 +369,8 @@ class WorkerSpec:
 
 def _worker_stats(agents: Sequence[Agent], stand_in: InferenceStandIn) -> dict[str, Any]:
     online = results = backlog = reconnects = 0
-    offline_because: collections.Counter[str] = collections.Counter()
     for agent in agents:
         online += agent.link.connected
-        if not agent.link.connected:
-            offline_because[agent.link.last_error or "not connected yet"] += 1
         reconnects += agent.link.reconnects
         stats = agent.outbox_stats()
         backlog += stats.depth if stats is not None else 0
@@ -391,7 +387,6 @@ def _worker_stats(agents: Sequence[Agent], stand_in: InferenceStandIn) -> dict[s
         "reconnects": reconnects,
         "late": stand_in.late,
         "threads": threading.active_count(),
-        "offline_because": dict(offline_because.most_common(3)),
     }
 
 
