@@ -98,12 +98,12 @@ function receive(msg) {
   if (msg.type === "fleet") {
     state.rows = new Map(msg.rows.map((r) => [r.id, r]));
     state.models = msg.models; state.groups = msg.groups; state.tracks = msg.tracks.slice(-200);
-    changed(true);
+    changed();
   } else if (msg.type === "rows") {
     for (const r of msg.rows) state.rows.set(r.id, r);
     if (msg.models) state.models = msg.models;
     if (msg.groups) state.groups = msg.groups;
-    changed(msg.rows.length > 0 || Boolean(msg.models));
+    changed();
   } else if (msg.type === "tracks") {
     state.tracks = state.tracks.concat(msg.tracks).slice(-200);
     if (state.route.view === "events") renderTracks();
