@@ -623,32 +623,57 @@ class Pipeline:
             "invoke": round(inferred.invoke_s * 1000, 3),
             "postprocess": round(postprocess_s * 1000, 3),
         }
-        self.stats.window.add(latency)
-        envelope = ResultEnvelope(
-            captured_at=sample.captured_at,
-            run=self._run_id,
-            seq=self._sequence.take(),
-            frame=sample.sequence,
-            pipeline=self.name,
-            model=runner.model.name,
-            version=runner.model.version,
-            accelerator=runner.engine.accelerator,
-            latency_ms=latency,
-        )
         extra: dict[str, Any] = {}
         if not finite:
             extra["non_finite"] = True
         if sample.truth is not None:
             extra["truth"] = sample.truth
         # JSON has no NaN or infinity: such values become null and the result says so.
-        payload = envelope.to_json(result if finite else _finite_or_none(result), **extra)
+        published = result if finite else _finite_or_none(result)
         self.last = (sample, result)
         self.last_mask = getattr(runner.decode, "last_mask", None)
+        self.stats.frames_dropped = self._slot.replaced
+        self._publish_decoded(
+            runner,
+            published,
+            captured_at=sample.captured_at,
+            frame=sample.sequence,
+            latency=latency,
+            image=sample.data if sample.data.ndim == 3 else None,
+            extra=extra,
+        )
+
+    def _publish_decoded(
+        self,
+        runner: Runner,
+        result: Any,
+        *,
+        captured_at: float,
+        frame: int,
+        latency: dict[str, float],
+        image: np.ndarray[Any, Any] | None,
+        extra: dict[str, Any],
+    ) -> None:
+        """A decoded result into its envelope (the next `seq`), the stats and then the
+        publish policy, or straight to MQTT without one. The simulated device's results
+        take this path too."""
+        self.stats.window.add(latency)
+        envelope = ResultEnvelope(
+            captured_at=captured_at,
+            run=self._run_id,
+            seq=self._sequence.take(),
+            frame=frame,
+            pipeline=self.name,
+            model=runner.model.name,
+            version=runner.model.version,
+            accelerator=runner.engine.accelerator,
+            latency_ms=latency,
+        )
+        payload = envelope.to_json(result, **extra)
         self.stats.results_out += 1
         self.stats.last_result_at = time.time()
-        self.stats.frames_dropped = self._slot.replaced
         if self._policy is not None:
-            self._policy.feed(payload, sample.data if sample.data.ndim == 3 else None)
+            self._policy.feed(payload, image)
         else:
             self._publish(self.name, payload)
 

@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 _KERNEL_NAME_BYTES = 15
 _PREFIX = "edgeagent-"
+
+# What each thread was last given in the kernel: a thread is written again only when its
+# name changed, so calling after every start (a simulated fleet starts hundreds of agents
+# in one process) does not rewrite every thread each time. The lock keeps concurrent
+# starts from writing one thread twice.
+_named: weakref.WeakKeyDictionary[threading.Thread, str] = weakref.WeakKeyDictionary()
+_named_lock = threading.Lock()
 
 
 def kernel_name(name: str) -> str:
@@ -29,13 +37,20 @@ def kernel_name(name: str) -> str:
 
 def name_kernel_threads() -> None:
     """Gives every live thread of this process but the main one its Python name in the
-    kernel (`/proc/self/task/<id>/comm`). Cheap; call it again once new threads run."""
+    kernel (`/proc/self/task/<id>/comm`). Cheap; call it again once new threads run: a
+    thread already given its current name is skipped."""
     main = threading.main_thread()
-    for thread in threading.enumerate():
-        native = thread.native_id
-        if thread is main or native is None:
-            continue
-        try:
-            Path(f"/proc/self/task/{native}/comm").write_text(kernel_name(thread.name))
-        except OSError as exc:  # not Linux, /proc read-only, or the thread just ended
-            log.debug("cannot name thread %s in the kernel: %s", thread.name, exc)
+    with _named_lock:
+        for thread in threading.enumerate():
+            native = thread.native_id
+            if thread is main or native is None:
+                continue
+            name = kernel_name(thread.name)
+            if _named.get(thread) == name:
+                continue
+            try:
+                Path(f"/proc/self/task/{native}/comm").write_text(name)
+            except OSError as exc:  # not Linux, /proc read-only, or the thread just ended
+                log.debug("cannot name thread %s in the kernel: %s", thread.name, exc)
+                continue
+            _named[thread] = name

@@ -361,6 +361,30 @@ def test_every_buffer_of_the_fleet_state_is_bounded(monkeypatch: pytest.MonkeyPa
     assert state.ignored_devices == 8
 
 
+def test_the_group_list_is_pushed_again_when_a_device_s_groups_change_not_on_tracks() -> None:
+    state = FleetState("edgeagent")
+    online = {"state": "online", "groups": ["lab"]}
+    state.feed("edgeagent/d/status", json.dumps(online).encode())
+    assert state.take_dirty() == ({"d"}, True)
+    assert state.group_names() == ["lab"]
+    state.feed("edgeagent/d/status", json.dumps(online).encode())
+    state.feed("edgeagent/d/tracks/p", json.dumps({"type": "new", "id": "1"}).encode())
+    assert state.take_dirty() == ({"d"}, False)
+    assert [t["serial"] for t in state.tracks_since(0)] == [1]
+    state.feed("edgeagent/d/status", json.dumps({**online, "groups": ["lab", "yard"]}).encode())
+    assert state.take_dirty() == ({"d"}, True)
+    assert state.group_names() == ["lab", "yard"]
+
+
+def test_the_device_page_gets_each_event_marked_failed_or_not() -> None:
+    state = FleetState("edgeagent")
+    for kind in ("downloaded", "rolled-back", "source-error", ["rejected"]):
+        state.feed("edgeagent/d/events", json.dumps({"type": kind}).encode())
+    detail = state.detail("d")
+    assert detail is not None
+    assert [e["failed"] for e in detail["events"]] == [False, True, True, False]
+
+
 def test_the_demo_starts_the_dashboard_and_shows_its_camera(tmp_path: Path) -> None:
     log = tmp_path / "demo.log"
     with log.open("w") as err:

@@ -48,6 +48,24 @@ def test_live_threads_get_their_python_name_in_the_kernel() -> None:
         thread.join()
 
 
+def test_a_thread_is_named_again_only_when_its_name_changed() -> None:
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait, name="edgeagent-cam-decode")
+    thread.start()
+    comm = Path(f"/proc/self/task/{thread.native_id}/comm")
+    try:
+        name_kernel_threads()
+        comm.write_text("renamed-aside")  # a second write would undo this
+        name_kernel_threads()
+        assert comm.read_text().strip() == "renamed-aside"
+        thread.name = "edgeagent-cam-infer"
+        name_kernel_threads()
+        assert comm.read_text().strip() == "cam-infer"
+    finally:
+        release.set()
+        thread.join()
+
+
 @pytest.mark.broker
 def test_the_daemon_names_its_threads_in_the_kernel(
     tmp_path: Path,

@@ -47,11 +47,9 @@ with --until-converged a last line `{"type": "result", "ts", "outcome":
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import queue
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -60,7 +58,7 @@ from typing import Any
 from edgeagent.delivery.signing import check_safe_id, check_version
 from edgeagent.errors import ConfigError, EdgeAgentError
 from edgeagent.fleet.connection import FleetConnection, add_broker_options, broker_config
-from edgeagent.fleet.rollout import Rollout, merge_desired, parse_desired
+from edgeagent.fleet.rollout import Rollout, merge_desired, parse_desired, who
 from edgeagent.mqtt.protocol import desired_payload
 from edgeagent.mqtt.topics import FleetTopics
 from edgeagent.names import check_device_id
@@ -223,14 +221,6 @@ def register(commands: Any) -> None:
     simulate.set_defaults(handler=execute_simulate)
 
 
-def _who() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
-
-
 def _topics(prefix: str) -> FleetTopics:
     try:
         return FleetTopics(prefix)
@@ -262,7 +252,7 @@ def execute_deploy(args: argparse.Namespace) -> int:
             raw = link.read_retained(topic, max(args.read_timeout, 0.0))
             existing = parse_desired(raw, topic) if raw is not None else None
         state = merge_desired(
-            existing, pipeline, target, by=_who(), allow_downgrade=args.allow_downgrade
+            existing, pipeline, target, by=who(), allow_downgrade=args.allow_downgrade
         )
         link.wait_acked(
             [link.publish(topic, desired_payload(state), retain=True)], stall_timeout=30.0
@@ -270,16 +260,16 @@ def execute_deploy(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"topic": topic, "desired": state}, indent=2))
         return 0
-    who = f"device {args.device}" if args.device else f"group {args.group}"
+    scope = f"device {args.device}" if args.device else f"group {args.group}"
     if target is None:
-        print(f"{who}: pipeline {pipeline} has no desired model any more ({topic})")
+        print(f"{scope}: pipeline {pipeline} has no desired model any more ({topic})")
     else:
         previous = existing.pipelines.get(pipeline) if existing is not None else None
         was = ""
         if previous is not None and previous.version:
             was = f" (was {previous.model} {previous.version})"
         downgrade = " (downgrade allowed)" if args.allow_downgrade else ""
-        print(f"{who}: pipeline {pipeline} -> {target[0]} {target[1]}{was}{downgrade} ({topic})")
+        print(f"{scope}: pipeline {pipeline} -> {target[0]} {target[1]}{was}{downgrade} ({topic})")
     others = sorted(p for p in state["pipelines"] if p != pipeline)
     if others:
         print(f"  other pipelines kept: {', '.join(others)}")

@@ -22,6 +22,8 @@ converged, since what runs is not what is desired.
 
 from __future__ import annotations
 
+import getpass
+import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -62,6 +64,15 @@ def parse_desired(payload: bytes, topic: str) -> DesiredState | None:
         else:
             message = f"the existing desired state's 'pipelines' is a {exc.detail}, not an object"
         raise DesiredStateError(exc.problem, exc.detail, message) from exc
+
+
+def who() -> str:
+    """`user@host` of who runs this, for a deploy's `by` (`fleet deploy`, the dashboard)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
 
 
 @dataclass
@@ -321,4 +332,5 @@ __all__ = [
     "download_progress",
     "merge_desired",
     "parse_desired",
+    "who",
 ]

@@ -30,7 +30,6 @@ by the worker's one `InferenceStandIn` thread.
 
 from __future__ import annotations
 
-import collections
 import functools
 import heapq
 import itertools
@@ -58,7 +57,6 @@ from edgeagent.inference import Prepared
 from edgeagent.inference.engine import Engine
 from edgeagent.modelfile.catalog import ModelDescription, describe_model
 from edgeagent.modelfile.tflite import read_model
-from edgeagent.mqtt.protocol import ResultEnvelope
 from edgeagent.pipeline import Pipeline, Runner
 from edgeagent.service import Agent
 
@@ -256,26 +254,16 @@ class SimulatedPipeline(Pipeline):
                     "box": [round(x, 4), round(y, 4), round(x + 0.2, 4), round(y + 0.2, 4)],
                 }
             )
-        envelope = ResultEnvelope(
-            captured_at=now,
-            run=self._run_id,
-            seq=self._sequence.take(),
-            frame=next(self._frame),
-            pipeline=self.name,
-            model=runner.model.name,
-            version=runner.model.version,
-            accelerator=runner.engine.accelerator,
-            latency_ms=dict(_FAKE_LATENCY_MS),
-        )
-        payload = envelope.to_json({"detections": detections})
         self.stats.frames_in += 1
-        self.stats.window.add(_FAKE_LATENCY_MS)
-        self.stats.results_out += 1
-        self.stats.last_result_at = now
-        if self._policy is not None:
-            self._policy.feed(payload, None)
-        else:
-            self._publish(self.name, payload)
+        self._publish_decoded(
+            runner,
+            {"detections": detections},
+            captured_at=now,
+            frame=next(self._frame),
+            latency=dict(_FAKE_LATENCY_MS),
+            image=None,
+            extra={},
+        )
 
 
 @functools.cache
@@ -381,11 +369,8 @@ class WorkerSpec:
 
 def _worker_stats(agents: Sequence[Agent], stand_in: InferenceStandIn) -> dict[str, Any]:
     online = results = backlog = reconnects = 0
-    offline_because: collections.Counter[str] = collections.Counter()
     for agent in agents:
         online += agent.link.connected
-        if not agent.link.connected:
-            offline_because[agent.link.last_error or "not connected yet"] += 1
         reconnects += agent.link.reconnects
         stats = agent.outbox_stats()
         backlog += stats.depth if stats is not None else 0
@@ -402,7 +387,6 @@ def _worker_stats(agents: Sequence[Agent], stand_in: InferenceStandIn) -> dict[s
         "reconnects": reconnects,
         "late": stand_in.late,
         "threads": threading.active_count(),
-        "offline_because": dict(offline_because.most_common(3)),
     }
 
 

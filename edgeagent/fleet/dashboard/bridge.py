@@ -42,6 +42,7 @@ from edgeagent.errors import EdgeAgentError
 from edgeagent.fleet.dashboard.fleet_state import FleetState
 from edgeagent.fleet.rollout import merge_desired, parse_desired
 from edgeagent.mqtt.client import make_client
+from edgeagent.mqtt.payload import from_json
 from edgeagent.mqtt.protocol import desired_payload
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,6 @@ class FleetBridge:
         """Takes up to `limit` received messages into the state and the reply futures;
         returns how many it took."""
         taken = 0
-        reply_prefix = f"{self.state.prefix}/"
         while taken < limit:
             try:
                 topic, payload = self._inbox.get_nowait()
@@ -159,7 +159,7 @@ class FleetBridge:
             taken += 1
             try:
                 parsed = self.state.topics.parse_device(topic)
-                if parsed is not None and parsed.kind == "reply" and topic.startswith(reply_prefix):
+                if parsed is not None and parsed.kind == "reply":
                     self._take_reply(parsed.rest, payload)
                 else:
                     self.state.feed(topic, payload)
@@ -177,10 +177,7 @@ class FleetBridge:
             while len(self._binaries) > BINARIES_KEPT:
                 self._binaries.popitem(last=False)
             return
-        try:
-            body = json.loads(payload)
-        except ValueError:
-            return
+        body = from_json(payload)
         if not isinstance(body, dict) or not isinstance(body.get("id"), str):
             return
         future = self._pending.get(body["id"])

@@ -15,10 +15,12 @@ results of each pipeline (and at most `PIPELINES_KEPT` pipelines), the last
 `EVENTS_KEPT` events and failures, an hour of telemetry (at most `TELEMETRY_KEPT`
 points); fleet-wide the last `TRACKS_KEPT` tracked-object events and at most
 `MAX_DEVICES` devices (a device id seen beyond that is counted in `ignored_devices`, not
-stored). A payload that is not the JSON object the protocol names is ignored.
+stored). A payload that is not the JSON object the protocol names is ignored. A stored
+event gets a `serial` and `failed` (its type is one of `FAILURE_TYPES`) for the page.
 
-`take_dirty()` returns the devices changed since the last call: the server pushes their
-rows, coalesced, at most every `PUSH_INTERVAL_S`.
+`take_dirty()` returns the devices changed since the last call, and whether the models or
+the group names changed: the server pushes their rows (and those lists), coalesced, at
+most every `PUSH_INTERVAL_S`. Tracks reach the tabs by `tracks_since`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from edgeagent.fleet.rollout import DeviceView, Rollout, download_progress
+from edgeagent.fleet.rollout import FAILURE_EVENTS, DeviceView, Rollout, download_progress
 from edgeagent.mqtt.payload import from_json
 from edgeagent.mqtt.protocol import json_number
 from edgeagent.mqtt.topics import FleetTopics
@@ -42,9 +44,9 @@ EVENTS_KEPT: Final = 100
 TRACKS_KEPT: Final = 500
 MAX_DEVICES: Final = 20_000
 MODELS_KEPT: Final = 1000
-FAILURE_TYPES: Final = frozenset(
-    {"rejected", "rolled-back", "source-error", "accelerator-fallback", "pipeline-failed"}
-)
+# Events the device page shows as failures: a refused or rolled-back delivery, a source or
+# accelerator that failed while running.
+FAILURE_TYPES: Final = FAILURE_EVENTS | {"source-error", "accelerator-fallback"}
 
 
 @dataclass
@@ -78,7 +80,7 @@ class FleetState:
         self.ignored_devices = 0
         self.messages = 0
         self._dirty: set[str] = set()
-        self._dirty_fleet = False  # models or a group's desired state changed
+        self._dirty_fleet = False  # models, a group's desired state or a device's groups
         self._clock = clock
         self._track_serial = 0
 
@@ -129,6 +131,8 @@ class FleetState:
             return
         if kind == "status" and not rest:
             if data.get("state") == "online":
+                if data.get("groups") != record.status.get("groups"):
+                    self._dirty_fleet = True  # the deploy form lists every group
                 record.status = data
         elif kind == "telemetry" and not rest:
             self._feed_telemetry(record, data)
@@ -142,10 +146,11 @@ class FleetState:
             self.tracks.append(
                 {**data, "device": record.name, "pipeline": rest, "serial": self._track_serial}
             )
-            self._dirty_fleet = True
         elif kind == "events" and not rest:
             record.serial += 1
-            record.events.append({**data, "serial": record.serial})
+            event_type = data.get("type")
+            failed = isinstance(event_type, str) and event_type in FAILURE_TYPES
+            record.events.append({**data, "serial": record.serial, "failed": failed})
 
     def _record(self, name: str) -> DeviceRecord | None:
         record = self.devices.get(name)
@@ -331,10 +336,9 @@ class FleetState:
         ]
 
     def group_names(self) -> list[str]:
+        """Every group a device's status names or a desired state was retained for."""
         found = {g for record in self.devices.values() for g in self.groups(record.name)}
-        prefix = f"{self.prefix}/group/"
-        found |= {t[len(prefix) :].split("/")[0] for t in self.desired_raw if t.startswith(prefix)}
-        return sorted(found)
+        return sorted(found | self._group_rollouts.keys())
 
     def tracks_since(self, serial: int) -> list[dict[str, Any]]:
         return [t for t in self.tracks if t["serial"] > serial]

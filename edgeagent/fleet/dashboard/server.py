@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import getpass
 import json
 import logging
 import socket
@@ -47,6 +46,7 @@ from edgeagent.fleet.dashboard.security import (
     check_listen,
     is_loopback,
 )
+from edgeagent.fleet.rollout import who
 
 log = logging.getLogger(__name__)
 
@@ -341,8 +341,8 @@ class Dashboard:
                 self.state.topics.group_desired(str(group))
         except (EdgeAgentError, ValueError) as exc:
             raise web.HTTPBadRequest(text=f"{exc}\n") from exc
-        who = f"{_operator(request)} (dashboard)"
-        log.info("dashboard: %s deploys %s to %s", who, target, device or f"group {group}")
+        by = f"{_operator(request)} (dashboard)"
+        log.info("dashboard: %s deploys %s to %s", by, target, device or f"group {group}")
         try:
             topic, state = await self.bridge.deploy(
                 device=None if device is None else str(device),
@@ -350,7 +350,7 @@ class Dashboard:
                 pipeline=pipeline,
                 target=target,
                 allow_downgrade=bool(body.get("allow_downgrade")),
-                by=who,
+                by=by,
             )
         except (CommandError, EdgeAgentError) as exc:
             return web.json_response({"error": str(exc)}, status=502)
@@ -428,11 +428,7 @@ def _reply_json(reply: Reply) -> dict[str, Any]:
 
 
 def _operator(request: web.Request) -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()} from {request.remote}"
+    return f"{who()} from {request.remote}"
 
 
 class DashboardThread:

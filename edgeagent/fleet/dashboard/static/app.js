@@ -98,12 +98,12 @@ function receive(msg) {
   if (msg.type === "fleet") {
     state.rows = new Map(msg.rows.map((r) => [r.id, r]));
     state.models = msg.models; state.groups = msg.groups; state.tracks = msg.tracks.slice(-200);
-    changed(true);
+    changed();
   } else if (msg.type === "rows") {
     for (const r of msg.rows) state.rows.set(r.id, r);
     if (msg.models) state.models = msg.models;
     if (msg.groups) state.groups = msg.groups;
-    changed(msg.rows.length > 0 || Boolean(msg.models));
+    changed();
   } else if (msg.type === "tracks") {
     state.tracks = state.tracks.concat(msg.tracks).slice(-200);
     if (state.route.view === "events") renderTracks();
@@ -243,8 +243,7 @@ function renderDevice(fresh) {
   const body = $("#dev-events");
   body.replaceChildren(...state.events.slice().reverse().slice(0, 50).map((e) => {
     const detail = e.reason || e.code || (e.progress !== undefined ? `${Math.round(e.progress * 100)}%` : "") || [e.model, e.version].filter(Boolean).join(" ") || (e.from ? `${e.from} -> ${e.to}` : "");
-    const bad = ["rejected", "rolled-back", "source-error", "accelerator-fallback"].includes(e.type);
-    return el("tr", { class: bad ? "fail" : "" }, el("td", { text: clock(e.ts) }), el("td", { text: e.pipeline || "" }),
+    return el("tr", { class: e.failed ? "fail" : "" }, el("td", { text: clock(e.ts) }), el("td", { text: e.pipeline || "" }),
       el("td", { text: e.type || "" }), el("td", { text: `${e.code ? e.code + ": " : ""}${detail}` }));
   }));
   $("#dev-model").textContent = `desired: ${JSON.stringify(d.desired, null, 1)}\nreported: ${JSON.stringify(d.reported, null, 1)}`;
