@@ -29,7 +29,7 @@ def stored_events(path: Path) -> list[Message]:
 
 
 def missing(stored: list[Message], reader: MqttReader) -> list[bytes]:
-    """Message events not received (a multiset: two keep-alives can be identical)."""
+    """Stored events not received (a multiset: two keep-alives can be identical)."""
     firsts, _left_over = match(stored, reader.messages)
     return [m.payload for m, first in zip(stored, firsts, strict=True) if first is None]
 
