@@ -489,10 +489,12 @@ class Publisher:
     """An MQTT 5 client that publishes and waits for each message to be sent and (QoS 1)
     acknowledged, as the fleet side does; `close()` disconnects."""
 
-    def __init__(self, broker: Mosquitto, *, client_id: str | None = None) -> None:
+    def __init__(self, broker: Mosquitto, *, client_id: str | None = None, **settings: Any) -> None:
+        """`settings` go to `broker.mqtt_config` (a `username`, say)."""
         self.broker = broker
         self._client = make_client(
-            broker.mqtt_config(), client_id=client_id or f"test-publisher-{time.monotonic_ns():x}"
+            broker.mqtt_config(**settings),
+            client_id=client_id or f"test-publisher-{time.monotonic_ns():x}",
         )
         self._client.reconnect()
         self._client.loop_start()
@@ -533,10 +535,11 @@ def publish_once(
     retain: bool = False,
     properties: Mapping[str, Any] | None = None,
     timeout: float = 10.0,
+    **settings: Any,
 ) -> None:
-    """Publishes one message from a fresh `Publisher` and returns once it was sent and
-    (QoS 1) acknowledged."""
-    publisher = Publisher(broker)
+    """Publishes one message from a fresh `Publisher` (`settings` as for it) and returns
+    once it was sent and (QoS 1) acknowledged."""
+    publisher = Publisher(broker, **settings)
     try:
         publisher.publish(
             topic, payload, qos=qos, retain=retain, properties=properties, timeout=timeout

@@ -20,11 +20,8 @@ from typing import Any
 
 import pytest
 from paho.mqtt.client import topic_matches_sub
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from edgeagent.mqtt import topics as topics_module
-from edgeagent.mqtt.client import make_client
 from edgeagent.mqtt.topics import DEVICE_KINDS, FleetTopics, Topics
 from tests.agent_config import (
     shapes_pipeline,
@@ -32,7 +29,7 @@ from tests.agent_config import (
     status_where,
     write_agent_config,
 )
-from tests.broker import Mosquitto, MqttReader, Received, body, result_seqs
+from tests.broker import Mosquitto, MqttReader, Received, body, publish_once, result_seqs
 from tests.delivery_e2e import BUNDLED, DELIVERY_STEPS, MODEL, SSD, keygen, tool
 from tests.test_mosquitto_acl import DEPLOY, DeployedMosquitto
 from tests.waiting import wait_until
@@ -319,28 +316,6 @@ def readers() -> Iterator[list[MqttReader]]:
         reader.close()
 
 
-def _publish(
-    central: Mosquitto,
-    topic: str,
-    payload: bytes,
-    properties: Properties | None,
-    *,
-    retain: bool = False,
-) -> None:
-    client = make_client(
-        central.mqtt_config(username="fleet"), client_id=f"fleet-{uuid.uuid4().hex[:8]}"
-    )
-    client.reconnect()
-    client.loop_start()
-    try:
-        info = client.publish(topic, payload, qos=1, retain=retain, properties=properties)
-        info.wait_for_publish(10)
-        assert info.is_published(), f"central did not acknowledge {topic}"
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
 def _terminal(reader: MqttReader, request_id: str) -> Received:
     def done(message: Received) -> bool:
         try:
@@ -386,11 +361,14 @@ def test_results_commands_a_signed_model_and_the_last_will_cross_the_bridge(
     # 2. A command from central, MQTT 5 response topic and correlation data: the reply
     # comes back to central on that topic with that correlation data.
     request_id = uuid.uuid4().hex
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    props.ResponseTopic = f"{ROOT}/reply/{request_id}"
-    props.CorrelationData = request_id.encode()
+    properties = {
+        "ResponseTopic": f"{ROOT}/reply/{request_id}",
+        "CorrelationData": request_id.encode(),
+    }
     payload = json.dumps({"id": request_id, "args": {}}).encode()
-    _publish(bridged.central, f"{ROOT}/cmd/ping", payload, props)
+    publish_once(
+        bridged.central, f"{ROOT}/cmd/ping", payload, properties=properties, username="fleet"
+    )
     reply = _terminal(central, request_id)
     assert reply.topic == f"{ROOT}/reply/{request_id}"
     assert reply.properties.get("CorrelationData") == request_id.encode()
@@ -398,7 +376,9 @@ def test_results_commands_a_signed_model_and_the_last_will_cross_the_bridge(
     assert body(reply)["result"]["pong"] is True
     # Without a response topic the reply goes to the device's reply topic.
     plain_id = uuid.uuid4().hex
-    _publish(bridged.central, f"{ROOT}/cmd/ping", json.dumps({"id": plain_id}).encode(), None)
+    publish_once(
+        bridged.central, f"{ROOT}/cmd/ping", json.dumps({"id": plain_id}).encode(), username="fleet"
+    )
     assert _terminal(central, plain_id).topic == f"{ROOT}/reply"
 
     # 3. A signed model published and deployed on central reaches the device through the
@@ -555,7 +535,7 @@ def test_the_retained_repository_is_copied_to_the_site_cleared_from_central_and_
     bridge_up(notifications)
     chunks = [f"edgeagent/models/{MODEL}/9.0.0/chunk/{i}" for i in range(3)]
     for topic in chunks:
-        _publish(bridged.central, topic, topic.encode(), None, retain=True)
+        publish_once(bridged.central, topic, topic.encode(), retain=True, username="fleet")
 
     def device_view() -> MqttReader:
         """What a device that subscribes now finds retained on the site broker."""
@@ -575,7 +555,7 @@ def test_the_retained_repository_is_copied_to_the_site_cleared_from_central_and_
     first.wait_for_count(6, lambda m: m.payload != b"", timeout=60)
 
     # Clearing a chunk on central (an empty retained message) clears the site's copy.
-    _publish(bridged.central, chunks[0], b"", None, retain=True)
+    publish_once(bridged.central, chunks[0], b"", retain=True, username="fleet")
     first.wait_for(lambda m: m.topic == chunks[0] and m.payload == b"", timeout=30)
     later = device_view()
     retained = later.wait_for_count(2, lambda m: m.retain, timeout=30)
@@ -599,14 +579,20 @@ def test_during_a_site_outage_central_keeps_retained_state_not_commands(
     readers.append(device)
     bridged.site.stop()
     desired = json.dumps({"pipelines": {"shapes": {"model": MODEL, "version": "2.0.0"}}})
-    _publish(bridged.central, f"{ROOT}/desired", desired.encode(), None, retain=True)
-    _publish(bridged.central, f"{ROOT}/cmd/ping", b'{"id": "during-the-outage"}', None)
+    publish_once(
+        bridged.central, f"{ROOT}/desired", desired.encode(), retain=True, username="fleet"
+    )
+    publish_once(
+        bridged.central, f"{ROOT}/cmd/ping", b'{"id": "during-the-outage"}', username="fleet"
+    )
 
     bridged.site.start()
     arrived = device.wait_for(lambda m: m.topic == f"{ROOT}/desired", timeout=60)
     assert json.loads(arrived.payload) == json.loads(desired)
     # A command sent now arrives; one queued by central would have arrived before it.
-    _publish(bridged.central, f"{ROOT}/cmd/ping", b'{"id": "after-the-outage"}', None)
+    publish_once(
+        bridged.central, f"{ROOT}/cmd/ping", b'{"id": "after-the-outage"}', username="fleet"
+    )
     device.wait_for(lambda m: m.payload == b'{"id": "after-the-outage"}', timeout=60)
     commands = [m.payload for m in device.messages if m.topic == f"{ROOT}/cmd/ping"]
     assert commands == [b'{"id": "after-the-outage"}']
